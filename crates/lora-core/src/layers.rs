@@ -1,0 +1,381 @@
+//! LoRA layers: `y = x W + b + s · (dropout(x) Aᵀ) Bᵀ`, with `A [rank, in]`, `B [out, rank]` as PEFT
+//! and loralib store them, and `W [in, out]` as `burn::nn::Linear` stores it.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Initializer};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Device, Distribution, Int, Tensor};
+
+/// How the adapter output is scaled.
+#[derive(Config, Debug, Copy, PartialEq)]
+pub enum Scaling {
+    /// `alpha / rank` (loralib, PEFT default; recipes A and E).
+    AlphaOverRank,
+    /// `alpha` (recipes B and D write `alpha * x @ A @ B`).
+    Alpha,
+    /// `alpha / sqrt(rank)` (rsLoRA, PEFT's `use_rslora`).
+    RsLora,
+}
+
+impl Scaling {
+    /// The factor `s` for a rank and alpha (0 when `rank == 0`).
+    pub fn factor(self, alpha: f64, rank: usize) -> f64 {
+        if rank == 0 {
+            return 0.0;
+        }
+        match self {
+            Scaling::AlphaOverRank => alpha / rank as f64,
+            Scaling::Alpha => alpha,
+            Scaling::RsLora => alpha / (rank as f64).sqrt(),
+        }
+    }
+}
+
+/// Merge the low-rank update into the base weight and back (loralib's `merge_weights`).
+///
+/// Both are idempotent: a second `merge` (or `unmerge`) is a no-op.
+pub trait LoraMerge: Sized {
+    /// `W ← W + s·ΔW`; afterwards the forward pass uses only `W`.
+    fn merge(self) -> Self;
+    /// `W ← W − s·ΔW`; afterwards the forward pass is factored again.
+    fn unmerge(self) -> Self;
+}
+
+impl<T: LoraMerge> LoraMerge for Vec<T> {
+    fn merge(self) -> Self {
+        self.into_iter().map(T::merge).collect()
+    }
+    fn unmerge(self) -> Self {
+        self.into_iter().map(T::unmerge).collect()
+    }
+}
+
+impl<T: LoraMerge> LoraMerge for Option<T> {
+    fn merge(self) -> Self {
+        self.map(T::merge)
+    }
+    fn unmerge(self) -> Self {
+        self.map(T::unmerge)
+    }
+}
+
+/// `W + sign · delta`, detached, keeping W's gradient setting.
+fn shift(weight: Param<Tensor<2>>, delta: Tensor<2>, sign: f64) -> Param<Tensor<2>> {
+    weight.map(|w| {
+        let require_grad = w.is_require_grad();
+        (w.detach() + delta.mul_scalar(sign)).set_require_grad(require_grad)
+    })
+}
+
+/// Configuration of a [`LoraLinear`]; the first fields are `burn::nn::LinearConfig`'s.
+#[derive(Config, Debug)]
+pub struct LoraLinearConfig {
+    /// Input features.
+    pub d_input: usize,
+    /// Output features.
+    pub d_output: usize,
+    /// Whether the layer has a bias.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Base weight initializer (default: `burn::nn::Linear`'s, i.e. PyTorch's).
+    #[config(default = "Initializer::KaimingUniform{gain:0.5773502691896258, fan_out_only:false}")]
+    pub initializer: Initializer,
+    /// LoRA rank; 0 gives exactly the plain linear layer (no A, no B).
+    #[config(default = 0)]
+    pub rank: usize,
+    /// LoRA alpha.
+    #[config(default = 1.0)]
+    pub alpha: f64,
+    /// Dropout on the adapter's input.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Scaling convention.
+    #[config(default = "Scaling::AlphaOverRank")]
+    pub scaling: Scaling,
+}
+
+/// Linear layer with a LoRA adapter.
+///
+/// Same record layout as `burn::nn::Linear` for `weight [d_input, d_output]` and `bias [d_output]`,
+/// plus `lora_a [rank, d_input]` and `lora_b [d_output, rank]`.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    /// Base weight `[d_input, d_output]`.
+    pub weight: Param<Tensor<2>>,
+    /// Base bias `[d_output]`.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// `A [rank, d_input]`, Kaiming-uniform (a = √5), as PyTorch's `nn.Linear` weight.
+    pub lora_a: Option<Param<Tensor<2>>>,
+    /// `B [d_output, rank]`, zeros.
+    pub lora_b: Option<Param<Tensor<2>>>,
+    /// Dropout on the adapter's input.
+    pub lora_dropout: Dropout,
+    /// Scaling factor `s`.
+    pub scaling: f64,
+    /// Whether `s·(BA)ᵀ` is currently folded into `weight`.
+    pub merged: bool,
+}
+
+impl LoraLinearConfig {
+    /// Build the layer on `device`.
+    pub fn init(&self, device: &Device) -> LoraLinear {
+        let weight = self.initializer.init_with(
+            [self.d_input, self.d_output],
+            Some(self.d_input),
+            Some(self.d_output),
+            device,
+        );
+        let bias = self.bias.then(|| {
+            self.initializer.init_with(
+                [self.d_output],
+                Some(self.d_input),
+                Some(self.d_output),
+                device,
+            )
+        });
+        LoraLinear::from_base(
+            weight,
+            bias,
+            self.rank,
+            self.alpha,
+            self.dropout,
+            self.scaling,
+        )
+    }
+}
+
+impl LoraLinear {
+    /// Wrap an existing base weight `[d_input, d_output]` and bias; A ~ U(±1/√d_input), B = 0.
+    pub fn from_base(
+        weight: Param<Tensor<2>>,
+        bias: Option<Param<Tensor<1>>>,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        scaling: Scaling,
+    ) -> Self {
+        let device = weight.lazy_device();
+        let [d_input, d_output] = weight.lazy_shape().dims();
+        let (lora_a, lora_b) = if rank > 0 {
+            let bound = 1.0 / (d_input as f64).sqrt();
+            let a = Tensor::<2>::random(
+                [rank, d_input],
+                Distribution::Uniform(-bound, bound),
+                &device,
+            );
+            let b = Tensor::<2>::zeros([d_output, rank], &device);
+            (Some(Param::from_tensor(a)), Some(Param::from_tensor(b)))
+        } else {
+            (None, None)
+        };
+        Self {
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            lora_dropout: DropoutConfig::new(dropout).init(),
+            scaling: scaling.factor(alpha, rank),
+            merged: false,
+        }
+    }
+
+    /// Wrap a `burn::nn::Linear`, keeping its weights.
+    pub fn from_linear(
+        base: burn::nn::Linear,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        scaling: Scaling,
+    ) -> Self {
+        Self::from_base(base.weight, base.bias, rank, alpha, dropout, scaling)
+    }
+
+    /// The adapter rank (0 without an adapter).
+    pub fn rank(&self) -> usize {
+        self.lora_a
+            .as_ref()
+            .map_or(0, |a| a.lazy_shape().dims::<2>()[0])
+    }
+
+    /// `[..., d_input] -> [..., d_output]`. Factored: `B·A` is never formed.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let base = linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) if !self.merged => {
+                let xa = linear(self.lora_dropout.forward(x), a.val().transpose(), None);
+                base + linear(xa, b.val().transpose(), None).mul_scalar(self.scaling)
+            }
+            _ => base,
+        }
+    }
+
+    /// `s · (B A)ᵀ`, `[d_input, d_output]`, detached (None at rank 0).
+    pub fn delta_weight(&self) -> Option<Tensor<2>> {
+        let (a, b) = (self.lora_a.as_ref()?, self.lora_b.as_ref()?);
+        Some(
+            a.val()
+                .detach()
+                .transpose()
+                .matmul(b.val().detach().transpose())
+                .mul_scalar(self.scaling),
+        )
+    }
+}
+
+impl LoraMerge for LoraLinear {
+    fn merge(mut self) -> Self {
+        if !self.merged
+            && let Some(delta) = self.delta_weight()
+        {
+            self.weight = shift(self.weight, delta, 1.0);
+            self.merged = true;
+        }
+        self
+    }
+    fn unmerge(mut self) -> Self {
+        if self.merged
+            && let Some(delta) = self.delta_weight()
+        {
+            self.weight = shift(self.weight, delta, -1.0);
+            self.merged = false;
+        }
+        self
+    }
+}
+
+/// Configuration of a [`LoraEmbedding`]; the first fields are `burn::nn::EmbeddingConfig`'s.
+#[derive(Config, Debug)]
+pub struct LoraEmbeddingConfig {
+    /// Number of embeddings (rows).
+    pub n_embedding: usize,
+    /// Embedding size.
+    pub d_model: usize,
+    /// Base weight initializer (default: `burn::nn::Embedding`'s, N(0, 1)).
+    #[config(default = "Initializer::Normal{mean:0.0, std:1.0}")]
+    pub initializer: Initializer,
+    /// LoRA rank; 0 gives exactly the plain embedding.
+    #[config(default = 0)]
+    pub rank: usize,
+    /// LoRA alpha.
+    #[config(default = 1.0)]
+    pub alpha: f64,
+    /// Scaling convention.
+    #[config(default = "Scaling::AlphaOverRank")]
+    pub scaling: Scaling,
+}
+
+/// Embedding with a LoRA adapter (labml / PEFT layout).
+///
+/// Row `i` is `W[i] + s · (B A)[:, i]`; `weight [n_embedding, d_model]` as `burn::nn::Embedding`.
+#[derive(Module, Debug)]
+pub struct LoraEmbedding {
+    /// Base table `[n_embedding, d_model]`.
+    pub weight: Param<Tensor<2>>,
+    /// `A [rank, n_embedding]`, N(0, 1).
+    pub lora_a: Option<Param<Tensor<2>>>,
+    /// `B [d_model, rank]`, zeros.
+    pub lora_b: Option<Param<Tensor<2>>>,
+    /// Scaling factor `s`.
+    pub scaling: f64,
+    /// Whether `s·(BA)ᵀ` is currently folded into `weight`.
+    pub merged: bool,
+}
+
+impl LoraEmbeddingConfig {
+    /// Build the layer on `device`.
+    pub fn init(&self, device: &Device) -> LoraEmbedding {
+        let weight = self
+            .initializer
+            .init([self.n_embedding, self.d_model], device);
+        LoraEmbedding::from_base(weight, self.rank, self.alpha, self.scaling)
+    }
+}
+
+impl LoraEmbedding {
+    /// Wrap an existing table `[n_embedding, d_model]`; A ~ N(0, 1), B = 0.
+    pub fn from_base(weight: Param<Tensor<2>>, rank: usize, alpha: f64, scaling: Scaling) -> Self {
+        let device = weight.lazy_device();
+        let [n, d] = weight.lazy_shape().dims();
+        let (lora_a, lora_b) = if rank > 0 {
+            let a = Tensor::<2>::random([rank, n], Distribution::Normal(0.0, 1.0), &device);
+            let b = Tensor::<2>::zeros([d, rank], &device);
+            (Some(Param::from_tensor(a)), Some(Param::from_tensor(b)))
+        } else {
+            (None, None)
+        };
+        Self {
+            weight,
+            lora_a,
+            lora_b,
+            scaling: scaling.factor(alpha, rank),
+            merged: false,
+        }
+    }
+
+    /// Wrap a `burn::nn::Embedding`, keeping its table.
+    pub fn from_embedding(
+        base: burn::nn::Embedding,
+        rank: usize,
+        alpha: f64,
+        scaling: Scaling,
+    ) -> Self {
+        Self::from_base(base.weight, rank, alpha, scaling)
+    }
+
+    /// The adapter rank (0 without an adapter).
+    pub fn rank(&self) -> usize {
+        self.lora_a
+            .as_ref()
+            .map_or(0, |a| a.lazy_shape().dims::<2>()[0])
+    }
+
+    /// `[batch, seq]` ids -> `[batch, seq, d_model]`.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let base = embedding(self.weight.val(), ids.clone());
+        match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) if !self.merged => {
+                let xa = embedding(a.val().transpose(), ids);
+                base + linear(xa, b.val().transpose(), None).mul_scalar(self.scaling)
+            }
+            _ => base,
+        }
+    }
+
+    /// `s · (B A)ᵀ`, `[n_embedding, d_model]`, detached (None at rank 0).
+    pub fn delta_weight(&self) -> Option<Tensor<2>> {
+        let (a, b) = (self.lora_a.as_ref()?, self.lora_b.as_ref()?);
+        Some(
+            a.val()
+                .detach()
+                .transpose()
+                .matmul(b.val().detach().transpose())
+                .mul_scalar(self.scaling),
+        )
+    }
+}
+
+impl LoraMerge for LoraEmbedding {
+    fn merge(mut self) -> Self {
+        if !self.merged
+            && let Some(delta) = self.delta_weight()
+        {
+            self.weight = shift(self.weight, delta, 1.0);
+            self.merged = true;
+        }
+        self
+    }
+    fn unmerge(mut self) -> Self {
+        if self.merged
+            && let Some(delta) = self.delta_weight()
+        {
+            self.weight = shift(self.weight, delta, -1.0);
+            self.merged = false;
+        }
+        self
+    }
+}

@@ -1,0 +1,17 @@
+//! LoRA building blocks for any Burn model (after microsoft/loralib).
+//!
+//! - [`layers`]: [`LoraLinear`] and [`LoraEmbedding`], drop-in for `burn::nn::Linear` / `Embedding`,
+//!   with factored forward, dropout and merge / un-merge.
+//! - [`utils`]: model-wide helpers: freeze all but LoRA (`mark_only_lora_as_trainable`),
+//!   the trainable-parameter report, global gradient-norm clipping.
+
+pub mod layers;
+pub mod utils;
+
+pub use layers::{
+    LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
+};
+pub use utils::{ParamReport, clip_grad_norm, mark_only_lora_as_trainable, param_report};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,386 @@
+use crate::utils::freeze_lora;
+use crate::*;
+use burn::module::{Module, Param};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+fn dev() -> Device {
+    let d = Device::flex();
+    d.seed(7);
+    d
+}
+
+fn max_abs<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// A LoRA linear with random non-zero B, as the reference's merge checks use.
+fn layer(device: &Device, rank: usize) -> LoraLinear {
+    let mut l = LoraLinearConfig::new(48, 144)
+        .with_rank(rank)
+        .with_alpha(32.0)
+        .init(device);
+    l.lora_b = l
+        .lora_b
+        .map(|b| b.map(|t| t.random_like(Distribution::Normal(0.0, 0.1))));
+    l
+}
+
+#[test]
+fn init_laws_and_shapes() {
+    let d = dev();
+    let l = LoraLinearConfig::new(48, 144)
+        .with_rank(8)
+        .with_alpha(32.0)
+        .init(&d);
+    assert_eq!(l.weight.dims(), [48, 144]);
+    assert_eq!(l.lora_a.as_ref().unwrap().dims(), [8, 48]);
+    assert_eq!(l.lora_b.as_ref().unwrap().dims(), [144, 8]);
+    assert_eq!(l.scaling, 4.0);
+    let a = vals(l.lora_a.as_ref().unwrap().val());
+    let bound = 1.0 / 48f32.sqrt();
+    assert!(a.iter().all(|v| v.abs() <= bound));
+    // Uniform(-b, b) has variance b²/3.
+    let var = a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32;
+    assert!(
+        (var / (bound * bound / 3.0) - 1.0).abs() < 0.2,
+        "A variance {var}"
+    );
+    assert!(
+        vals(l.lora_b.as_ref().unwrap().val())
+            .iter()
+            .all(|&v| v == 0.0)
+    );
+
+    let e = LoraEmbeddingConfig::new(500, 16)
+        .with_rank(4)
+        .with_alpha(8.0)
+        .init(&d);
+    assert_eq!(e.lora_a.as_ref().unwrap().dims(), [4, 500]);
+    assert_eq!(e.lora_b.as_ref().unwrap().dims(), [16, 4]);
+    let a = vals(e.lora_a.as_ref().unwrap().val());
+    let mean = a.iter().sum::<f32>() / a.len() as f32;
+    let std = (a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+    assert!(
+        mean.abs() < 0.1 && (std - 1.0).abs() < 0.1,
+        "A ~ N(0,1): mean {mean} std {std}"
+    );
+}
+
+#[test]
+fn scaling_conventions() {
+    assert_eq!(Scaling::AlphaOverRank.factor(32.0, 8), 4.0);
+    assert_eq!(Scaling::Alpha.factor(32.0, 8), 32.0);
+    assert!((Scaling::RsLora.factor(16.0, 4) - 8.0).abs() < 1e-12);
+    assert_eq!(Scaling::RsLora.factor(16.0, 0), 0.0);
+    let l = LoraLinearConfig::new(4, 4)
+        .with_rank(2)
+        .with_alpha(3.0)
+        .with_scaling(Scaling::Alpha)
+        .init(&dev());
+    assert_eq!(l.scaling, 3.0);
+}
+
+#[test]
+fn rank_zero_is_the_plain_linear() {
+    let d = dev();
+    let l = LoraLinearConfig::new(8, 5).init(&d);
+    assert!(l.lora_a.is_none() && l.lora_b.is_none());
+    assert_eq!(l.rank(), 0);
+    let plain = burn::nn::Linear {
+        weight: l.weight.clone(),
+        bias: l.bias.clone(),
+    };
+    let x = Tensor::<3>::random([2, 3, 8], Distribution::Default, &d);
+    assert_eq!(vals(l.forward(x.clone())), vals(plain.forward(x.clone())));
+    assert_eq!(
+        vals(l.clone().merge().forward(x.clone())),
+        vals(plain.forward(x))
+    );
+    assert_eq!(param_report(&l.clone().merge()).total, 8 * 5 + 5);
+}
+
+#[test]
+fn factored_forward_matches_formula() {
+    let d = dev();
+    let l = layer(&d, 8);
+    let x = Tensor::<2>::random([64, 48], Distribution::Normal(0.0, 1.0), &d);
+    let (w, b) = (l.weight.val(), l.bias.as_ref().unwrap().val());
+    let (a, bb) = (
+        l.lora_a.as_ref().unwrap().val(),
+        l.lora_b.as_ref().unwrap().val(),
+    );
+    let formula = x.clone().matmul(w)
+        + b.unsqueeze::<2>()
+        + x.clone()
+            .matmul(a.transpose())
+            .matmul(bb.transpose())
+            .mul_scalar(4.0);
+    assert!(max_abs(l.forward(x), formula) < 1e-6);
+}
+
+#[test]
+fn merge_roundtrip_and_idempotence() {
+    let d = dev();
+    let l = layer(&d, 8);
+    let w0 = l.weight.val();
+    let x = Tensor::<2>::random([64, 48], Distribution::Normal(0.0, 1.0), &d);
+    let y_unmerged = l.forward(x.clone());
+
+    let merged = l.merge();
+    assert!(merged.merged);
+    let w_merged = merged.weight.val();
+    let (a, b) = (
+        merged.lora_a.as_ref().unwrap().val(),
+        merged.lora_b.as_ref().unwrap().val(),
+    );
+    let expect = w0.clone() + b.matmul(a).transpose().mul_scalar(4.0);
+    assert!(max_abs(w_merged.clone(), expect) < 1e-6);
+    assert!(
+        max_abs(merged.forward(x.clone()), y_unmerged.clone()) < 1e-5,
+        "merged = unmerged"
+    );
+
+    let twice = merged.merge();
+    assert_eq!(
+        vals(twice.weight.val()),
+        vals(w_merged),
+        "second merge is a no-op"
+    );
+
+    let back = twice.unmerge();
+    assert!(!back.merged);
+    assert!(
+        max_abs(back.weight.val(), w0.clone()) <= 1e-6,
+        "round trip restores W"
+    );
+    let back2 = back.unmerge();
+    assert_eq!(vals(back2.weight.val()), vals(back2.clone().weight.val()));
+    assert!(
+        max_abs(back2.weight.val(), w0) <= 1e-6,
+        "second unmerge is a no-op"
+    );
+    assert!(max_abs(back2.forward(x), y_unmerged) < 1e-5);
+}
+
+#[test]
+fn embedding_forward_and_merge() {
+    let d = dev();
+    let mut e = LoraEmbeddingConfig::new(24, 16)
+        .with_rank(4)
+        .with_alpha(8.0)
+        .init(&d);
+    e.lora_b = e
+        .lora_b
+        .map(|b| b.map(|t| t.random_like(Distribution::Normal(0.0, 0.1))));
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 5, 23, 5, 1, 2], [2, 3]), &d);
+    let y = e.forward(ids.clone());
+    // Row i of the effective table is W[i] + s·(B A)[:, i].
+    let table = e.weight.val()
+        + e.lora_b
+            .as_ref()
+            .unwrap()
+            .val()
+            .matmul(e.lora_a.as_ref().unwrap().val())
+            .transpose()
+            .mul_scalar(2.0);
+    let expect = burn::tensor::module::embedding(table, ids.clone());
+    assert!(max_abs(y.clone(), expect) < 1e-6);
+    let w0 = e.weight.val();
+    let m = e.merge();
+    assert!(max_abs(m.forward(ids.clone()), y) < 1e-5);
+    let back = m.merge().unmerge().unmerge();
+    assert!(max_abs(back.weight.val(), w0) <= 1e-6);
+}
+
+#[test]
+fn dropout_only_touches_the_adapter_input() {
+    let d = Device::flex().autodiff();
+    d.seed(1);
+    let l = LoraLinearConfig::new(16, 8)
+        .with_rank(4)
+        .with_alpha(4.0)
+        .with_dropout(0.5)
+        .init(&d);
+    let x = Tensor::<2>::random([4, 16], Distribution::Default, &d);
+    // B = 0: dropout on the adapter path cannot change the output.
+    let base = burn::nn::Linear {
+        weight: l.weight.clone(),
+        bias: l.bias.clone(),
+    };
+    assert!(max_abs(l.forward(x.clone()), base.forward(x)) < 1e-6);
+}
+
+#[derive(Module, Debug)]
+struct Tiny {
+    fc1: LoraLinear,
+    fc2: LoraLinear,
+    emb: LoraEmbedding,
+}
+
+fn tiny(d: &Device) -> Tiny {
+    Tiny {
+        fc1: LoraLinearConfig::new(6, 10)
+            .with_rank(2)
+            .with_alpha(4.0)
+            .init(d),
+        fc2: LoraLinearConfig::new(10, 3).init(d),
+        emb: LoraEmbeddingConfig::new(7, 6)
+            .with_rank(2)
+            .with_alpha(2.0)
+            .init(d),
+    }
+}
+
+impl Tiny {
+    fn loss(&self, ids: Tensor<2, Int>) -> Tensor<1> {
+        self.fc2
+            .forward(self.fc1.forward(self.emb.forward(ids)).tanh())
+            .powi_scalar(2)
+            .mean()
+    }
+}
+
+#[test]
+fn freezing_and_param_report() {
+    let d = Device::flex().autodiff();
+    let m = tiny(&d);
+    let lora = 2 * 6 + 10 * 2 + 2 * 7 + 6 * 2;
+    let total = 6 * 10 + 10 + 10 * 3 + 3 + 7 * 6 + lora;
+    let all = param_report(&m);
+    assert_eq!(
+        all,
+        ParamReport {
+            total,
+            trainable: total,
+            lora
+        }
+    );
+    let only = mark_only_lora_as_trainable(m);
+    assert_eq!(
+        param_report(&only),
+        ParamReport {
+            total,
+            trainable: lora,
+            lora
+        }
+    );
+    let frozen = freeze_lora(only);
+    assert_eq!(
+        param_report(&frozen),
+        ParamReport {
+            total,
+            trainable: total - lora,
+            lora
+        }
+    );
+    assert!(format!("{}", param_report(&frozen)).contains("trainable params"));
+}
+
+#[test]
+fn only_lora_params_change_in_a_step() {
+    let d = Device::flex().autodiff();
+    d.seed(3);
+    let mut m = mark_only_lora_as_trainable(tiny(&d));
+    // Make B non-zero so A also receives a gradient.
+    m.fc1.lora_b = m.fc1.lora_b.map(|p| {
+        p.map(|t| {
+            t.random_like(Distribution::Normal(0.0, 0.5))
+                .detach()
+                .require_grad()
+        })
+    });
+    m.emb.lora_b = m.emb.lora_b.map(|p| {
+        p.map(|t| {
+            t.random_like(Distribution::Normal(0.0, 0.5))
+                .detach()
+                .require_grad()
+        })
+    });
+    let before = m.clone();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 6], [2, 2]), &d);
+    let mut grads = GradientsParams::from_grads(m.loss(ids).backward(), &m);
+    clip_grad_norm(&m, &mut grads, 1.0);
+    let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
+    let after = optim.step(1e-2, m, grads);
+    let same = |a: &Param<Tensor<2>>, b: &Param<Tensor<2>>| vals(a.val()) == vals(b.val());
+    assert!(
+        same(&before.fc1.weight, &after.fc1.weight),
+        "base weight moved"
+    );
+    assert!(
+        same(&before.fc2.weight, &after.fc2.weight),
+        "frozen layer moved"
+    );
+    assert!(
+        same(&before.emb.weight, &after.emb.weight),
+        "embedding table moved"
+    );
+    assert_eq!(
+        vals(before.fc1.bias.unwrap().val()),
+        vals(after.fc1.bias.unwrap().val())
+    );
+    for (b, a) in [
+        (&before.fc1.lora_a, &after.fc1.lora_a),
+        (&before.fc1.lora_b, &after.fc1.lora_b),
+        (&before.emb.lora_a, &after.emb.lora_a),
+        (&before.emb.lora_b, &after.emb.lora_b),
+    ] {
+        assert!(
+            !same(b.as_ref().unwrap(), a.as_ref().unwrap()),
+            "a LoRA factor did not move"
+        );
+    }
+}
+
+#[test]
+fn clip_grad_norm_is_global() {
+    let d = Device::flex().autodiff();
+    d.seed(5);
+    let m = tiny(&d);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 6], [2, 2]), &d);
+    let loss = m.loss(ids).mul_scalar(1000.0);
+    let mut grads = GradientsParams::from_grads(loss.backward(), &m);
+    let g_before: Vec<f32> = vals(grads.get::<2>(m.fc1.weight.id).unwrap());
+    let sq = |g: &GradientsParams| -> f32 {
+        let mut s = 0.0;
+        for id in [m.fc1.weight.id, m.fc2.weight.id, m.emb.weight.id] {
+            s += vals(g.get::<2>(id).unwrap())
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>();
+        }
+        for id in [
+            m.fc1.bias.as_ref().unwrap().id,
+            m.fc2.bias.as_ref().unwrap().id,
+        ] {
+            s += vals(g.get::<1>(id).unwrap())
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>();
+        }
+        for p in [&m.fc1.lora_a, &m.fc1.lora_b, &m.emb.lora_a, &m.emb.lora_b] {
+            if let Some(g) = g.get::<2>(p.as_ref().unwrap().id) {
+                s += vals(g).iter().map(|v| v * v).sum::<f32>();
+            }
+        }
+        s
+    };
+    let norm_manual = sq(&grads).sqrt();
+    let norm = clip_grad_norm(&m, &mut grads, 1.0)
+        .unwrap()
+        .into_scalar::<f32>();
+    assert!((norm - norm_manual).abs() / norm_manual < 1e-5);
+    assert!(norm > 1.0);
+    let after = sq(&grads).sqrt();
+    assert!((after - 1.0).abs() < 1e-4, "clipped norm {after}");
+    let coef = 1.0 / (norm + 1e-6);
+    let g_after: Vec<f32> = vals(grads.get::<2>(m.fc1.weight.id).unwrap());
+    for (b, a) in g_before.iter().zip(&g_after) {
+        assert!((b * coef - a).abs() <= 1e-6 * b.abs().max(1.0));
+    }
+}

@@ -1,0 +1,185 @@
+//! Model-wide LoRA helpers that work on any Burn [`Module`].
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+/// Whether a parameter path (`["h", "0", "attn", "c_attn", "lora_a"]`) is a LoRA factor.
+pub fn is_lora_path(path: &[String]) -> bool {
+    path.last()
+        .is_some_and(|name| name.starts_with("lora_a") || name.starts_with("lora_b"))
+}
+
+/// Tracks the module path while a visitor or mapper walks the tree.
+#[derive(Default)]
+struct PathStack(Vec<String>);
+
+impl PathStack {
+    fn enter(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+}
+
+struct RequireGradByPath<F: Fn(&[String]) -> bool> {
+    path: PathStack,
+    trainable: F,
+}
+
+impl<F: Fn(&[String]) -> bool> ModuleMapper for RequireGradByPath<F> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.set_require_grad((self.trainable)(&self.path.0))
+    }
+}
+
+/// Set `require_grad` on every float parameter from its path (`["h", "0", "attn", "c_attn", "weight"]`).
+pub fn set_trainable_by_path<M: Module>(model: M, trainable: impl Fn(&[String]) -> bool) -> M {
+    model.map(&mut RequireGradByPath {
+        path: PathStack::default(),
+        trainable,
+    })
+}
+
+/// Freeze everything but the LoRA factors (loralib's `mark_only_lora_as_trainable`, the exercise's
+/// `get_lora_model`).
+pub fn mark_only_lora_as_trainable<M: Module>(model: M) -> M {
+    set_trainable_by_path(model, is_lora_path)
+}
+
+/// Freeze the LoRA factors and train everything else (pre-training with adapters attached).
+pub fn freeze_lora<M: Module>(model: M) -> M {
+    set_trainable_by_path(model, |p| !is_lora_path(p))
+}
+
+/// Parameter counts of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ParamReport {
+    /// All float parameters.
+    pub total: usize,
+    /// Parameters that require a gradient.
+    pub trainable: usize,
+    /// LoRA factors (A and B), trainable or not.
+    pub lora: usize,
+}
+
+impl ParamReport {
+    /// Trainable share of all parameters, in percent.
+    pub fn trainable_percent(&self) -> f64 {
+        100.0 * self.trainable as f64 / self.total.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for ParamReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4} || lora params: {}",
+            self.trainable,
+            self.total,
+            self.trainable_percent(),
+            self.lora
+        )
+    }
+}
+
+struct Counter {
+    path: PathStack,
+    report: ParamReport,
+}
+
+impl ModuleVisitor for Counter {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = param.lazy_shape().num_elements();
+        self.report.total += n;
+        if param.val().is_require_grad() {
+            self.report.trainable += n;
+        }
+        if is_lora_path(&self.path.0) {
+            self.report.lora += n;
+        }
+    }
+}
+
+/// Count total / trainable / LoRA parameters (PEFT's `print_trainable_parameters`).
+///
+/// "Trainable" is read from the tensors, so call it on the model on its autodiff (training) device.
+pub fn param_report<M: Module>(model: &M) -> ParamReport {
+    let mut counter = Counter {
+        path: PathStack::default(),
+        report: ParamReport {
+            total: 0,
+            trainable: 0,
+            lora: 0,
+        },
+    };
+    model.visit(&mut counter);
+    counter.report
+}
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s = g.square().sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    coef: Tensor<1>,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            let coef = self.coef.clone().reshape([1; D]);
+            self.grads.register::<D>(param.id, g * coef);
+        }
+    }
+}
+
+/// Clip the total L2 norm of all gradients to `max_norm` (PyTorch's `clip_grad_norm_`:
+/// coefficient `max_norm / (norm + 1e-6)`, applied only when below 1).
+///
+/// Returns the pre-clip norm as a `[1]` tensor (read it only when needed: it syncs the device).
+/// Burn's own `GradientClipping::Norm` clips each tensor separately, which is not the same.
+pub fn clip_grad_norm<M: Module>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> Option<Tensor<1>> {
+    let mut sq = SquaredNorm { grads, total: None };
+    model.visit(&mut sq);
+    let norm = sq.total?.sqrt();
+    let coef = norm
+        .clone()
+        .add_scalar(1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .clamp_max(1.0);
+    model.visit(&mut Scale { grads, coef });
+    Some(norm)
+}

@@ -1,0 +1,6 @@
+//! Datasets for the LoRA recipes. Plain Rust data (token ids), no tensors: the training crate
+//! turns batches into tensors on its device.
+
+pub mod sort;
+
+pub use sort::{SortDataset, Split};

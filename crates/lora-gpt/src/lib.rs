@@ -1,0 +1,10 @@
+//! GPT models with LoRA: minGPT (karpathy/minGPT, the LoRA exercise's `GPT_LoRA`).
+
+pub mod mingpt;
+pub mod optim;
+pub mod pytorch;
+
+pub use mingpt::{Gpt, GptConfig, LoraTargets};
+
+#[cfg(test)]
+mod tests;

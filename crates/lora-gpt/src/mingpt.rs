@@ -1,0 +1,529 @@
+//! minGPT with LoRA (karpathy/minGPT `model.py` + the exercise's `GPT_LoRA`), in one file.
+//!
+//! Names follow minGPT: `wte`, `wpe`, `h[i].attn.c_attn`, `h[i].attn.c_proj`, `h[i].mlp.c_fc`,
+//! `h[i].mlp.c_proj`, `ln_f`, `lm_head`. Every Linear but `lm_head` is a [`LoraLinear`] and both
+//! embeddings are [`LoraEmbedding`]s; layers not in [`LoraTargets`] get rank 0 (plain layers).
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{
+    Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling};
+use serde::{Deserialize, Serialize};
+
+/// Which layers carry LoRA adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraTargets {
+    /// `attn.c_attn` and `attn.c_proj` (the exercise).
+    pub attn: bool,
+    /// `mlp.c_fc` and `mlp.c_proj`.
+    pub mlp: bool,
+    /// Position embedding `wpe`.
+    pub wpe: bool,
+    /// Token embedding `wte`.
+    pub wte: bool,
+}
+
+impl Default for LoraTargets {
+    fn default() -> Self {
+        Self {
+            attn: true,
+            mlp: false,
+            wpe: false,
+            wte: false,
+        }
+    }
+}
+
+impl std::str::FromStr for LoraTargets {
+    type Err = String;
+
+    /// `"attn"`, `"attn,mlp"`, `"attn,wpe"`, `"mlp,wte"`, … (also `c_attn`, `c_fc` names).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut t = Self {
+            attn: false,
+            mlp: false,
+            wpe: false,
+            wte: false,
+        };
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "attn" | "c_attn" => t.attn = true,
+                "mlp" | "c_fc" => t.mlp = true,
+                "wpe" => t.wpe = true,
+                "wte" => t.wte = true,
+                other => {
+                    return Err(format!(
+                        "unknown LoRA target '{other}' (expected attn, mlp, wpe, wte)"
+                    ));
+                }
+            }
+        }
+        if t == (Self {
+            attn: false,
+            mlp: false,
+            wpe: false,
+            wte: false,
+        }) {
+            return Err(format!("no LoRA target in '{s}'"));
+        }
+        Ok(t)
+    }
+}
+
+impl std::fmt::Display for LoraTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = [
+            (self.attn, "attn"),
+            (self.mlp, "mlp"),
+            (self.wpe, "wpe"),
+            (self.wte, "wte"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// minGPT configuration (`GPT.get_default_config()` plus the exercise's LoRA fields).
+#[derive(Config, Debug)]
+pub struct GptConfig {
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Embedding size.
+    pub n_embd: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Longest sequence.
+    pub block_size: usize,
+    /// Dropout after the embeddings.
+    #[config(default = 0.1)]
+    pub embd_pdrop: f64,
+    /// Dropout on residual branches.
+    #[config(default = 0.1)]
+    pub resid_pdrop: f64,
+    /// Dropout on attention weights.
+    #[config(default = 0.1)]
+    pub attn_pdrop: f64,
+    /// LoRA rank (0: no adapters).
+    #[config(default = 0)]
+    pub lora_rank: usize,
+    /// LoRA alpha.
+    #[config(default = 1.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA input.
+    #[config(default = 0.0)]
+    pub lora_dropout: f64,
+    /// LoRA scaling convention.
+    #[config(default = "Scaling::AlphaOverRank")]
+    pub lora_scaling: Scaling,
+    /// Layers that get adapters.
+    #[config(default = "LoraTargets{attn:true, mlp:false, wpe:false, wte:false}")]
+    pub lora_targets: LoraTargets,
+}
+
+/// minGPT's named sizes: `(n_layer, n_head, n_embd)`.
+pub fn model_type_dims(name: &str) -> Option<(usize, usize, usize)> {
+    Some(match name {
+        "openai-gpt" => (12, 12, 768),
+        "gpt2" => (12, 12, 768),
+        "gpt2-medium" => (24, 16, 1024),
+        "gpt2-large" => (36, 20, 1280),
+        "gpt2-xl" => (48, 25, 1600),
+        "gopher-44m" => (8, 16, 512),
+        "gpt-mini" => (6, 6, 192),
+        "gpt-micro" => (4, 4, 128),
+        "gpt-nano" => (3, 3, 48),
+        _ => return None,
+    })
+}
+
+/// All names [`model_type_dims`] knows.
+pub const MODEL_TYPES: [&str; 9] = [
+    "openai-gpt",
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "gopher-44m",
+    "gpt-mini",
+    "gpt-micro",
+    "gpt-nano",
+];
+
+impl GptConfig {
+    /// A config from minGPT's model type name (`gpt-nano`, …, `gpt2-xl`).
+    pub fn from_model_type(
+        name: &str,
+        vocab_size: usize,
+        block_size: usize,
+    ) -> Result<Self, String> {
+        let (l, h, e) = model_type_dims(name).ok_or_else(|| {
+            format!(
+                "unknown model type '{name}' (expected one of {})",
+                MODEL_TYPES.join(", ")
+            )
+        })?;
+        Ok(Self::new(l, h, e, vocab_size, block_size))
+    }
+
+    fn linear(
+        &self,
+        d_in: usize,
+        d_out: usize,
+        std: f64,
+        lora: bool,
+        device: &Device,
+    ) -> LoraLinear {
+        let weight = Initializer::Normal { mean: 0.0, std }.init([d_in, d_out], device);
+        let bias = Initializer::Zeros.init([d_out], device);
+        let rank = if lora { self.lora_rank } else { 0 };
+        LoraLinear::from_base(
+            weight,
+            Some(bias),
+            rank,
+            self.lora_alpha,
+            self.lora_dropout,
+            self.lora_scaling,
+        )
+    }
+
+    fn embedding(&self, n: usize, lora: bool, device: &Device) -> LoraEmbedding {
+        let weight = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        }
+        .init([n, self.n_embd], device);
+        let rank = if lora { self.lora_rank } else { 0 };
+        LoraEmbedding::from_base(weight, rank, self.lora_alpha, self.lora_scaling)
+    }
+
+    /// Build the model with minGPT's init: Linear / Embedding N(0, 0.02), both `c_proj` N(0,
+    /// 0.02/√(2·n_layer)), zero biases, LayerNorm (1, 0), `lm_head` without bias; LoRA A
+    /// Kaiming-uniform, B zeros.
+    pub fn init(&self, device: &Device) -> Gpt {
+        assert!(
+            self.n_embd % self.n_head == 0,
+            "n_embd must be divisible by n_head"
+        );
+        let (e, t) = (self.n_embd, self.lora_targets);
+        let proj_std = 0.02 / (2.0 * self.n_layer as f64).sqrt();
+        let h = (0..self.n_layer)
+            .map(|_| Block {
+                ln_1: LayerNormConfig::new(e).init(device),
+                attn: CausalSelfAttention {
+                    c_attn: self.linear(e, 3 * e, 0.02, t.attn, device),
+                    c_proj: self.linear(e, e, proj_std, t.attn, device),
+                    attn_dropout: DropoutConfig::new(self.attn_pdrop).init(),
+                    resid_dropout: DropoutConfig::new(self.resid_pdrop).init(),
+                    n_head: self.n_head,
+                },
+                ln_2: LayerNormConfig::new(e).init(device),
+                mlp: Mlp {
+                    c_fc: self.linear(e, 4 * e, 0.02, t.mlp, device),
+                    c_proj: self.linear(4 * e, e, proj_std, t.mlp, device),
+                    dropout: DropoutConfig::new(self.resid_pdrop).init(),
+                },
+            })
+            .collect();
+        let lm_head = LinearConfig::new(e, self.vocab_size)
+            .with_bias(false)
+            .with_initializer(Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            })
+            .init(device);
+        Gpt {
+            wte: self.embedding(self.vocab_size, t.wte, device),
+            wpe: self.embedding(self.block_size, t.wpe, device),
+            drop: DropoutConfig::new(self.embd_pdrop).init(),
+            h,
+            ln_f: LayerNormConfig::new(e).init(device),
+            lm_head,
+            block_size: self.block_size,
+        }
+    }
+}
+
+/// Score of a masked (future) position (true in the mask: above the diagonal), as PyTorch's -inf.
+const MASKED: f32 = f32::NEG_INFINITY;
+
+/// Causal multi-head self-attention.
+#[derive(Module, Debug)]
+pub struct CausalSelfAttention {
+    /// `[n_embd] -> [3·n_embd]` (q, k, v).
+    pub c_attn: LoraLinear,
+    /// `[n_embd] -> [n_embd]`.
+    pub c_proj: LoraLinear,
+    /// Dropout on attention weights.
+    pub attn_dropout: Dropout,
+    /// Dropout on the output.
+    pub resid_dropout: Dropout,
+    /// Number of heads.
+    pub n_head: usize,
+}
+
+impl CausalSelfAttention {
+    /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let (nh, hs) = (self.n_head, c / self.n_head);
+        let heads = |z: Tensor<3>| z.reshape([b, t, nh, hs]).swap_dims(1, 2);
+        let mut qkv = self.c_attn.forward(x).chunk(3, 2).into_iter().map(heads);
+        let (q, k, v) = (
+            qkv.next().unwrap(),
+            qkv.next().unwrap(),
+            qkv.next().unwrap(),
+        );
+        let att = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hs as f64).sqrt());
+        let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &att.device())
+            .unsqueeze::<4>()
+            .expand([b, nh, t, t]);
+        let att = self
+            .attn_dropout
+            .forward(softmax(att.mask_fill(mask, MASKED), 3));
+        let y = att.matmul(v).swap_dims(1, 2).reshape([b, t, c]);
+        self.resid_dropout.forward(self.c_proj.forward(y))
+    }
+}
+
+/// The MLP of a block: `c_fc`, GELU (tanh), `c_proj`, dropout.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// `[n_embd] -> [4·n_embd]`.
+    pub c_fc: LoraLinear,
+    /// `[4·n_embd] -> [n_embd]`.
+    pub c_proj: LoraLinear,
+    /// Dropout on the output.
+    pub dropout: Dropout,
+}
+
+/// GELU, tanh approximation (minGPT's `NewGELU`, GPT-2's `gelu_new`).
+pub fn new_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
+        .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+}
+
+impl Mlp {
+    /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.dropout
+            .forward(self.c_proj.forward(new_gelu(self.c_fc.forward(x))))
+    }
+}
+
+/// Pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// Norm before attention.
+    pub ln_1: LayerNorm,
+    /// Attention.
+    pub attn: CausalSelfAttention,
+    /// Norm before the MLP.
+    pub ln_2: LayerNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+impl Block {
+    /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x));
+        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+    }
+}
+
+/// minGPT's GPT with LoRA layers.
+#[derive(Module, Debug)]
+pub struct Gpt {
+    /// Token embedding `[vocab_size, n_embd]`.
+    pub wte: LoraEmbedding,
+    /// Position embedding `[block_size, n_embd]`.
+    pub wpe: LoraEmbedding,
+    /// Dropout after the embeddings.
+    pub drop: Dropout,
+    /// Transformer blocks.
+    pub h: Vec<Block>,
+    /// Final norm.
+    pub ln_f: LayerNorm,
+    /// Output head `[n_embd, vocab_size]`, no bias.
+    pub lm_head: Linear,
+    /// Longest sequence.
+    pub block_size: usize,
+}
+
+/// Mean cross-entropy of `logits [batch, seq, vocab]` against `targets [batch, seq]`, ignoring
+/// targets < 0 (PyTorch's `ignore_index=-1`).
+pub fn cross_entropy_ignore(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    let targets = targets.reshape([b * t]);
+    let keep = targets.clone().greater_equal_elem(0).float();
+    let logp = log_softmax(logits.reshape([b * t, v]), 1);
+    let picked = logp
+        .gather(1, targets.clamp_min(0).reshape([b * t, 1]))
+        .reshape([b * t]);
+    (picked * keep.clone()).sum().neg() / keep.sum()
+}
+
+impl Gpt {
+    /// `idx [batch, seq]` -> logits `[batch, seq, vocab]`.
+    pub fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
+        let [_, t] = idx.dims();
+        assert!(
+            t <= self.block_size,
+            "Cannot forward sequence of length {t}, block size is only {}",
+            self.block_size
+        );
+        let pos = Tensor::<1, Int>::arange(0..t as i64, &idx.device()).unsqueeze::<2>();
+        let x = self
+            .drop
+            .forward(self.wte.forward(idx) + self.wpe.forward(pos));
+        let x = self.h.iter().fold(x, |x, block| block.forward(x));
+        self.lm_head.forward(self.ln_f.forward(x))
+    }
+
+    /// Logits and the mean cross-entropy against `targets [batch, seq]` (−1 = ignored).
+    pub fn forward_loss(
+        &self,
+        idx: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+    ) -> (Tensor<3>, Tensor<1>) {
+        let logits = self.forward(idx);
+        let loss = cross_entropy_ignore(logits.clone(), targets);
+        (logits, loss)
+    }
+
+    /// Inference copy: no autodiff, dropout off, LoRA merged (the exercise's `model.eval()`).
+    pub fn eval(&self) -> Self {
+        self.valid().merge()
+    }
+
+    /// Back to training: LoRA un-merged, gradients and dropout as configured (`model.train()`).
+    pub fn train_mode(self) -> Self {
+        self.unmerge().train()
+    }
+
+    /// Add adapters to layers that have none (rank 0) and are in `targets`, keeping every base
+    /// weight; new A is drawn as at init, B = 0, so the model function is unchanged.
+    pub fn add_lora(
+        mut self,
+        targets: LoraTargets,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        scaling: Scaling,
+    ) -> Self {
+        let lin = |l: LoraLinear, on: bool| {
+            if on && l.rank() == 0 {
+                LoraLinear::from_base(l.weight, l.bias, rank, alpha, dropout, scaling)
+            } else {
+                l
+            }
+        };
+        let emb = |e: LoraEmbedding, on: bool| {
+            if on && e.rank() == 0 {
+                LoraEmbedding::from_base(e.weight, rank, alpha, scaling)
+            } else {
+                e
+            }
+        };
+        self.h = self
+            .h
+            .into_iter()
+            .map(|mut b| {
+                b.attn.c_attn = lin(b.attn.c_attn, targets.attn);
+                b.attn.c_proj = lin(b.attn.c_proj, targets.attn);
+                b.mlp.c_fc = lin(b.mlp.c_fc, targets.mlp);
+                b.mlp.c_proj = lin(b.mlp.c_proj, targets.mlp);
+                b
+            })
+            .collect();
+        self.wpe = emb(self.wpe, targets.wpe);
+        self.wte = emb(self.wte, targets.wte);
+        self
+    }
+
+    /// Generate `max_new_tokens` after `idx [batch, seq]`, cropping the context to `block_size`
+    /// (minGPT's `generate`). Greedy unless `sample`; `top_k` keeps the k most likely tokens.
+    pub fn generate(
+        &self,
+        idx: Tensor<2, Int>,
+        max_new_tokens: usize,
+        temperature: f64,
+        sample: bool,
+        top_k: Option<usize>,
+    ) -> Tensor<2, Int> {
+        let mut idx = idx;
+        for _ in 0..max_new_tokens {
+            let [b, t] = idx.dims();
+            let cond = if t <= self.block_size {
+                idx.clone()
+            } else {
+                idx.clone().narrow(1, t - self.block_size, self.block_size)
+            };
+            let logits = self.forward(cond);
+            let [_, tc, vocab] = logits.dims();
+            let logits = logits.narrow(1, tc - 1, 1).reshape([b, vocab]);
+            let next = if sample {
+                let mut logits = logits.div_scalar(temperature);
+                if let Some(k) = top_k {
+                    let kth = logits.clone().topk(k, 1).narrow(1, k - 1, 1);
+                    let below = logits.clone().lower(kth.expand(logits.dims()));
+                    logits = logits.mask_fill(below, f32::NEG_INFINITY);
+                }
+                softmax(logits, 1).categorical(1)
+            } else {
+                logits.argmax(1)
+            };
+            idx = Tensor::cat(vec![idx, next], 1);
+        }
+        idx
+    }
+}
+
+impl LoraMerge for Gpt {
+    fn merge(mut self) -> Self {
+        self.wte = self.wte.merge();
+        self.wpe = self.wpe.merge();
+        self.h = self.h.into_iter().map(Block::merge).collect();
+        self
+    }
+    fn unmerge(mut self) -> Self {
+        self.wte = self.wte.unmerge();
+        self.wpe = self.wpe.unmerge();
+        self.h = self.h.into_iter().map(Block::unmerge).collect();
+        self
+    }
+}
+
+impl LoraMerge for Block {
+    fn merge(mut self) -> Self {
+        self.attn.c_attn = self.attn.c_attn.merge();
+        self.attn.c_proj = self.attn.c_proj.merge();
+        self.mlp.c_fc = self.mlp.c_fc.merge();
+        self.mlp.c_proj = self.mlp.c_proj.merge();
+        self
+    }
+    fn unmerge(mut self) -> Self {
+        self.attn.c_attn = self.attn.c_attn.unmerge();
+        self.attn.c_proj = self.attn.c_proj.unmerge();
+        self.mlp.c_fc = self.mlp.c_fc.unmerge();
+        self.mlp.c_proj = self.mlp.c_proj.unmerge();
+        self
+    }
+}
+
+/// Int tensor `[rows, cols]` from row-major ids.
+pub fn ids_tensor(ids: Vec<i64>, shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(ids, shape), device)
+}

@@ -1,0 +1,44 @@
+//! `--backend` names to Burn devices.
+
+use burn::tensor::{Device, DeviceKind};
+
+/// A compute backend the CLI can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Burn's pure-Rust CPU backend (default).
+    Flex,
+    /// burn-ndarray (CPU; deprecated upstream, still offered).
+    Ndarray,
+    /// wgpu: Vulkan / Metal / DX12 / GL, whichever the machine offers.
+    Wgpu,
+    /// wgpu pinned to Vulkan (SPIR-V); needs the `vulkan` cargo feature.
+    Vulkan,
+}
+
+impl Backend {
+    /// The device for this backend (without autodiff).
+    pub fn device(self) -> anyhow::Result<Device> {
+        Ok(match self {
+            Backend::Flex => Device::flex(),
+            #[allow(deprecated)]
+            Backend::Ndarray => Device::ndarray(),
+            Backend::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
+            #[cfg(feature = "vulkan")]
+            Backend::Vulkan => Device::vulkan(DeviceKind::DefaultDevice),
+            #[cfg(not(feature = "vulkan"))]
+            Backend::Vulkan => anyhow::bail!(
+                "--backend vulkan: this binary was built without the `vulkan` feature (cargo build --release -p lora-train --features vulkan)"
+            ),
+        })
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Flex => "flex",
+            Backend::Ndarray => "ndarray",
+            Backend::Wgpu => "wgpu",
+            Backend::Vulkan => "vulkan",
+        }
+    }
+}

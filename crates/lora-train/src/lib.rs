@@ -1,0 +1,7 @@
+//! Training glue: backends, the minGPT sort exercise, atomic file output.
+
+pub mod backend;
+pub mod fsutil;
+pub mod sort_demo;
+
+pub use backend::Backend;
