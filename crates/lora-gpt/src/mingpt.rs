@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling};
 use serde::{Deserialize, Serialize};
@@ -307,11 +307,16 @@ pub struct Mlp {
     pub dropout: Dropout,
 }
 
-/// GELU, tanh approximation (minGPT's `NewGELU`, GPT-2's `gelu_new`).
+/// GELU, tanh approximation (minGPT's `NewGELU`, GPT-2's `gelu_new`):
+/// `0.5·x·(1 + tanh(u)) = x·sigmoid(2u)`, `u = √(2/π)·(x + 0.044715·x³)`.
+///
+/// Written with `sigmoid` because it is the same function and CPU backends evaluate it several
+/// times faster than `tanh`.
 pub fn new_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
-        .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
-    x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+    let c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
+    let x3 = x.clone() * x.clone() * x.clone();
+    let u2 = (x.clone() + x3.mul_scalar(0.044715)).mul_scalar(c);
+    x * sigmoid(u2)
 }
 
 impl Mlp {

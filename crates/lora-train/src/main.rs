@@ -8,6 +8,11 @@ use lora_train::sort_demo::{self, SortDemoConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// Tensors of a few hundred KB are allocated and freed on every op; glibc returns them to the OS
+// each time (mmap threshold), mimalloc keeps them: ~2x faster CPU training here.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "lora-train",
