@@ -10,6 +10,8 @@ use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling};
 use serde::{Deserialize, Serialize};
@@ -282,16 +284,28 @@ impl CausalSelfAttention {
             qkv.next().unwrap(),
             qkv.next().unwrap(),
         );
-        let att = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hs as f64).sqrt());
-        let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &att.device())
-            .unsqueeze::<4>()
-            .expand([b, nh, t, t]);
-        let att = self
-            .attn_dropout
-            .forward(softmax(att.mask_fill(mask, MASKED), 3));
-        let y = att.matmul(v).swap_dims(1, 2).reshape([b, t, c]);
+        let training = self.attn_dropout.training.is_enabled() && q.device().is_autodiff();
+        let y = if training {
+            let att = q
+                .matmul(k.swap_dims(2, 3))
+                .mul_scalar(1.0 / (hs as f64).sqrt());
+            let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &att.device())
+                .unsqueeze::<4>()
+                .expand([b, nh, t, t]);
+            let att = self
+                .attn_dropout
+                .forward(softmax(att.mask_fill(mask, MASKED), 3));
+            att.matmul(v)
+        } else {
+            // Inference: the backend's fused causal attention, same function.
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            };
+            attention(q, k, v, None, None, options)
+        };
+        let y = y.swap_dims(1, 2).reshape([b, t, c]);
         self.resid_dropout.forward(self.c_proj.forward(y))
     }
 }

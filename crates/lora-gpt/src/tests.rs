@@ -55,6 +55,43 @@ fn finetuned(device: &Device) -> Gpt {
     load_mingpt(nano(24).init(device), FIXTURE, "fixture", "finetuned/").unwrap()
 }
 
+/// Logits of the fine-tuned fixture model on `device` (dropout 0), against PyTorch's.
+fn parity_on(device: &Device, tol: f32) {
+    let cfg = nano(24)
+        .with_embd_pdrop(0.0)
+        .with_attn_pdrop(0.0)
+        .with_resid_pdrop(0.0);
+    let model = load_mingpt(cfg.init(device), FIXTURE, "fixture", "finetuned/").unwrap();
+    let (x, shape) = fixture_i64("batch/x");
+    let (y, _) = fixture_i64("batch/y");
+    let (logits, loss) =
+        model.forward_loss(ids_tensor(x, shape, device), ids_tensor(y, shape, device));
+    let got: Vec<f32> = logits.into_data().iter::<f32>().collect();
+    let d = max_diff(&got, &fixture_f32("finetuned_unmerged_nodropout/logits").0);
+    assert!(d <= tol, "logits differ by {d}");
+    let l = loss.into_scalar::<f32>();
+    let expect = fixture_f32("finetuned_unmerged_nodropout/loss").0[0];
+    assert!((l - expect).abs() <= tol, "loss {l} vs {expect}");
+}
+
+#[test]
+fn parity_on_the_training_path() {
+    // Autodiff device: the explicit attention (softmax, dropout hook) instead of the fused op.
+    parity_on(&Device::flex().autodiff(), 1e-5);
+}
+
+#[test]
+fn parity_on_ndarray() {
+    #[allow(deprecated)]
+    parity_on(&Device::ndarray(), 1e-5);
+}
+
+#[test]
+fn parity_on_wgpu() {
+    // CPU-only machines run this through Mesa's llvmpipe.
+    parity_on(&Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), 1e-4);
+}
+
 #[test]
 fn pytorch_fixture_parity_unmerged_and_merged() {
     let device = Device::flex();
