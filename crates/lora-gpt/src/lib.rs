@@ -1,5 +1,6 @@
 //! GPT models with LoRA: minGPT (karpathy/minGPT, the LoRA exercise's `GPT_LoRA`).
 
+pub mod gpt2;
 pub mod mingpt;
 pub mod optim;
 pub mod pytorch;
@@ -8,3 +9,6 @@ pub use mingpt::{Gpt, GptConfig, LoraTargets};
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tests_gpt2;

@@ -5,71 +5,104 @@
 //! embeddings are [`LoraEmbedding`]s; layers not in [`LoraTargets`] get rank 0 (plain layers).
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
-use burn::tensor::module::attention;
+use burn::tensor::module::{attention, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling};
 use serde::{Deserialize, Serialize};
 
-/// Which layers carry LoRA adapters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which layers carry LoRA adapters, by module name (PEFT's `target_modules` for GPT-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LoraTargets {
-    /// `attn.c_attn` and `attn.c_proj` (the exercise).
-    pub attn: bool,
-    /// `mlp.c_fc` and `mlp.c_proj`.
-    pub mlp: bool,
-    /// Position embedding `wpe`.
-    pub wpe: bool,
+    /// `attn.c_attn`.
+    pub c_attn: bool,
+    /// `attn.c_proj`.
+    pub attn_c_proj: bool,
+    /// `mlp.c_fc`.
+    pub c_fc: bool,
+    /// `mlp.c_proj`.
+    pub mlp_c_proj: bool,
     /// Token embedding `wte`.
     pub wte: bool,
+    /// Position embedding `wpe`.
+    pub wpe: bool,
 }
 
-impl Default for LoraTargets {
-    fn default() -> Self {
-        Self {
-            attn: true,
-            mlp: false,
-            wpe: false,
-            wte: false,
+impl LoraTargets {
+    /// `attn.c_attn` and `attn.c_proj`: the exercise's targets.
+    pub const ATTN: Self = Self {
+        c_attn: true,
+        attn_c_proj: true,
+        c_fc: false,
+        mlp_c_proj: false,
+        wte: false,
+        wpe: false,
+    };
+
+    /// Whether no layer is targeted.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// PEFT `target_modules` names: `c_attn`, `c_proj` (both), `c_fc`, `wte`, `wpe`,
+    /// or `attn.c_proj` / `mlp.c_proj` when only one of the two is targeted.
+    pub fn module_names(&self) -> Vec<String> {
+        let mut v = vec![];
+        let mut push = |on: bool, name: &str| {
+            if on {
+                v.push(name.to_string())
+            }
+        };
+        push(self.c_attn, "c_attn");
+        match (self.attn_c_proj, self.mlp_c_proj) {
+            (true, true) => push(true, "c_proj"),
+            (a, m) => {
+                push(a, "attn.c_proj");
+                push(m, "mlp.c_proj");
+            }
         }
+        push(self.c_fc, "c_fc");
+        push(self.wte, "wte");
+        push(self.wpe, "wpe");
+        v
     }
 }
 
 impl std::str::FromStr for LoraTargets {
     type Err = String;
 
-    /// `"attn"`, `"attn,mlp"`, `"attn,wpe"`, `"mlp,wte"`, … (also `c_attn`, `c_fc` names).
+    /// Comma-separated names: `attn` (c_attn + attn.c_proj), `mlp` (c_fc + mlp.c_proj), `c_attn`,
+    /// `c_proj` (attention and MLP, as PEFT matches it), `attn.c_proj`, `mlp.c_proj`, `c_fc`, `wte`,
+    /// `wpe`, `all-linear` (every Linear / Conv1D but the output head).
     fn from_str(s: &str) -> Result<Self, String> {
-        let mut t = Self {
-            attn: false,
-            mlp: false,
-            wpe: false,
-            wte: false,
-        };
+        let mut t = Self::default();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
-                "attn" | "c_attn" => t.attn = true,
-                "mlp" | "c_fc" => t.mlp = true,
-                "wpe" => t.wpe = true,
+                "attn" => (t.c_attn, t.attn_c_proj) = (true, true),
+                "mlp" => (t.c_fc, t.mlp_c_proj) = (true, true),
+                "c_attn" => t.c_attn = true,
+                "c_proj" => (t.attn_c_proj, t.mlp_c_proj) = (true, true),
+                "attn.c_proj" => t.attn_c_proj = true,
+                "mlp.c_proj" => t.mlp_c_proj = true,
+                "c_fc" => t.c_fc = true,
                 "wte" => t.wte = true,
+                "wpe" => t.wpe = true,
+                "all-linear" => {
+                    (t.c_attn, t.attn_c_proj, t.c_fc, t.mlp_c_proj) = (true, true, true, true)
+                }
                 other => {
                     return Err(format!(
-                        "unknown LoRA target '{other}' (expected attn, mlp, wpe, wte)"
+                        "unknown LoRA target '{other}': expected attn, mlp, c_attn, c_proj, attn.c_proj, mlp.c_proj, c_fc, wte, wpe or all-linear"
                     ));
                 }
             }
         }
-        if t == (Self {
-            attn: false,
-            mlp: false,
-            wpe: false,
-            wte: false,
-        }) {
+        if t.is_empty() {
             return Err(format!("no LoRA target in '{s}'"));
         }
         Ok(t)
@@ -78,17 +111,7 @@ impl std::str::FromStr for LoraTargets {
 
 impl std::fmt::Display for LoraTargets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = [
-            (self.attn, "attn"),
-            (self.mlp, "mlp"),
-            (self.wpe, "wpe"),
-            (self.wte, "wte"),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, n)| *n)
-        .collect();
-        f.write_str(&names.join(","))
+        f.write_str(&self.module_names().join(","))
     }
 }
 
@@ -127,8 +150,14 @@ pub struct GptConfig {
     #[config(default = "Scaling::AlphaOverRank")]
     pub lora_scaling: Scaling,
     /// Layers that get adapters.
-    #[config(default = "LoraTargets{attn:true, mlp:false, wpe:false, wte:false}")]
+    #[config(default = "LoraTargets::ATTN")]
     pub lora_targets: LoraTargets,
+    /// LayerNorm epsilon.
+    #[config(default = 1e-5)]
+    pub layer_norm_eps: f64,
+    /// Output head shares the token embedding (GPT-2); minGPT has its own `lm_head`.
+    #[config(default = false)]
+    pub tie_word_embeddings: bool,
 }
 
 /// minGPT's named sizes: `(n_layer, n_head, n_embd)`.
@@ -219,36 +248,45 @@ impl GptConfig {
         let proj_std = 0.02 / (2.0 * self.n_layer as f64).sqrt();
         let h = (0..self.n_layer)
             .map(|_| Block {
-                ln_1: LayerNormConfig::new(e).init(device),
+                ln_1: LayerNormConfig::new(e)
+                    .with_epsilon(self.layer_norm_eps)
+                    .init(device),
                 attn: CausalSelfAttention {
-                    c_attn: self.linear(e, 3 * e, 0.02, t.attn, device),
-                    c_proj: self.linear(e, e, proj_std, t.attn, device),
+                    c_attn: self.linear(e, 3 * e, 0.02, t.c_attn, device),
+                    c_proj: self.linear(e, e, proj_std, t.attn_c_proj, device),
                     attn_dropout: DropoutConfig::new(self.attn_pdrop).init(),
                     resid_dropout: DropoutConfig::new(self.resid_pdrop).init(),
                     n_head: self.n_head,
                 },
-                ln_2: LayerNormConfig::new(e).init(device),
+                ln_2: LayerNormConfig::new(e)
+                    .with_epsilon(self.layer_norm_eps)
+                    .init(device),
                 mlp: Mlp {
-                    c_fc: self.linear(e, 4 * e, 0.02, t.mlp, device),
-                    c_proj: self.linear(4 * e, e, proj_std, t.mlp, device),
+                    c_fc: self.linear(e, 4 * e, 0.02, t.c_fc, device),
+                    c_proj: self.linear(4 * e, e, proj_std, t.mlp_c_proj, device),
                     dropout: DropoutConfig::new(self.resid_pdrop).init(),
                 },
             })
             .collect();
-        let lm_head = LinearConfig::new(e, self.vocab_size)
-            .with_bias(false)
-            .with_initializer(Initializer::Normal {
-                mean: 0.0,
-                std: 0.02,
-            })
-            .init(device);
+        let lm_head = (!self.tie_word_embeddings).then(|| {
+            LinearConfig::new(e, self.vocab_size)
+                .with_bias(false)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device)
+        });
         Gpt {
             wte: self.embedding(self.vocab_size, t.wte, device),
             wpe: self.embedding(self.block_size, t.wpe, device),
             drop: DropoutConfig::new(self.embd_pdrop).init(),
             h,
-            ln_f: LayerNormConfig::new(e).init(device),
+            ln_f: LayerNormConfig::new(e)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device),
             lm_head,
+            head_untied_by_merge: false,
             block_size: self.block_size,
         }
     }
@@ -375,8 +413,10 @@ pub struct Gpt {
     pub h: Vec<Block>,
     /// Final norm.
     pub ln_f: LayerNorm,
-    /// Output head `[n_embd, vocab_size]`, no bias.
-    pub lm_head: Linear,
+    /// Output head `[n_embd, vocab_size]`, no bias; `None`: tied to `wte`'s base table.
+    pub lm_head: Option<Linear>,
+    /// `merge` gave a tied head its own copy of the base table (`wte` has LoRA); `unmerge` re-ties.
+    pub head_untied_by_merge: bool,
     /// Longest sequence.
     pub block_size: usize,
 }
@@ -408,7 +448,16 @@ impl Gpt {
             .drop
             .forward(self.wte.forward(idx) + self.wpe.forward(pos));
         let x = self.h.iter().fold(x, |x, block| block.forward(x));
-        self.lm_head.forward(self.ln_f.forward(x))
+        self.head(self.ln_f.forward(x))
+    }
+
+    /// Output head: `[batch, seq, n_embd] -> [batch, seq, vocab]`. A tied head uses `wte`'s base
+    /// table, without its LoRA delta, as PEFT's unmerged model does.
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => linear(x, self.wte.weight.val().transpose(), None),
+        }
     }
 
     /// Logits and the mean cross-entropy against `targets [batch, seq]` (−1 = ignored).
@@ -419,6 +468,21 @@ impl Gpt {
     ) -> (Tensor<3>, Tensor<1>) {
         let logits = self.forward(idx);
         let loss = cross_entropy_ignore(logits.clone(), targets);
+        (logits, loss)
+    }
+
+    /// Hugging Face's causal-LM loss (`labels = input_ids`): logits at `t` predict token `t + 1`;
+    /// label < 0 is ignored.
+    pub fn causal_lm_loss(
+        &self,
+        idx: Tensor<2, Int>,
+        labels: Tensor<2, Int>,
+    ) -> (Tensor<3>, Tensor<1>) {
+        let [b, t] = idx.dims();
+        let logits = self.forward(idx);
+        let [_, _, v] = logits.dims();
+        let shifted = logits.clone().narrow(1, 0, t - 1);
+        let loss = cross_entropy_ignore(shifted.reshape([b, t - 1, v]), labels.narrow(1, 1, t - 1));
         (logits, loss)
     }
 
@@ -460,10 +524,10 @@ impl Gpt {
             .h
             .into_iter()
             .map(|mut b| {
-                b.attn.c_attn = lin(b.attn.c_attn, targets.attn);
-                b.attn.c_proj = lin(b.attn.c_proj, targets.attn);
-                b.mlp.c_fc = lin(b.mlp.c_fc, targets.mlp);
-                b.mlp.c_proj = lin(b.mlp.c_proj, targets.mlp);
+                b.attn.c_attn = lin(b.attn.c_attn, targets.c_attn);
+                b.attn.c_proj = lin(b.attn.c_proj, targets.attn_c_proj);
+                b.mlp.c_fc = lin(b.mlp.c_fc, targets.c_fc);
+                b.mlp.c_proj = lin(b.mlp.c_proj, targets.mlp_c_proj);
                 b
             })
             .collect();
@@ -512,6 +576,16 @@ impl Gpt {
 
 impl LoraMerge for Gpt {
     fn merge(mut self) -> Self {
+        if self.lm_head.is_none() && self.wte.rank() > 0 && !self.wte.merged {
+            // Merging LoRA into a shared table would change the head too (PEFT's
+            // merge_and_unload does, and its merged model differs from the unmerged one).
+            let weight = self.wte.weight.val().detach().transpose();
+            self.lm_head = Some(Linear {
+                weight: Param::from_tensor(weight),
+                bias: None,
+            });
+            self.head_untied_by_merge = true;
+        }
         self.wte = self.wte.merge();
         self.wpe = self.wpe.merge();
         self.h = self.h.into_iter().map(Block::merge).collect();
@@ -521,6 +595,10 @@ impl LoraMerge for Gpt {
         self.wte = self.wte.unmerge();
         self.wpe = self.wpe.unmerge();
         self.h = self.h.into_iter().map(Block::unmerge).collect();
+        if self.head_untied_by_merge {
+            self.lm_head = None;
+            self.head_untied_by_merge = false;
+        }
         self
     }
 }

@@ -57,7 +57,8 @@ impl<'a> TensorReader<'a> {
         })
     }
 
-    /// Raw f32 values and shape of `key` (prefix added), or record the problem.
+    /// Values (as f32; f16 / bf16 are converted) and shape of `key` (prefix added), or record
+    /// the problem.
     pub fn raw(&mut self, key: &str) -> Option<(Vec<f32>, Vec<usize>)> {
         let full = format!("{}{key}", self.prefix);
         let view = match self.st.tensor(&full) {
@@ -67,18 +68,29 @@ impl<'a> TensorReader<'a> {
                 return None;
             }
         };
-        if view.dtype() != Dtype::F32 {
-            self.problems.push(format!(
-                "tensor '{full}' has dtype {:?}, expected F32",
-                view.dtype()
-            ));
-            return None;
-        }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let values = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                self.problems.push(format!(
+                    "tensor '{full}' has dtype {other:?}, expected F32, F16 or BF16"
+                ));
+                return None;
+            }
+        };
         Some((values, view.shape().to_vec()))
     }
 
@@ -118,6 +130,26 @@ impl<'a> TensorReader<'a> {
         }
     }
 
+    /// Whether `key` (prefix added) is in the file.
+    pub fn has(&self, key: &str) -> bool {
+        self.st.tensor(&format!("{}{key}", self.prefix)).is_ok()
+    }
+
+    /// Record a problem of the caller's.
+    pub fn problem(&mut self, message: String) {
+        self.problems.push(message);
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Every key in the file.
+    pub fn keys(&self) -> Vec<String> {
+        self.st.names().into_iter().map(String::from).collect()
+    }
+
     /// Fail with every recorded problem, if any.
     pub fn finish(self, path: &str) -> Result<(), LoadError> {
         if self.problems.is_empty() {
@@ -131,26 +163,79 @@ impl<'a> TensorReader<'a> {
     }
 }
 
-fn load_linear(r: &mut TensorReader, mut l: LoraLinear, key: &str) -> LoraLinear {
-    l.weight = r.load(l.weight, &format!("{key}.weight"), true);
-    l.bias = l.bias.map(|b| r.load(b, &format!("{key}.bias"), false));
-    l.lora_a = l.lora_a.map(|a| r.load(a, &format!("{key}.lora_A"), false));
-    l.lora_b = l.lora_b.map(|b| r.load(b, &format!("{key}.lora_B"), false));
+/// Key names of one layer's tensors in a state dict.
+pub struct LayerKeys<'a> {
+    /// Base weight stored `[out, in]` (PyTorch Linear: transpose) or `[in, out]` (GPT-2 Conv1D).
+    pub transpose: bool,
+    /// Suffix of LoRA A (`lora_A`, or `lora_A.weight` in PEFT files).
+    pub lora_a: &'a str,
+    /// Suffix of LoRA B.
+    pub lora_b: &'a str,
+    /// Load the base weights.
+    pub base: bool,
+    /// Load the LoRA factors.
+    pub lora: bool,
+}
+
+/// The exercise's state dicts: PyTorch Linear layout, LoRA factors named `lora_A` / `lora_B`.
+pub const MINGPT_KEYS: LayerKeys = LayerKeys {
+    transpose: true,
+    lora_a: "lora_A",
+    lora_b: "lora_B",
+    base: true,
+    lora: true,
+};
+
+/// Load one [`LoraLinear`] from `{key}.weight`, `{key}.bias`, `{key}.{lora_a}`, `{key}.{lora_b}`.
+pub fn load_linear(
+    r: &mut TensorReader,
+    mut l: LoraLinear,
+    key: &str,
+    k: &LayerKeys,
+) -> LoraLinear {
+    if k.base {
+        l.weight = r.load(l.weight, &format!("{key}.weight"), k.transpose);
+        l.bias = l.bias.map(|b| r.load(b, &format!("{key}.bias"), false));
+    }
+    if k.lora {
+        l.lora_a = l
+            .lora_a
+            .map(|a| r.load(a, &format!("{key}.{}", k.lora_a), false));
+        l.lora_b = l
+            .lora_b
+            .map(|b| r.load(b, &format!("{key}.{}", k.lora_b), false));
+    }
     l
 }
 
-fn load_embedding(r: &mut TensorReader, mut e: LoraEmbedding, key: &str) -> LoraEmbedding {
-    e.weight = r.load(e.weight, &format!("{key}.weight"), false);
-    e.lora_a = e
-        .lora_a
-        .map(|a| r.load(a, &format!("{key}.lora_embedding_A"), false));
-    e.lora_b = e
-        .lora_b
-        .map(|b| r.load(b, &format!("{key}.lora_embedding_B"), false));
+/// Load one [`LoraEmbedding`] from `{key}.weight` and `{key}.lora_embedding_A` / `_B`.
+pub fn load_embedding(
+    r: &mut TensorReader,
+    mut e: LoraEmbedding,
+    key: &str,
+    base: bool,
+    lora: bool,
+) -> LoraEmbedding {
+    if base {
+        e.weight = r.load(e.weight, &format!("{key}.weight"), false);
+    }
+    if lora {
+        e.lora_a = e
+            .lora_a
+            .map(|a| r.load(a, &format!("{key}.lora_embedding_A"), false));
+        e.lora_b = e
+            .lora_b
+            .map(|b| r.load(b, &format!("{key}.lora_embedding_B"), false));
+    }
     e
 }
 
-fn load_ln(r: &mut TensorReader, mut ln: burn::nn::LayerNorm, key: &str) -> burn::nn::LayerNorm {
+/// Load a LayerNorm from `{key}.weight` (gamma) and `{key}.bias` (beta).
+pub fn load_ln(
+    r: &mut TensorReader,
+    mut ln: burn::nn::LayerNorm,
+    key: &str,
+) -> burn::nn::LayerNorm {
     ln.gamma = r.load(ln.gamma, &format!("{key}.weight"), false);
     ln.beta = ln.beta.map(|b| r.load(b, &format!("{key}.bias"), false));
     ln
@@ -160,27 +245,46 @@ fn load_ln(r: &mut TensorReader, mut ln: burn::nn::LayerNorm, key: &str) -> burn
 /// whose config (sizes, LoRA targets, rank) must match the file. Nothing is half-loaded: on any
 /// problem the error lists every missing or mis-shaped tensor.
 pub fn load_mingpt(model: Gpt, bytes: &[u8], path: &str, prefix: &str) -> Result<Gpt, LoadError> {
-    let device = model.lm_head.weight.lazy_device();
+    let device = model.ln_f.gamma.lazy_device();
     let mut r = TensorReader::new(bytes, path, prefix, &device)?;
     let mut m = model;
-    m.wte = load_embedding(&mut r, m.wte, "transformer.wte");
-    m.wpe = load_embedding(&mut r, m.wpe, "transformer.wpe");
-    m.h =
-        m.h.into_iter()
-            .enumerate()
-            .map(|(i, mut b)| {
-                let k = format!("transformer.h.{i}");
-                b.ln_1 = load_ln(&mut r, b.ln_1, &format!("{k}.ln_1"));
-                b.ln_2 = load_ln(&mut r, b.ln_2, &format!("{k}.ln_2"));
-                b.attn.c_attn = load_linear(&mut r, b.attn.c_attn, &format!("{k}.attn.c_attn"));
-                b.attn.c_proj = load_linear(&mut r, b.attn.c_proj, &format!("{k}.attn.c_proj"));
-                b.mlp.c_fc = load_linear(&mut r, b.mlp.c_fc, &format!("{k}.mlp.c_fc"));
-                b.mlp.c_proj = load_linear(&mut r, b.mlp.c_proj, &format!("{k}.mlp.c_proj"));
-                b
-            })
-            .collect();
+    m.wte = load_embedding(&mut r, m.wte, "transformer.wte", true, true);
+    m.wpe = load_embedding(&mut r, m.wpe, "transformer.wpe", true, true);
+    m.h = m
+        .h
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut b)| {
+            let k = format!("transformer.h.{i}");
+            b.ln_1 = load_ln(&mut r, b.ln_1, &format!("{k}.ln_1"));
+            b.ln_2 = load_ln(&mut r, b.ln_2, &format!("{k}.ln_2"));
+            b.attn.c_attn = load_linear(
+                &mut r,
+                b.attn.c_attn,
+                &format!("{k}.attn.c_attn"),
+                &MINGPT_KEYS,
+            );
+            b.attn.c_proj = load_linear(
+                &mut r,
+                b.attn.c_proj,
+                &format!("{k}.attn.c_proj"),
+                &MINGPT_KEYS,
+            );
+            b.mlp.c_fc = load_linear(&mut r, b.mlp.c_fc, &format!("{k}.mlp.c_fc"), &MINGPT_KEYS);
+            b.mlp.c_proj = load_linear(
+                &mut r,
+                b.mlp.c_proj,
+                &format!("{k}.mlp.c_proj"),
+                &MINGPT_KEYS,
+            );
+            b
+        })
+        .collect();
     m.ln_f = load_ln(&mut r, m.ln_f, "transformer.ln_f");
-    m.lm_head.weight = r.load(m.lm_head.weight, "lm_head.weight", true);
+    m.lm_head = m.lm_head.map(|mut head| {
+        head.weight = r.load(head.weight, "lm_head.weight", true);
+        head
+    });
     r.finish(path)?;
     Ok(m)
 }

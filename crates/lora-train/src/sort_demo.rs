@@ -54,7 +54,7 @@ impl Default for SortDemoConfig {
             pretrain_iters: 1000,
             finetune_iters: 2000,
             eval_samples: 5000,
-            lora_targets: LoraTargets::default(),
+            lora_targets: LoraTargets::ATTN,
             batch_size: 64,
             lr: 5e-4,
             rank: 8,
@@ -262,7 +262,7 @@ pub fn run(cfg: &SortDemoConfig) -> anyhow::Result<SortDemoReport> {
         .map_err(anyhow::Error::msg)?
         .with_lora_rank(cfg.rank)
         .with_lora_alpha(cfg.alpha)
-        .with_lora_targets(LoraTargets::default());
+        .with_lora_targets(LoraTargets::ATTN);
     let model = freeze_lora(config.init(&device));
     let pre: ParamReport = param_report(&model);
     println!("pre-training: {pre}");

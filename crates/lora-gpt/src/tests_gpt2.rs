@@ -1,0 +1,188 @@
+//! GPT-2 parity with transformers + PEFT (fixtures made by `shared/tools/make_gpt2_fixtures.py`).
+
+use crate::gpt2::{Gpt2Folder, load_peft_adapter};
+use crate::mingpt::{Gpt, ids_tensor};
+use burn::module::Param;
+use burn::tensor::{Device, Tensor};
+use lora_core::LoraMerge;
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+
+fn micro() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-micro")
+}
+
+struct Golden(Vec<u8>);
+
+impl Golden {
+    fn open(dir: &Path) -> Self {
+        Self(std::fs::read(dir.join("golden.safetensors")).unwrap())
+    }
+    fn f32(&self, key: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.0).unwrap();
+        st.tensor(key)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+    fn ids(&self, key: &str, device: &Device) -> Tensor<2, burn::tensor::Int> {
+        let st = SafeTensors::deserialize(&self.0).unwrap();
+        let v = st.tensor(key).unwrap();
+        let s = v.shape().to_vec();
+        let ids = v
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        ids_tensor(ids, [s[0], s[1]], device)
+    }
+}
+
+fn losses(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.join("golden.json")).unwrap())
+        .unwrap()["losses"]
+        .clone()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+fn base(dir: &Path, layout: &str, device: &Device) -> Gpt {
+    Gpt2Folder::open(&dir.join(layout))
+        .unwrap()
+        .load(|c| c, device)
+        .unwrap()
+}
+
+#[test]
+fn base_logits_and_loss_both_layouts() {
+    let d = Device::flex();
+    let g = Golden::open(&micro());
+    let ids = g.ids("input_ids", &d);
+    for layout in ["model", "model-hub-layout"] {
+        let m = base(&micro(), layout, &d);
+        assert!(m.lm_head.is_none(), "head tied to wte");
+        let (logits, loss) = m.causal_lm_loss(ids.clone(), ids.clone());
+        let diff = max_diff(&values(logits), &g.f32("base_logits"));
+        assert!(diff <= 1e-4, "{layout}: base logits differ by {diff}");
+        let expect = losses(&micro())["base"].as_f64().unwrap() as f32;
+        assert!(
+            (loss.into_scalar::<f32>() - expect).abs() <= 1e-5,
+            "{layout}: loss"
+        );
+    }
+}
+
+#[test]
+fn peft_adapter_logits_merge_and_grads() {
+    let d = Device::flex().autodiff();
+    let g = Golden::open(&micro());
+    let ids = g.ids("input_ids", &d);
+    let (m, cfg) =
+        load_peft_adapter(base(&micro(), "model", &d), &micro().join("adapter")).unwrap();
+    assert_eq!((cfg.r, cfg.lora_alpha), (4, 8.0));
+    let m = lora_core::mark_only_lora_as_trainable(m);
+    let (logits, loss) = m.causal_lm_loss(ids.clone(), ids.clone());
+    let diff = max_diff(&values(logits.clone()), &g.f32("lora_logits"));
+    assert!(diff <= 1e-4, "lora logits differ by {diff}");
+    let expect = losses(&micro())["lora"].as_f64().unwrap() as f32;
+    assert!((loss.clone().into_scalar::<f32>() - expect).abs() <= 1e-5);
+
+    // Gradients of the loss w.r.t. every LoRA factor, PEFT's layout.
+    let grads = loss.backward();
+    let check = |p: &Option<Param<Tensor<2>>>, key: &str| {
+        let got = values(p.as_ref().unwrap().val().grad(&grads).expect(key));
+        let expect = g.f32(&format!("grad.{key}"));
+        let scale = expect.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let diff = max_diff(&got, &expect);
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{key}: grad differs by {diff} (max |g| {scale})"
+        );
+    };
+    for (i, b) in m.h.iter().enumerate() {
+        for (layer, name) in [
+            (&b.attn.c_attn, "attn.c_attn"),
+            (&b.attn.c_proj, "attn.c_proj"),
+            (&b.mlp.c_fc, "mlp.c_fc"),
+            (&b.mlp.c_proj, "mlp.c_proj"),
+        ] {
+            check(
+                &layer.lora_a,
+                &format!("transformer.h.{i}.{name}.lora_A.weight"),
+            );
+            check(
+                &layer.lora_b,
+                &format!("transformer.h.{i}.{name}.lora_B.weight"),
+            );
+        }
+    }
+
+    // Merged (no wte adapter here, so PEFT's merge is right too).
+    let merged = m.eval();
+    let plain = d.clone().without_autodiff();
+    let logits = merged.forward(g.ids("input_ids", &plain));
+    let diff = max_diff(&values(logits), &g.f32("merged_logits"));
+    assert!(diff <= 1e-4, "merged logits differ by {diff}");
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let d = Device::flex();
+    let g = Golden::open(&micro());
+    let m = base(&micro(), "model", &d).eval();
+    let prompt = g.ids("greedy_prompt", &d);
+    let [_, t] = prompt.dims();
+    let out: Vec<i64> = m
+        .generate(prompt, 16 - t, 1.0, false, None)
+        .into_data()
+        .iter::<i64>()
+        .collect();
+    let expect: Vec<i64> = g
+        .ids("greedy_output", &d)
+        .into_data()
+        .iter::<i64>()
+        .collect();
+    assert_eq!(out, expect);
+}
+
+#[test]
+fn tied_head_with_wte_lora_merges_without_changing_the_model() {
+    let d = Device::flex();
+    let g = Golden::open(&micro());
+    let ids = g.ids("input_ids", &d);
+    let m = base(&micro(), "model", &d).add_lora(
+        "c_attn,wte".parse().unwrap(),
+        2,
+        4.0,
+        0.0,
+        lora_core::Scaling::RsLora,
+    );
+    let mut m = m;
+    m.wte.lora_b = m
+        .wte
+        .lora_b
+        .map(|p| p.map(|t| t.random_like(burn::tensor::Distribution::Normal(0.0, 0.5))));
+    let unmerged = values(m.forward(ids.clone()));
+    let merged_model = m.merge();
+    assert!(merged_model.lm_head.is_some(), "merge unties the head");
+    let merged = values(merged_model.forward(ids.clone()));
+    assert!(max_diff(&unmerged, &merged) <= 1e-4);
+    let back = merged_model.unmerge();
+    assert!(back.lm_head.is_none(), "unmerge ties it again");
+    assert!(max_diff(&values(back.forward(ids)), &unmerged) <= 1e-5);
+}
