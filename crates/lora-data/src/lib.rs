@@ -2,5 +2,7 @@
 //! turns batches into tensors on its device.
 
 pub mod sort;
+pub mod tokenizer;
 
 pub use sort::{SortDataset, Split};
+pub use tokenizer::Tokenizer;
