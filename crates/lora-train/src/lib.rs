@@ -2,6 +2,10 @@
 
 pub mod backend;
 pub mod fsutil;
+pub mod lm;
 pub mod sort_demo;
 
 pub use backend::Backend;
+
+#[cfg(test)]
+mod tests;

@@ -2,9 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use lora_gpt::LoraTargets;
-use lora_train::Backend;
 use lora_train::fsutil::write_json_atomic;
 use lora_train::sort_demo::{self, SortDemoConfig};
+use lora_train::{Backend, lm};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,6 +28,107 @@ struct Cli {
 enum Command {
     /// The minGPT LoRA exercise: pre-train on length 6, fail on 10, recover with LoRA.
     SortDemo(SortDemoArgs),
+    /// Continue a prompt with a Hugging Face GPT-2 folder (and a PEFT adapter).
+    Generate(GenerateArgs),
+    /// Next-token loss and perplexity of a model over a text file.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to add.
+    #[arg(long, default_value_t = 50)]
+    max_new_tokens: usize,
+    /// Argmax decoding (default when no sampling flag is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k"])]
+    greedy: bool,
+    /// Sample with this softmax temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sample from the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print `{"prompt_ids", "ids", "text"}`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text file.
+    #[arg(long)]
+    text: PathBuf,
+    /// Window length in tokens (default: the model's n_positions).
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Print `{"tokens", "windows", "loss", "perplexity"}`.
+    #[arg(long)]
+    json: bool,
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let device = args.model.backend.device()?;
+    device.seed(args.seed);
+    let (model, tok) = lm::load(&args.model.model, args.model.adapter.as_deref(), &device)?;
+    let prompt = tok.encode(&args.prompt);
+    let sampling = lm::Sampling {
+        greedy: args.temperature.is_none() && args.top_k.is_none(),
+        temperature: args.temperature.unwrap_or(1.0),
+        top_k: args.top_k,
+    };
+    let ids = lm::generate(&model, &prompt, args.max_new_tokens, sampling, &device)?;
+    let text = tok.decode(&ids[prompt.len()..]);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"prompt_ids": prompt, "ids": ids, "text": text})
+        );
+    } else {
+        println!("{}{}", args.prompt, text);
+    }
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let device = args.model.backend.device()?;
+    let (model, tok) = lm::load(&args.model.model, args.model.adapter.as_deref(), &device)?;
+    let text = lm::read_text(&args.text)?;
+    let ids = tok.encode(&text);
+    let block = args.block_size.unwrap_or(model.block_size);
+    let r = lm::eval_ids(&model, &ids, block, &device)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.text.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "tokens {}  windows {}  loss {:.6}  perplexity {:.4}",
+            r.tokens, r.windows, r.loss, r.perplexity
+        );
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -108,6 +209,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::SortDemo(args) => sort_demo(args),
+        Command::Generate(args) => generate(args),
+        Command::Eval(args) => eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
