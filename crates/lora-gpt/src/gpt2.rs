@@ -113,7 +113,7 @@ impl Gpt2HfConfig {
                 cfg.activation_function
             ));
         }
-        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             return bad(format!(
                 "n_embd {} is not divisible by n_head {}",
                 cfg.n_embd, cfg.n_head

@@ -241,7 +241,7 @@ impl GptConfig {
     /// Kaiming-uniform, B zeros.
     pub fn init(&self, device: &Device) -> Gpt {
         assert!(
-            self.n_embd % self.n_head == 0,
+            self.n_embd.is_multiple_of(self.n_head),
             "n_embd must be divisible by n_head"
         );
         let (e, t) = (self.n_embd, self.lora_targets);

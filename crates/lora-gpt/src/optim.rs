@@ -36,13 +36,16 @@ impl OptimConfig {
     }
 }
 
+/// Parameters by module path (`h.0.attn.c_attn.weight`).
+pub type NamedParams = Vec<(String, ParamId)>;
+
 /// minGPT's no-decay set: every bias, LayerNorm weight (`gamma`, `beta`) and Embedding table.
 /// Returns `(decay, no_decay)` parameter paths, every float parameter in exactly one.
-pub fn decay_groups<M: Module>(model: &M) -> (Vec<(String, ParamId)>, Vec<(String, ParamId)>) {
+pub fn decay_groups<M: Module>(model: &M) -> (NamedParams, NamedParams) {
     struct Groups {
         path: Vec<String>,
-        decay: Vec<(String, ParamId)>,
-        no_decay: Vec<(String, ParamId)>,
+        decay: NamedParams,
+        no_decay: NamedParams,
     }
     impl ModuleVisitor for Groups {
         fn enter_module(&mut self, name: &str, _: &str) {

@@ -186,3 +186,55 @@ fn tied_head_with_wte_lora_merges_without_changing_the_model() {
     assert!(back.lm_head.is_none(), "unmerge ties it again");
     assert!(max_diff(&values(back.forward(ids)), &unmerged) <= 1e-5);
 }
+
+/// Made with `make_gpt2_fixtures.py OUT TOK --vocab 512 --targets c_attn,wte --rslora`: rsLoRA
+/// scaling and LoRA on the tied token embedding. PEFT's own merge is wrong here (its merged loss
+/// 11.48 vs 6.66 unmerged); ours must equal the unmerged model.
+#[test]
+fn rslora_on_tied_wte_matches_peft_unmerged_and_merges_correctly() {
+    let dir = micro().with_file_name("gpt2-micro-wte-rslora");
+    let d = Device::flex().autodiff();
+    let g = Golden::open(&dir);
+    let ids = g.ids("input_ids", &d);
+    let (m, cfg) = load_peft_adapter(base(&dir, "model", &d), &dir.join("adapter")).unwrap();
+    assert!(cfg.use_rslora);
+    assert_eq!(m.wte.scaling, 8.0 / 2.0, "alpha / sqrt(r)");
+    let m = lora_core::mark_only_lora_as_trainable(m);
+    let (logits, loss) = m.causal_lm_loss(ids.clone(), ids.clone());
+    let lora_logits = g.f32("lora_logits");
+    let diff = max_diff(&values(logits), &lora_logits);
+    assert!(diff <= 1e-4, "lora logits differ by {diff}");
+    let expect = losses(&dir)["lora"].as_f64().unwrap() as f32;
+    assert!((loss.clone().into_scalar::<f32>() - expect).abs() <= 1e-5);
+    let grads = loss.backward();
+    for (p, key) in [
+        (&m.wte.lora_a, "transformer.wte.lora_embedding_A"),
+        (&m.wte.lora_b, "transformer.wte.lora_embedding_B"),
+        (
+            &m.h[1].attn.c_attn.lora_a,
+            "transformer.h.1.attn.c_attn.lora_A.weight",
+        ),
+        (
+            &m.h[1].attn.c_attn.lora_b,
+            "transformer.h.1.attn.c_attn.lora_B.weight",
+        ),
+    ] {
+        let got = values(p.as_ref().unwrap().val().grad(&grads).expect(key));
+        let expect = g.f32(&format!("grad.{key}"));
+        let scale = expect.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let rel = max_diff(&got, &expect) / scale;
+        assert!(rel <= 1e-4, "{key}: grad differs by {rel} relative");
+    }
+    let merged = m.eval();
+    let plain = d.clone().without_autodiff();
+    let merged_logits = values(merged.forward(g.ids("input_ids", &plain)));
+    let diff = max_diff(&merged_logits, &lora_logits);
+    assert!(
+        diff <= 1e-4,
+        "our merged model differs from the unmerged one by {diff}"
+    );
+    assert!(
+        max_diff(&merged_logits, &g.f32("merged_logits")) > 1.0,
+        "PEFT's merged logits carry its tied-weight bug"
+    );
+}
