@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: project tasks, run from the workspace root.
 //!
 //! - `sort-demo [ARGS]`: the minGPT LoRA exercise in release mode (`lora-train sort-demo ARGS`).
+//! - `bench <suite> [ARGS]`: benchmarks (`lora-train bench SUITE ARGS`), e.g. `bench infer --backend wgpu`.
 
 use std::process::{Command, ExitCode};
 
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("sort-demo") => cargo_run(&["sort-demo"], &args[1..]),
+        Some("bench") => cargo_run(&["bench"], &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask sort-demo [--backend flex|ndarray|wgpu] [--seed 0,1,2] [--pretrain-iters N] [--finetune-iters N] [--eval-samples N] [--lora-targets attn,wpe] [--report PATH]"

@@ -1,6 +1,7 @@
 //! Training glue: backends, the minGPT sort exercise, atomic file output.
 
 pub mod backend;
+pub mod bench;
 pub mod fsutil;
 pub mod lm;
 pub mod sort_demo;

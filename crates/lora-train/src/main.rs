@@ -32,6 +32,30 @@ enum Command {
     Generate(GenerateArgs),
     /// Next-token loss and perplexity of a model over a text file.
     Eval(EvalArgs),
+    /// Benchmarks (`infer`: GPT-2-small forward, base vs LoRA unmerged vs merged).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Suite to run.
+    #[arg(value_parser = ["infer"])]
+    suite: String,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
+    /// Tokens per forward pass (batch 1).
+    #[arg(long, default_value_t = 1024)]
+    seq: usize,
+    /// LoRA rank on c_attn.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Timed passes (median reported).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Report path.
+    #[arg(long, default_value = "target/bench/infer.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -211,6 +235,9 @@ fn main() -> ExitCode {
         Command::SortDemo(args) => sort_demo(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
+        Command::Bench(a) => {
+            lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), &a.out).map(|_| ())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

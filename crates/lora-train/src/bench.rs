@@ -1,0 +1,146 @@
+//! `lora-train bench infer`: GPT-2-small-shaped forward pass, base vs LoRA unmerged vs merged.
+//! Prints a table and writes `target/bench/infer.json`.
+
+use crate::Backend;
+use crate::fsutil::write_json_atomic;
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Int, Tensor};
+use lora_core::{LoraMerge, Scaling};
+use lora_gpt::{Gpt, GptConfig, LoraTargets};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// One measured variant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Variant name.
+    pub name: String,
+    /// Milliseconds per forward pass.
+    pub ms: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// Peak device memory, when the backend reports it.
+    pub peak_mib: Option<f64>,
+}
+
+/// Median ms of `iters` forward passes after `warmup` (each pass read back, so the work is done).
+fn time_forward(model: &Gpt, idx: &Tensor<2, Int>, warmup: usize, iters: usize) -> f64 {
+    let run = || {
+        let logits = model.forward(idx.clone());
+        let [b, t, _] = logits.dims();
+        let _ = logits
+            .narrow(1, t - 1, 1)
+            .reshape([b, logits_vocab(model)])
+            .into_data();
+    };
+    for _ in 0..warmup {
+        run();
+    }
+    let mut ms: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t0 = Instant::now();
+            run();
+            1000.0 * t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    ms[ms.len() / 2]
+}
+
+fn logits_vocab(model: &Gpt) -> usize {
+    model.wte.weight.dims()[0]
+}
+
+/// Run the `infer` suite.
+pub fn infer(
+    backend: Backend,
+    seq: usize,
+    rank: usize,
+    iters: usize,
+    out: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let device: Device = backend.device()?;
+    device.seed(0);
+    let cfg = GptConfig::from_model_type("gpt2", 50257, 1024)
+        .map_err(anyhow::Error::msg)?
+        .with_tie_word_embeddings(true)
+        .with_lora_targets(LoraTargets::default());
+    anyhow::ensure!(seq >= 1 && seq <= 1024, "--seq must be in 1..=1024");
+    let base = cfg.init(&device).valid();
+    let ids: Tensor<2, Int> =
+        Tensor::<2>::random([1, seq], Distribution::Uniform(0.0, 50257.0), &device).int();
+    let mut lora = base.clone().add_lora(
+        LoraTargets {
+            c_attn: true,
+            ..Default::default()
+        },
+        rank,
+        16.0,
+        0.0,
+        Scaling::AlphaOverRank,
+    );
+    for b in lora.h.iter_mut() {
+        b.attn.c_attn.lora_b = b
+            .attn
+            .c_attn
+            .lora_b
+            .take()
+            .map(|p| p.map(|t| t.random_like(Distribution::Normal(0.0, 0.02))));
+    }
+    let merged = lora.clone().merge();
+    let warmup = 3;
+    let mut rows = vec![];
+    for (name, model) in [
+        ("base", &base),
+        ("lora_unmerged", &lora),
+        ("lora_merged", &merged),
+    ] {
+        let ms = time_forward(model, &ids, warmup, iters);
+        println!(
+            "{name:>14}: {ms:9.2} ms  {:10.0} tokens/s",
+            seq as f64 / (ms / 1000.0)
+        );
+        rows.push(Row {
+            name: name.into(),
+            ms,
+            tokens_per_s: seq as f64 / (ms / 1000.0),
+            peak_mib: None,
+        });
+    }
+    let ratio = |i: usize| rows[i].ms / rows[0].ms;
+    let report = serde_json::json!({
+        "suite": "infer",
+        "backend": backend.name(),
+        "machine": machine(),
+        "shape": {"batch": 1, "seq": seq, "model": "gpt2 (124M, random weights)", "lora": format!("c_attn r{rank}")},
+        "rows": rows,
+        "ratios": {"merged_over_base": ratio(2), "unmerged_over_base": ratio(1)},
+    });
+    println!(
+        "merged / base = {:.3}   unmerged / base = {:.3}",
+        ratio(2),
+        ratio(1)
+    );
+    write_json_atomic(out, &report)?;
+    println!("report: {}", out.display());
+    Ok(report)
+}
+
+/// CPU model and core count, for reports.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{cpu}, {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )
+}
