@@ -24,32 +24,33 @@ pub struct Row {
     pub peak_mib: Option<f64>,
 }
 
-/// Median ms of `iters` forward passes after `warmup` (each pass read back, so the work is done).
-fn time_forward(model: &Gpt, idx: &Tensor<2, Int>, warmup: usize, iters: usize) -> f64 {
-    let run = || {
-        let logits = model.forward(idx.clone());
-        let [b, t, _] = logits.dims();
-        let _ = logits
-            .narrow(1, t - 1, 1)
-            .reshape([b, logits_vocab(model)])
-            .into_data();
-    };
-    for _ in 0..warmup {
-        run();
-    }
-    let mut ms: Vec<f64> = (0..iters)
-        .map(|_| {
-            let t0 = Instant::now();
-            run();
-            1000.0 * t0.elapsed().as_secs_f64()
-        })
-        .collect();
-    ms.sort_by(|a, b| a.total_cmp(b));
-    ms[ms.len() / 2]
+/// One forward pass, read back so the work is done.
+fn forward_once(model: &Gpt, idx: &Tensor<2, Int>) {
+    let logits = model.forward(idx.clone());
+    let [b, t, v] = logits.dims();
+    let _ = logits.narrow(1, t - 1, 1).reshape([b, v]).into_data();
 }
 
-fn logits_vocab(model: &Gpt) -> usize {
-    model.wte.weight.dims()[0]
+/// Median ms per forward pass of each model: `warmup` rounds of all (autotuning happens there),
+/// then `iters` rounds, interleaved so drifts (clocks, other load) hit every variant alike.
+fn time_forward(models: &[&Gpt], idx: &Tensor<2, Int>, warmup: usize, iters: usize) -> Vec<f64> {
+    for _ in 0..warmup {
+        models.iter().for_each(|m| forward_once(m, idx));
+    }
+    let mut ms = vec![vec![]; models.len()];
+    for _ in 0..iters {
+        for (m, out) in models.iter().zip(ms.iter_mut()) {
+            let t0 = Instant::now();
+            forward_once(m, idx);
+            out.push(1000.0 * t0.elapsed().as_secs_f64());
+        }
+    }
+    ms.into_iter()
+        .map(|mut v| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        })
+        .collect()
 }
 
 /// Run the `infer` suite.
@@ -66,7 +67,7 @@ pub fn infer(
         .map_err(anyhow::Error::msg)?
         .with_tie_word_embeddings(true)
         .with_lora_targets(LoraTargets::default());
-    anyhow::ensure!(seq >= 1 && seq <= 1024, "--seq must be in 1..=1024");
+    anyhow::ensure!((1..=1024).contains(&seq), "--seq must be in 1..=1024");
     let base = cfg.init(&device).valid();
     let ids: Tensor<2, Int> =
         Tensor::<2>::random([1, seq], Distribution::Uniform(0.0, 50257.0), &device).int();
@@ -89,14 +90,10 @@ pub fn infer(
             .map(|p| p.map(|t| t.random_like(Distribution::Normal(0.0, 0.02))));
     }
     let merged = lora.clone().merge();
-    let warmup = 3;
+    let names = ["base", "lora_unmerged", "lora_merged"];
+    let times = time_forward(&[&base, &lora, &merged], &ids, 5, iters);
     let mut rows = vec![];
-    for (name, model) in [
-        ("base", &base),
-        ("lora_unmerged", &lora),
-        ("lora_merged", &merged),
-    ] {
-        let ms = time_forward(model, &ids, warmup, iters);
+    for (name, ms) in names.into_iter().zip(times) {
         println!(
             "{name:>14}: {ms:9.2} ms  {:10.0} tokens/s",
             seq as f64 / (ms / 1000.0)
