@@ -60,13 +60,78 @@ impl<T: LoraMerge> LoraMerge for Option<T> {
     }
 }
 
-/// `W + sign · delta`, detached, keeping W's gradient setting.
-fn shift(weight: Param<Tensor<2>>, delta: Tensor<2>, sign: f64) -> Param<Tensor<2>> {
-    weight.map(|w| {
-        let require_grad = w.is_require_grad();
-        (w.detach() + delta.mul_scalar(sign)).set_require_grad(require_grad)
-    })
+/// `s · (B A)ᵀ = s · Aᵀ Bᵀ`, detached; `None` without an adapter. Same formula for Linear
+/// (`[d_input, d_output]`) and Embedding (`[n_embedding, d_model]`) layouts.
+fn delta(
+    a: &Option<Param<Tensor<2>>>,
+    b: &Option<Param<Tensor<2>>>,
+    scaling: f64,
+) -> Option<Tensor<2>> {
+    let (a, b) = (a.as_ref()?, b.as_ref()?);
+    Some(
+        a.val()
+            .detach()
+            .transpose()
+            .matmul(b.val().detach().transpose())
+            .mul_scalar(scaling),
+    )
 }
+
+/// Fold the delta into (`merge`) or out of the weight, once: `merged` tracks which side it is on.
+fn fold(
+    weight: Param<Tensor<2>>,
+    delta: Option<Tensor<2>>,
+    merged: &mut bool,
+    merge: bool,
+) -> Param<Tensor<2>> {
+    match delta {
+        Some(delta) if *merged != merge => {
+            *merged = merge;
+            let sign = if merge { 1.0 } else { -1.0 };
+            weight.map(|w| {
+                let require_grad = w.is_require_grad();
+                (w.detach() + delta.mul_scalar(sign)).set_require_grad(require_grad)
+            })
+        }
+        _ => weight,
+    }
+}
+
+/// [`LoraMerge`] for a layer with `weight`, `lora_a`, `lora_b`, `scaling`, `merged` fields.
+macro_rules! impl_merge {
+    ($layer:ty) => {
+        impl $layer {
+            /// `s · (B A)ᵀ` in the weight's layout, detached (None at rank 0).
+            pub fn delta_weight(&self) -> Option<Tensor<2>> {
+                delta(&self.lora_a, &self.lora_b, self.scaling)
+            }
+        }
+
+        impl LoraMerge for $layer {
+            fn merge(mut self) -> Self {
+                let d = if self.merged {
+                    None
+                } else {
+                    self.delta_weight()
+                };
+                self.weight = fold(self.weight, d, &mut self.merged, true);
+                self
+            }
+            fn unmerge(mut self) -> Self {
+                let d = if self.merged {
+                    self.delta_weight()
+                } else {
+                    None
+                };
+                self.weight = fold(self.weight, d, &mut self.merged, false);
+                self
+            }
+        }
+    };
+}
+
+impl_merge!(LoraLinear);
+impl_merge!(LoraEmbedding);
 
 /// Configuration of a [`LoraLinear`]; the first fields are `burn::nn::LinearConfig`'s.
 #[derive(Config, Debug)]
@@ -213,39 +278,6 @@ impl LoraLinear {
             _ => base,
         }
     }
-
-    /// `s · (B A)ᵀ`, `[d_input, d_output]`, detached (None at rank 0).
-    pub fn delta_weight(&self) -> Option<Tensor<2>> {
-        let (a, b) = (self.lora_a.as_ref()?, self.lora_b.as_ref()?);
-        Some(
-            a.val()
-                .detach()
-                .transpose()
-                .matmul(b.val().detach().transpose())
-                .mul_scalar(self.scaling),
-        )
-    }
-}
-
-impl LoraMerge for LoraLinear {
-    fn merge(mut self) -> Self {
-        if !self.merged
-            && let Some(delta) = self.delta_weight()
-        {
-            self.weight = shift(self.weight, delta, 1.0);
-            self.merged = true;
-        }
-        self
-    }
-    fn unmerge(mut self) -> Self {
-        if self.merged
-            && let Some(delta) = self.delta_weight()
-        {
-            self.weight = shift(self.weight, delta, -1.0);
-            self.merged = false;
-        }
-        self
-    }
 }
 
 /// Configuration of a [`LoraEmbedding`]; the first fields are `burn::nn::EmbeddingConfig`'s.
@@ -344,38 +376,5 @@ impl LoraEmbedding {
             }
             _ => base,
         }
-    }
-
-    /// `s · (B A)ᵀ`, `[n_embedding, d_model]`, detached (None at rank 0).
-    pub fn delta_weight(&self) -> Option<Tensor<2>> {
-        let (a, b) = (self.lora_a.as_ref()?, self.lora_b.as_ref()?);
-        Some(
-            a.val()
-                .detach()
-                .transpose()
-                .matmul(b.val().detach().transpose())
-                .mul_scalar(self.scaling),
-        )
-    }
-}
-
-impl LoraMerge for LoraEmbedding {
-    fn merge(mut self) -> Self {
-        if !self.merged
-            && let Some(delta) = self.delta_weight()
-        {
-            self.weight = shift(self.weight, delta, 1.0);
-            self.merged = true;
-        }
-        self
-    }
-    fn unmerge(mut self) -> Self {
-        if self.merged
-            && let Some(delta) = self.delta_weight()
-        {
-            self.weight = shift(self.weight, delta, -1.0);
-            self.merged = false;
-        }
-        self
     }
 }

@@ -6,7 +6,7 @@
 //! file; its `h.N.attn.bias` mask buffers are ignored). `lm_head` is tied to `wte`.
 
 use crate::mingpt::{Gpt, GptConfig, LoraTargets};
-use crate::pytorch::{LayerKeys, TensorReader, load_embedding, load_linear, load_ln};
+use crate::pytorch::{LayerKeys, TensorReader, load_blocks, load_embedding, load_ln};
 use burn::tensor::Device;
 use lora_core::Scaling;
 use serde::Deserialize;
@@ -228,32 +228,9 @@ pub fn load_gpt2_weights(model: Gpt, bytes: &[u8], path: &Path) -> Result<Gpt, G
     let mut m = model;
     m.wte = load_embedding(&mut r, m.wte, "wte", true, false);
     m.wpe = load_embedding(&mut r, m.wpe, "wpe", true, false);
-    m.h = m
-        .h
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut b)| {
-            let k = format!("h.{i}");
-            b.ln_1 = load_ln(&mut r, b.ln_1, &format!("{k}.ln_1"));
-            b.ln_2 = load_ln(&mut r, b.ln_2, &format!("{k}.ln_2"));
-            b.attn.c_attn =
-                load_linear(&mut r, b.attn.c_attn, &format!("{k}.attn.c_attn"), &conv1d);
-            b.attn.c_proj =
-                load_linear(&mut r, b.attn.c_proj, &format!("{k}.attn.c_proj"), &conv1d);
-            b.mlp.c_fc = load_linear(&mut r, b.mlp.c_fc, &format!("{k}.mlp.c_fc"), &conv1d);
-            b.mlp.c_proj = load_linear(&mut r, b.mlp.c_proj, &format!("{k}.mlp.c_proj"), &conv1d);
-            b
-        })
-        .collect();
+    m.h = load_blocks(&mut r, m.h, "", &conv1d);
     m.ln_f = load_ln(&mut r, m.ln_f, "ln_f");
-    r.finish(&shown).map_err(|e| {
-        err(
-            path,
-            e.to_string()
-                .trim_start_matches(&format!("{shown}: "))
-                .to_string(),
-        )
-    })?;
+    r.problems().map_err(|m| err(path, m))?;
     if let Some(head) = m.lm_head.take() {
         // An untied head lives outside the `transformer.` prefix.
         if !has_head {
@@ -266,14 +243,7 @@ pub fn load_gpt2_weights(model: Gpt, bytes: &[u8], path: &Path) -> Result<Gpt, G
             TensorReader::new(bytes, &shown, "", &device).map_err(|e| err(path, e.to_string()))?;
         let mut head = head;
         head.weight = r.load(head.weight, "lm_head.weight", true);
-        r.finish(&shown).map_err(|e| {
-            err(
-                path,
-                e.to_string()
-                    .trim_start_matches(&format!("{shown}: "))
-                    .to_string(),
-            )
-        })?;
+        r.problems().map_err(|m| err(path, m))?;
         m.lm_head = Some(head);
     }
     Ok(m)
@@ -437,26 +407,7 @@ pub fn load_peft_adapter(model: Gpt, dir: &Path) -> Result<(Gpt, PeftLoraConfig)
     }
     m.wte = load_embedding(&mut r, m.wte, "wte", false, true);
     m.wpe = load_embedding(&mut r, m.wpe, "wpe", false, true);
-    m.h = m
-        .h
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut b)| {
-            let k = format!("h.{i}");
-            b.attn.c_attn = load_linear(&mut r, b.attn.c_attn, &format!("{k}.attn.c_attn"), &peft);
-            b.attn.c_proj = load_linear(&mut r, b.attn.c_proj, &format!("{k}.attn.c_proj"), &peft);
-            b.mlp.c_fc = load_linear(&mut r, b.mlp.c_fc, &format!("{k}.mlp.c_fc"), &peft);
-            b.mlp.c_proj = load_linear(&mut r, b.mlp.c_proj, &format!("{k}.mlp.c_proj"), &peft);
-            b
-        })
-        .collect();
-    r.finish(&shown).map_err(|e| {
-        err(
-            &path,
-            e.to_string()
-                .trim_start_matches(&format!("{shown}: "))
-                .to_string(),
-        )
-    })?;
+    m.h = load_blocks(&mut r, m.h, "", &peft);
+    r.problems().map_err(|m| err(&path, m))?;
     Ok((m, cfg))
 }

@@ -3,7 +3,7 @@
 //! PyTorch `nn.Linear` stores `[out, in]`; Burn's Linear `[in, out]`, so Linear weights are
 //! transposed. LoRA `A [r, in]` and `B [out, r]` are taken as stored.
 
-use crate::mingpt::Gpt;
+use crate::mingpt::{Block, Gpt};
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use lora_core::{LoraEmbedding, LoraLinear};
@@ -150,6 +150,15 @@ impl<'a> TensorReader<'a> {
         self.st.names().into_iter().map(String::from).collect()
     }
 
+    /// Every recorded problem, `; `-joined, if any.
+    pub fn problems(self) -> Result<(), String> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(self.problems.join("; "))
+        }
+    }
+
     /// Fail with every recorded problem, if any.
     pub fn finish(self, path: &str) -> Result<(), LoadError> {
         if self.problems.is_empty() {
@@ -241,6 +250,31 @@ pub fn load_ln(
     ln
 }
 
+/// Load every block's LayerNorms (when `keys.base`) and Linear layers from `{prefix}h.{i}.…`.
+pub fn load_blocks(
+    r: &mut TensorReader,
+    blocks: Vec<Block>,
+    prefix: &str,
+    keys: &LayerKeys,
+) -> Vec<Block> {
+    blocks
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut b)| {
+            let k = format!("{prefix}h.{i}");
+            if keys.base {
+                b.ln_1 = load_ln(r, b.ln_1, &format!("{k}.ln_1"));
+                b.ln_2 = load_ln(r, b.ln_2, &format!("{k}.ln_2"));
+            }
+            b.attn.c_attn = load_linear(r, b.attn.c_attn, &format!("{k}.attn.c_attn"), keys);
+            b.attn.c_proj = load_linear(r, b.attn.c_proj, &format!("{k}.attn.c_proj"), keys);
+            b.mlp.c_fc = load_linear(r, b.mlp.c_fc, &format!("{k}.mlp.c_fc"), keys);
+            b.mlp.c_proj = load_linear(r, b.mlp.c_proj, &format!("{k}.mlp.c_proj"), keys);
+            b
+        })
+        .collect()
+}
+
 /// Load minGPT state-dict keys (`{prefix}transformer.h.0.attn.c_attn.weight`, …) into `model`,
 /// whose config (sizes, LoRA targets, rank) must match the file. Nothing is half-loaded: on any
 /// problem the error lists every missing or mis-shaped tensor.
@@ -250,36 +284,7 @@ pub fn load_mingpt(model: Gpt, bytes: &[u8], path: &str, prefix: &str) -> Result
     let mut m = model;
     m.wte = load_embedding(&mut r, m.wte, "transformer.wte", true, true);
     m.wpe = load_embedding(&mut r, m.wpe, "transformer.wpe", true, true);
-    m.h = m
-        .h
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut b)| {
-            let k = format!("transformer.h.{i}");
-            b.ln_1 = load_ln(&mut r, b.ln_1, &format!("{k}.ln_1"));
-            b.ln_2 = load_ln(&mut r, b.ln_2, &format!("{k}.ln_2"));
-            b.attn.c_attn = load_linear(
-                &mut r,
-                b.attn.c_attn,
-                &format!("{k}.attn.c_attn"),
-                &MINGPT_KEYS,
-            );
-            b.attn.c_proj = load_linear(
-                &mut r,
-                b.attn.c_proj,
-                &format!("{k}.attn.c_proj"),
-                &MINGPT_KEYS,
-            );
-            b.mlp.c_fc = load_linear(&mut r, b.mlp.c_fc, &format!("{k}.mlp.c_fc"), &MINGPT_KEYS);
-            b.mlp.c_proj = load_linear(
-                &mut r,
-                b.mlp.c_proj,
-                &format!("{k}.mlp.c_proj"),
-                &MINGPT_KEYS,
-            );
-            b
-        })
-        .collect();
+    m.h = load_blocks(&mut r, m.h, "transformer.", &MINGPT_KEYS);
     m.ln_f = load_ln(&mut r, m.ln_f, "transformer.ln_f");
     m.lm_head = m.lm_head.map(|mut head| {
         head.weight = r.load(head.weight, "lm_head.weight", true);

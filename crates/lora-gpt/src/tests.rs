@@ -40,7 +40,8 @@ fn fixture_i64(key: &str) -> (Vec<i64>, [usize; 2]) {
     )
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+/// Max abs difference; NaN counts as infinitely far.
+pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)

@@ -2,6 +2,7 @@
 
 use crate::gpt2::{Gpt2Folder, load_peft_adapter};
 use crate::mingpt::{Gpt, ids_tensor};
+use crate::tests::max_diff;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor};
 use lora_core::LoraMerge;
@@ -44,17 +45,6 @@ fn losses(dir: &Path) -> serde_json::Value {
     serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.join("golden.json")).unwrap())
         .unwrap()["losses"]
         .clone()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        )
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
