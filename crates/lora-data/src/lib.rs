@@ -1,6 +1,7 @@
 //! Datasets for the LoRA recipes. Plain Rust data (token ids), no tensors: the training crate
 //! turns batches into tensors on its device.
 
+pub mod alpaca;
 pub mod sort;
 pub mod tokenizer;
 
