@@ -3,6 +3,7 @@
 
 pub mod alpaca;
 pub mod sort;
+pub mod text;
 pub mod tokenizer;
 
 pub use sort::{SortDataset, Split};
