@@ -2,6 +2,7 @@
 //! turns batches into tensors on its device.
 
 pub mod alpaca;
+pub mod news;
 pub mod sort;
 pub mod text;
 pub mod tokenizer;
