@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod fsutil;
+pub mod inspect;
 pub mod lm;
 pub mod sort_demo;
 

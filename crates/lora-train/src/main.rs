@@ -32,8 +32,67 @@ enum Command {
     Generate(GenerateArgs),
     /// Next-token loss and perplexity of a model over a text file.
     Eval(EvalArgs),
+    /// Dataset tools (`inspect`).
+    Data(DataArgs),
     /// Benchmarks (`infer`: GPT-2-small forward, base vs LoRA unmerged vs merged).
     Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct DataArgs {
+    /// `inspect`: rows, tokens, sequences, masked fraction and the first formatted example.
+    #[arg(value_parser = ["inspect"])]
+    action: String,
+    /// Dataset kind.
+    #[arg(long, value_enum)]
+    dataset: lora_train::inspect::Dataset,
+    /// Data file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Model folder (for its tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Packed sequence length (alpaca; default 1024).
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Block length (news, text; default 128).
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Ignore the loss on prompt tokens (alpaca).
+    #[arg(long)]
+    mask_prompt: bool,
+    /// News cleaning.
+    #[arg(long, value_enum, default_value = "basic")]
+    cleaning: lora_train::inspect::Cleaning,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn data(a: DataArgs) -> anyhow::Result<()> {
+    let len = a.max_seq_len.or(a.block_size);
+    anyhow::ensure!(
+        len != Some(0),
+        "--max-seq-len / --block-size must be at least 1"
+    );
+    let r =
+        lora_train::inspect::inspect(a.dataset, &a.data, &a.model, len, a.mask_prompt, a.cleaning)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{}: rows {} (with input {:?}, skipped {})  tokens {}  sequences {}  masked {:.4}\n--- first example ---\n{}",
+            r.dataset,
+            r.rows,
+            r.rows_with_input,
+            r.rows_skipped,
+            r.tokens,
+            r.sequences,
+            r.masked_fraction,
+            r.first_example
+        );
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -235,6 +294,7 @@ fn main() -> ExitCode {
         Command::SortDemo(args) => sort_demo(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
+        Command::Data(a) => data(a),
         Command::Bench(a) => {
             lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), &a.out).map(|_| ())
         }
