@@ -24,25 +24,36 @@ pub struct Row {
     pub peak_mib: Option<f64>,
 }
 
-/// One forward pass, read back so the work is done.
-fn forward_once(model: &Gpt, idx: &Tensor<2, Int>) {
-    let logits = model.forward(idx.clone());
+/// `reps` forward passes queued back to back, the last one read back so all the work is done
+/// (one device sync per `reps` passes, as a serving loop would have).
+fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize) {
+    let mut last = None;
+    for _ in 0..reps {
+        last = Some(model.forward(idx.clone()));
+    }
+    let logits = last.expect("reps >= 1");
     let [b, t, v] = logits.dims();
     let _ = logits.narrow(1, t - 1, 1).reshape([b, v]).into_data();
 }
 
 /// Median ms per forward pass of each model: `warmup` rounds of all (autotuning happens there),
 /// then `iters` rounds, interleaved so drifts (clocks, other load) hit every variant alike.
-fn time_forward(models: &[&Gpt], idx: &Tensor<2, Int>, warmup: usize, iters: usize) -> Vec<f64> {
+fn time_forward(
+    models: &[&Gpt],
+    idx: &Tensor<2, Int>,
+    warmup: usize,
+    iters: usize,
+    reps: usize,
+) -> Vec<f64> {
     for _ in 0..warmup {
-        models.iter().for_each(|m| forward_once(m, idx));
+        models.iter().for_each(|m| forward_reps(m, idx, reps));
     }
     let mut ms = vec![vec![]; models.len()];
     for _ in 0..iters {
         for (m, out) in models.iter().zip(ms.iter_mut()) {
             let t0 = Instant::now();
-            forward_once(m, idx);
-            out.push(1000.0 * t0.elapsed().as_secs_f64());
+            forward_reps(m, idx, reps);
+            out.push(1000.0 * t0.elapsed().as_secs_f64() / reps as f64);
         }
     }
     ms.into_iter()
@@ -59,6 +70,7 @@ pub fn infer(
     seq: usize,
     rank: usize,
     iters: usize,
+    reps: usize,
     out: &Path,
 ) -> anyhow::Result<serde_json::Value> {
     let device: Device = backend.device()?;
@@ -91,7 +103,7 @@ pub fn infer(
     }
     let merged = lora.clone().merge();
     let names = ["base", "lora_unmerged", "lora_merged"];
-    let times = time_forward(&[&base, &lora, &merged], &ids, 5, iters);
+    let times = time_forward(&[&base, &lora, &merged], &ids, 5, iters, reps.max(1));
     let mut rows = vec![];
     for (name, ms) in names.into_iter().zip(times) {
         println!(
@@ -110,7 +122,7 @@ pub fn infer(
         "suite": "infer",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"batch": 1, "seq": seq, "model": "gpt2 (124M, random weights)", "lora": format!("c_attn r{rank}")},
+        "shape": {"batch": 1, "seq": seq, "passes_per_sync": reps, "model": "gpt2 (124M, random weights)", "lora": format!("c_attn r{rank}")},
         "rows": rows,
         "ratios": {"merged_over_base": ratio(2), "unmerged_over_base": ratio(1)},
     });

@@ -109,9 +109,12 @@ struct BenchArgs {
     /// LoRA rank on c_attn.
     #[arg(long, default_value_t = 8)]
     rank: usize,
-    /// Timed passes (median reported).
+    /// Timed rounds (median reported).
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// Forward passes per round, read back once (wgpu: >1 was 10x slower per pass on an H100, under study).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
     /// Report path.
     #[arg(long, default_value = "target/bench/infer.json")]
     out: PathBuf,
@@ -296,7 +299,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval(args),
         Command::Data(a) => data(a),
         Command::Bench(a) => {
-            lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), &a.out).map(|_| ())
+            lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), a.reps, &a.out)
+                .map(|_| ())
         }
     };
     match result {
