@@ -2,25 +2,16 @@
 //! `output`, as a JSON array or JSON Lines, formatted with Stanford Alpaca's templates and the
 //! tokenizer's end-of-sequence token, then packed into fixed-length sequences.
 
+use crate::error::DataError;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Stanford Alpaca's template for rows with an input.
 pub const PROMPT_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
 /// Stanford Alpaca's template for rows without one.
 pub const PROMPT_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
-
-/// A data file that cannot be used: names the file (and row) and the problem.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct DataError {
-    /// The file.
-    pub path: PathBuf,
-    /// The problem.
-    pub message: String,
-}
 
 /// One instruction example.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -158,14 +149,7 @@ fn describe(e: serde_json::Error) -> String {
 
 /// Read every row of the file at `path`.
 pub fn read_file(path: &Path) -> Result<Vec<AlpacaRow>, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError {
-        path: path.into(),
-        message: if e.kind() == std::io::ErrorKind::NotFound {
-            "file not found".into()
-        } else {
-            format!("cannot open: {e}")
-        },
-    })?;
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut rows = vec![];
     read_rows(file, path, |r| rows.push(r))?;
     Ok(rows)

@@ -2,10 +2,12 @@
 //! turns batches into tensors on its device.
 
 pub mod alpaca;
+pub mod error;
 pub mod news;
 pub mod sort;
 pub mod text;
 pub mod tokenizer;
 
+pub use error::DataError;
 pub use sort::{SortDataset, Split};
 pub use tokenizer::Tokenizer;

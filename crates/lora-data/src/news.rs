@@ -1,7 +1,7 @@
 //! Kaggle "News Articles" (recipe C): `Articles.csv` (Article, Date, Heading, NewsType; ISO-8859-1,
 //! CRLF, quoted fields with newlines), recipe C's `cleaning`, and the concatenated corpus.
 
-use crate::alpaca::DataError;
+use crate::error::{DataError, read_bytes};
 use std::path::Path;
 
 /// One article row.
@@ -35,14 +35,7 @@ pub fn decode_latin1(bytes: &[u8]) -> String {
 
 /// Read `Articles.csv` at `path`.
 pub fn read_file(path: &Path) -> Result<NewsFile, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError {
-        path: path.into(),
-        message: if e.kind() == std::io::ErrorKind::NotFound {
-            "file not found".into()
-        } else {
-            format!("cannot read: {e}")
-        },
-    })?;
+    let bytes = read_bytes(path)?;
     parse(&bytes, path)
 }
 

@@ -1,17 +1,8 @@
 //! Tokenizers from a model folder's `tokenizer.json` (Hugging Face `tokenizers`), e.g. GPT-2's
 //! byte-level BPE (vocab 50257, `<|endoftext|>` = 50256) or Qwen's.
 
-use std::path::{Path, PathBuf};
-
-/// A tokenizer file that cannot be used; the message names the file.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct TokenizerError {
-    /// The file.
-    pub path: PathBuf,
-    /// The problem.
-    pub message: String,
-}
+use crate::error::{DataError, read_bytes};
+use std::path::Path;
 
 /// Text ↔ token ids.
 pub struct Tokenizer {
@@ -24,19 +15,8 @@ const EOS_CANDIDATES: [&str; 3] = ["<|endoftext|>", "</s>", "<|im_end|>"];
 
 impl Tokenizer {
     /// Load `tokenizer.json`.
-    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let bytes = std::fs::read(path).map_err(|e| TokenizerError {
-            path: path.into(),
-            message: if e.kind() == std::io::ErrorKind::NotFound {
-                "file not found".into()
-            } else {
-                format!("cannot read: {e}")
-            },
-        })?;
-        Self::from_bytes(&bytes).map_err(|message| TokenizerError {
-            path: path.into(),
-            message,
-        })
+    pub fn from_file(path: &Path) -> Result<Self, DataError> {
+        Self::from_bytes(&read_bytes(path)?).map_err(|m| DataError::new(path, m))
     }
 
     /// Load from the bytes of a `tokenizer.json`.
