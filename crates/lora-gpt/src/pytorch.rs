@@ -161,14 +161,11 @@ impl<'a> TensorReader<'a> {
 
     /// Fail with every recorded problem, if any.
     pub fn finish(self, path: &str) -> Result<(), LoadError> {
-        if self.problems.is_empty() {
-            Ok(())
-        } else {
-            Err(LoadError::Tensors {
-                path: path.into(),
-                problems: self.problems,
-            })
-        }
+        let path = path.to_string();
+        self.problems().map_err(|m| LoadError::Tensors {
+            path,
+            problems: vec![m],
+        })
     }
 }
 

@@ -8,16 +8,21 @@ fn micro() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../lora-gpt/tests/fixtures/gpt2-micro")
 }
 
+/// The gpt2-micro fixture model, merged for inference.
+fn micro_model(d: &Device) -> lora_gpt::Gpt {
+    Gpt2Folder::open(&micro().join("model"))
+        .unwrap()
+        .load(|c| c, d)
+        .unwrap()
+        .eval()
+}
+
 #[test]
 fn eval_windows_and_loss_match_transformers() {
     // tools/make_eval_fixture.py crates/lora-gpt/tests/fixtures/gpt2-micro/model 64 --ids 150
     // -> {"tokens": 150, "windows": 3, "loss": 6.7821467421688535}
     let d = Device::flex();
-    let model = Gpt2Folder::open(&micro().join("model"))
-        .unwrap()
-        .load(|c| c, &d)
-        .unwrap()
-        .eval();
+    let model = micro_model(&d);
     let ids: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 512).collect();
     let r = lm::eval_ids(&model, &ids, 64, &d).unwrap();
     assert_eq!((r.tokens, r.windows), (150, 3));
@@ -42,11 +47,7 @@ fn eval_windows_and_loss_match_transformers() {
 #[test]
 fn generate_checks_its_flags() {
     let d = Device::flex();
-    let model = Gpt2Folder::open(&micro().join("model"))
-        .unwrap()
-        .load(|c| c, &d)
-        .unwrap()
-        .eval();
+    let model = micro_model(&d);
     let greedy = Sampling {
         greedy: true,
         temperature: 1.0,
