@@ -3,6 +3,8 @@
 //! tokenizer's end-of-sequence token, then packed into fixed-length sequences.
 
 use crate::error::DataError;
+pub use crate::sequences::Sequence;
+use crate::sequences::{Layout, TokenSequences};
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use std::io::{BufRead, BufReader, Read};
@@ -164,6 +166,13 @@ pub struct Example {
     pub prompt_len: usize,
 }
 
+impl Example {
+    /// Leading tokens that are never targets: the prompt with `mask_prompt`, else none.
+    pub fn no_loss(&self, mask_prompt: bool) -> usize {
+        if mask_prompt { self.prompt_len } else { 0 }
+    }
+}
+
 /// Tokenize `prompt + output + EOS`.
 pub fn tokenize(row: &AlpacaRow, encode: impl Fn(&str) -> Vec<u32>, eos: u32) -> Example {
     let prompt = encode(&row.prompt());
@@ -174,71 +183,31 @@ pub fn tokenize(row: &AlpacaRow, encode: impl Fn(&str) -> Vec<u32>, eos: u32) ->
     Example { ids, prompt_len }
 }
 
-/// A training sequence: `input` ids and next-token `targets` (−1 = ignored), both `len` long.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sequence {
-    /// Input ids.
-    pub input: Vec<u32>,
-    /// Target ids (the next token), −1 where no loss is taken.
-    pub targets: Vec<i64>,
-}
-
 /// Concatenate examples and cut the stream into sequences of `len` tokens (the last partial one is
 /// dropped), so no position is padding. Targets are the next token; with `mask_prompt` targets
 /// inside a prompt are −1.
 pub fn pack(examples: &[Example], len: usize, mask_prompt: bool) -> Vec<Sequence> {
-    let mut ids = vec![];
-    let mut in_prompt = vec![];
-    for e in examples {
-        ids.extend_from_slice(&e.ids);
-        in_prompt.extend((0..e.ids.len()).map(|i| i < e.prompt_len));
-    }
-    // A window of len + 1 tokens gives len inputs and len next-token targets.
-    let n = if ids.len() > len {
-        (ids.len() - 1) / len
-    } else {
-        0
-    };
-    (0..n)
-        .map(|s| {
-            let w = s * len;
-            let input = ids[w..w + len].to_vec();
-            let targets = (w + 1..w + len + 1)
-                .map(|j| {
-                    if mask_prompt && in_prompt[j] {
-                        -1
-                    } else {
-                        ids[j] as i64
-                    }
-                })
-                .collect();
-            Sequence { input, targets }
-        })
-        .collect()
+    sequences(examples, Layout::Packed, len, 0, mask_prompt)
 }
 
 /// One example per sequence, right-padded with `pad` to `len` (longer ones truncated); padding
 /// targets are −1, as are prompt targets with `mask_prompt`.
 pub fn pad_each(examples: &[Example], len: usize, pad: u32, mask_prompt: bool) -> Vec<Sequence> {
-    examples
-        .iter()
-        .map(|e| {
-            let ids = &e.ids[..e.ids.len().min(len + 1)];
-            let mut input: Vec<u32> = ids[..ids.len() - 1].to_vec();
-            let mut targets: Vec<i64> = (1..ids.len())
-                .map(|j| {
-                    if mask_prompt && j < e.prompt_len {
-                        -1
-                    } else {
-                        ids[j] as i64
-                    }
-                })
-                .collect();
-            input.resize(len, pad);
-            targets.resize(len, -1);
-            Sequence { input, targets }
-        })
-        .collect()
+    sequences(examples, Layout::Padded, len, pad, mask_prompt)
+}
+
+fn sequences(
+    examples: &[Example],
+    layout: Layout,
+    len: usize,
+    pad: u32,
+    mask_prompt: bool,
+) -> Vec<Sequence> {
+    let mut t = TokenSequences::new(layout, len, pad);
+    for e in examples {
+        t.push(&e.ids, e.no_loss(mask_prompt));
+    }
+    t.iter().collect()
 }
 
 /// Deterministic shuffle (Fisher–Yates with a seeded RNG) and split: `(train, validation)` with

@@ -8,7 +8,13 @@ use std::path::Path;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos: Option<(String, u32)>,
+    /// GPT-2's byte-level pre-tokenizer alone: long texts may be cut at word boundaries.
+    byte_level: bool,
 }
+
+/// Texts longer than this are encoded in pieces of about this many bytes (one `encode` of a 5 MB
+/// corpus peaks at ~0.5 GB of offsets and token strings).
+const PIECE: usize = 1 << 16;
 
 /// End-of-sequence strings tried in order (GPT-2 / Qwen, Llama).
 const EOS_CANDIDATES: [&str; 3] = ["<|endoftext|>", "</s>", "<|im_end|>"];
@@ -26,11 +32,33 @@ impl Tokenizer {
         let eos = EOS_CANDIDATES
             .iter()
             .find_map(|s| inner.token_to_id(s).map(|id| (s.to_string(), id)));
-        Ok(Self { inner, eos })
+        let byte_level = matches!(
+            inner.get_pre_tokenizer(),
+            Some(tokenizers::PreTokenizerWrapper::ByteLevel(_))
+        ) && inner.get_normalizer().is_none();
+        Ok(Self {
+            inner,
+            eos,
+            byte_level,
+        })
     }
 
     /// Token ids of `text` (special-token strings such as `<|endoftext|>` become their id).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        if !self.byte_level || text.len() <= PIECE {
+            return self.encode_piece(text);
+        }
+        let mut ids = Vec::with_capacity(text.len() / 4);
+        let mut rest = text;
+        while !rest.is_empty() {
+            let cut = word_boundary_after(rest, PIECE);
+            ids.extend(self.encode_piece(&rest[..cut]));
+            rest = &rest[cut..];
+        }
+        ids
+    }
+
+    fn encode_piece(&self, text: &str) -> Vec<u32> {
         self.inner
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
@@ -51,6 +79,26 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// The first byte index ≥ `min` that starts a `' '` between two non-whitespace characters (no
+/// GPT-2 pre-token spans it: `" word"` starts there), or `text.len()`.
+fn word_boundary_after(text: &str, min: usize) -> usize {
+    let b = text.as_bytes();
+    (min.max(1)..b.len().saturating_sub(1))
+        .find(|&i| {
+            b[i] == b' '
+                && text.is_char_boundary(i)
+                && text[..i]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| !c.is_whitespace())
+                && text[i + 1..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| !c.is_whitespace())
+        })
+        .unwrap_or(b.len())
 }
 
 #[cfg(test)]
@@ -76,6 +124,43 @@ mod tests {
         for c in cases {
             assert_eq!(tok.encode(&c.text), c.ids, "encode {:?}", c.text);
             assert_eq!(tok.decode(&c.ids), c.text, "decode {:?}", c.text);
+        }
+    }
+
+    #[test]
+    fn long_texts_encode_in_pieces_as_one() {
+        let tok = Tokenizer::from_bytes(GPT2).unwrap();
+        assert!(tok.byte_level);
+        let cases: Vec<Case> = serde_json::from_str(CASES).unwrap();
+        let mut text = String::new();
+        for i in 0..4000 {
+            text += &cases[i % cases.len()].text;
+            text += [
+                "  a",
+                " b",
+                "\n\n",
+                "\u{a0}c d",
+                "'s it<|endoftext|>x",
+                " 12 34",
+            ][i % 6];
+        }
+        assert!(text.len() > 3 * PIECE, "{}", text.len());
+        assert_eq!(tok.encode(&text), tok.encode_piece(&text));
+    }
+
+    /// The same on the real corpora (opt-in: `LORA_SHARED_DATA=/abs/shared/data`).
+    #[test]
+    fn shared_corpora_encode_in_pieces_as_one() {
+        let Ok(dir) = std::env::var("LORA_SHARED_DATA") else {
+            return;
+        };
+        let tok = Tokenizer::from_bytes(GPT2).unwrap();
+        let dir = Path::new(&dir);
+        let news = crate::news::read_file(&dir.join("news-articles/Articles.csv")).unwrap();
+        let corpus: String = news.articles.iter().map(|a| a.article.as_str()).collect();
+        let shakespeare = std::fs::read_to_string(dir.join("tinyshakespeare/input.txt")).unwrap();
+        for text in [corpus, shakespeare] {
+            assert_eq!(tok.encode(&text), tok.encode_piece(&text));
         }
     }
 

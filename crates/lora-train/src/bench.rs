@@ -1,5 +1,5 @@
-//! `lora-train bench infer`: GPT-2-small-shaped forward pass, base vs LoRA unmerged vs merged.
-//! Prints a table and writes `target/bench/infer.json`.
+//! `lora-train bench`: `infer` (GPT-2-small-shaped forward pass, base vs LoRA unmerged vs merged)
+//! and `data` (dataset loading). Each prints a table and writes `target/bench/<suite>.json`.
 
 use crate::Backend;
 use crate::fsutil::write_json_atomic;
@@ -18,8 +18,8 @@ pub struct Row {
     pub name: String,
     /// Milliseconds per forward pass.
     pub ms: f64,
-    /// Tokens per second.
-    pub tokens_per_s: f64,
+    /// Tokens per second (None where no tokens are made).
+    pub tokens_per_s: Option<f64>,
     /// Peak device memory, when the backend reports it.
     pub peak_mib: Option<f64>,
 }
@@ -113,7 +113,7 @@ pub fn infer(
         rows.push(Row {
             name: name.into(),
             ms,
-            tokens_per_s: seq as f64 / (ms / 1000.0),
+            tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
             peak_mib: None,
         });
     }
@@ -152,4 +152,124 @@ pub fn machine() -> String {
             .map(|n| n.get())
             .unwrap_or(1)
     )
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Median wall time of `iters` calls of `f`, ms.
+fn median_ms<T>(iters: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
+    let mut ms = vec![];
+    for _ in 0..iters.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        ms.push(1000.0 * t0.elapsed().as_secs_f64());
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(ms[ms.len() / 2])
+}
+
+/// Run the `data` suite on the files of `data_dir` (`alpaca/alpaca_en_demo.json`,
+/// `news-articles/Articles.csv`, `tinyshakespeare/input.txt`) with the tokenizer file `tokenizer`:
+/// Alpaca load + tokenize + pack at 1024 (target < 1 s), `clean-news --cleaning original`
+/// (target < 2 s), and news / text blocking for reference.
+pub fn data(
+    data_dir: &Path,
+    tokenizer: &Path,
+    iters: usize,
+    out: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::data::{self, Cleaning, DataOptions, Dataset};
+    let tok = lora_data::Tokenizer::from_file(tokenizer)?;
+    let alpaca = data_dir.join("alpaca/alpaca_en_demo.json");
+    let articles = data_dir.join("news-articles/Articles.csv");
+    let shakespeare = data_dir.join("tinyshakespeare/input.txt");
+    let tmp = std::env::temp_dir().join(format!("lora-bench-articles-{}.txt", std::process::id()));
+    // (name, target ms, tokens, run)
+    type Case<'a> = (
+        &'a str,
+        Option<f64>,
+        Box<dyn FnMut() -> anyhow::Result<usize> + 'a>,
+    );
+    fn prep<'a>(
+        tok: &'a lora_data::Tokenizer,
+        dataset: Dataset,
+        path: &'a Path,
+    ) -> Box<dyn FnMut() -> anyhow::Result<usize> + 'a> {
+        Box::new(move || {
+            Ok(data::prepare(&DataOptions::new(dataset), path, tok)?
+                .inspection
+                .tokens)
+        })
+    }
+    let cases: Vec<Case> = vec![
+        (
+            "alpaca_load_pack_1024",
+            Some(1000.0),
+            prep(&tok, Dataset::Alpaca, &alpaca),
+        ),
+        (
+            "news_clean_original",
+            Some(2000.0),
+            Box::new(|| {
+                data::clean_news(&articles, &tmp, Cleaning::Original, None)?;
+                Ok(0)
+            }),
+        ),
+        (
+            "news_blocks_128",
+            None,
+            prep(&tok, Dataset::News, &articles),
+        ),
+        (
+            "text_blocks_128",
+            None,
+            prep(&tok, Dataset::Text, &shakespeare),
+        ),
+    ];
+    let (mut rows, mut met) = (vec![], serde_json::Map::new());
+    for (name, target, mut run) in cases {
+        let tokens = run()?;
+        let ms = median_ms(iters, &mut run)?;
+        let ok = target.is_none_or(|t| ms < t);
+        let tokens_per_s = (tokens > 0).then(|| tokens as f64 / (ms / 1000.0));
+        println!(
+            "{name:>22}: {ms:9.1} ms  {:>12} tokens/s{}",
+            tokens_per_s.map_or("-".into(), |t| format!("{t:.0}")),
+            target.map_or(String::new(), |t| format!(
+                "  target < {t:.0} ms: {}",
+                if ok { "met" } else { "NOT met" }
+            ))
+        );
+        if target.is_some() {
+            met.insert(name.into(), ok.into());
+        }
+        rows.push(Row {
+            name: name.into(),
+            ms,
+            tokens_per_s,
+            peak_mib: peak_rss_mib(),
+        });
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let report = serde_json::json!({
+        "suite": "data",
+        "backend": "cpu",
+        "machine": machine(),
+        "rows": rows,
+        "targets_met": met,
+    });
+    write_json_atomic(out, &report)?;
+    println!("report: {}", out.display());
+    Ok(report)
 }

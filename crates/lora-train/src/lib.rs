@@ -2,8 +2,8 @@
 
 pub mod backend;
 pub mod bench;
+pub mod data;
 pub mod fsutil;
-pub mod inspect;
 pub mod lm;
 pub mod sort_demo;
 

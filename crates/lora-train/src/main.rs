@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use lora_gpt::LoraTargets;
+use lora_train::data::{self, Cleaning, DataOptions, Dataset};
 use lora_train::fsutil::write_json_atomic;
 use lora_train::sort_demo::{self, SortDemoConfig};
 use lora_train::{Backend, lm};
@@ -32,28 +33,38 @@ enum Command {
     Generate(GenerateArgs),
     /// Next-token loss and perplexity of a model over a text file.
     Eval(EvalArgs),
-    /// Dataset tools (`inspect`).
+    /// Dataset tools (`inspect`, `clean-news`).
     Data(DataArgs),
-    /// Benchmarks (`infer`: GPT-2-small forward, base vs LoRA unmerged vs merged).
-    Bench(BenchArgs),
+    /// Benchmarks (`infer`, `data`); each writes target/bench/<suite>.json.
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(clap::Args)]
 struct DataArgs {
-    /// `inspect`: rows, tokens, sequences, masked fraction and the first formatted example.
-    #[arg(value_parser = ["inspect"])]
-    action: String,
+    #[command(subcommand)]
+    action: DataCommand,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Rows, tokens, sequences, masked fraction and the first formatted example.
+    Inspect(InspectArgs),
+    /// Recipe C's Articles.txt: the cleaned articles of Articles.csv, concatenated.
+    CleanNews(CleanNewsArgs),
+}
+
+/// How a data file becomes training sequences (shared by `data inspect` and `finetune`).
+#[derive(clap::Args)]
+struct DataFlags {
     /// Dataset kind.
     #[arg(long, value_enum)]
-    dataset: lora_train::inspect::Dataset,
+    dataset: Dataset,
     /// Data file.
     #[arg(long)]
     data: PathBuf,
-    /// Model folder (for its tokenizer.json).
-    #[arg(long)]
-    model: PathBuf,
-    /// Packed sequence length (alpaca; default 1024).
-    #[arg(long)]
+    /// Sequence length (alpaca; default 1024).
+    #[arg(long, conflicts_with = "block_size")]
     max_seq_len: Option<usize>,
     /// Block length (news, text; default 128).
     #[arg(long)]
@@ -61,45 +72,113 @@ struct DataArgs {
     /// Ignore the loss on prompt tokens (alpaca).
     #[arg(long)]
     mask_prompt: bool,
+    /// One example per sequence, right-padded, instead of packing (alpaca).
+    #[arg(long)]
+    no_packing: bool,
     /// News cleaning.
     #[arg(long, value_enum, default_value = "basic")]
-    cleaning: lora_train::inspect::Cleaning,
+    cleaning: Cleaning,
+    /// Keep only news rows of this NewsType (e.g. sports, business).
+    #[arg(long)]
+    news_type: Option<String>,
+}
+
+impl DataFlags {
+    fn options(&self) -> anyhow::Result<DataOptions> {
+        let seq_len = self.max_seq_len.or(self.block_size);
+        anyhow::ensure!(
+            seq_len.is_none_or(|n| n >= 2),
+            "--max-seq-len / --block-size must be at least 2"
+        );
+        Ok(DataOptions {
+            dataset: self.dataset,
+            seq_len,
+            mask_prompt: self.mask_prompt,
+            packing: !self.no_packing,
+            cleaning: self.cleaning,
+            news_type: self.news_type.clone(),
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    data: DataFlags,
+    /// Model folder (for its tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct CleanNewsArgs {
+    /// Articles.csv.
+    #[arg(long)]
+    input: PathBuf,
+    /// Text file to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Cleaning.
+    #[arg(long, value_enum, default_value = "basic")]
+    cleaning: Cleaning,
+    /// Keep only rows of this NewsType.
+    #[arg(long)]
+    news_type: Option<String>,
+}
+
 fn data(a: DataArgs) -> anyhow::Result<()> {
-    let len = a.max_seq_len.or(a.block_size);
-    anyhow::ensure!(
-        len != Some(0),
-        "--max-seq-len / --block-size must be at least 1"
-    );
-    let r =
-        lora_train::inspect::inspect(a.dataset, &a.data, &a.model, len, a.mask_prompt, a.cleaning)?;
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
-        println!(
-            "{}: rows {} (with input {:?}, skipped {})  tokens {}  sequences {}  masked {:.4}\n--- first example ---\n{}",
-            r.dataset,
-            r.rows,
-            r.rows_with_input,
-            r.rows_skipped,
-            r.tokens,
-            r.sequences,
-            r.masked_fraction,
-            r.first_example
-        );
+    match a.action {
+        DataCommand::Inspect(a) => {
+            let r = data::inspect(&a.data.options()?, &a.data.data, &a.model)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:?}: rows {} (with input {:?}, skipped {}{})  tokens {}  sequences {}  masked {:.4}\n--- first example ---\n{}",
+                    r.dataset,
+                    r.rows,
+                    r.rows_with_input,
+                    r.rows_skipped,
+                    r.skipped_reasons
+                        .iter()
+                        .map(|s| format!("; {s}"))
+                        .collect::<String>(),
+                    r.tokens,
+                    r.sequences,
+                    r.masked_fraction,
+                    r.first_example
+                );
+            }
+        }
+        DataCommand::CleanNews(a) => {
+            let t = std::time::Instant::now();
+            let r = data::clean_news(&a.input, &a.output, a.cleaning, a.news_type.as_deref())?;
+            println!(
+                "{}: {} of {} rows, {} characters ({:.2} s)",
+                a.output.display(),
+                r.kept,
+                r.rows,
+                r.chars,
+                t.elapsed().as_secs_f64()
+            );
+        }
     }
     Ok(())
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// GPT-2-small forward: base vs LoRA unmerged vs merged.
+    Infer(InferArgs),
+    /// Dataset loading: Alpaca load + pack, news cleaning, blocking.
+    Data(BenchDataArgs),
+}
+
 #[derive(clap::Args)]
-struct BenchArgs {
-    /// Suite to run.
-    #[arg(value_parser = ["infer"])]
-    suite: String,
+struct InferArgs {
     /// Compute backend.
     #[arg(long, value_enum, default_value = "flex")]
     backend: Backend,
@@ -118,6 +197,37 @@ struct BenchArgs {
     /// Report path.
     #[arg(long, default_value = "target/bench/infer.json")]
     out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct BenchDataArgs {
+    /// Folder with alpaca/alpaca_en_demo.json, news-articles/Articles.csv, tinyshakespeare/input.txt.
+    #[arg(long, default_value = "../shared/data")]
+    data_dir: PathBuf,
+    /// GPT-2 tokenizer.json.
+    #[arg(
+        long,
+        default_value = "crates/lora-data/tests/fixtures/gpt2-tokenizer.json"
+    )]
+    tokenizer: PathBuf,
+    /// Timed rounds (median reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Report path.
+    #[arg(long, default_value = "target/bench/data.json")]
+    out: PathBuf,
+}
+
+fn bench(c: BenchCommand) -> anyhow::Result<()> {
+    match c {
+        BenchCommand::Infer(a) => {
+            lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), a.reps, &a.out)?;
+        }
+        BenchCommand::Data(a) => {
+            lora_train::bench::data(&a.data_dir, &a.tokenizer, a.iters, &a.out)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -298,10 +408,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
         Command::Data(a) => data(a),
-        Command::Bench(a) => {
-            lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), a.reps, &a.out)
-                .map(|_| ())
-        }
+        Command::Bench(c) => bench(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

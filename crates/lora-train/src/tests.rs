@@ -127,3 +127,21 @@ fn atomic_write_leaves_no_partial_file() {
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn train_validation_split() {
+    use crate::data::{Dataset, split};
+    // Text and news: by position, validation at the end.
+    let (t, v) = split(Dataset::Text, 10, 0, 0.2);
+    assert_eq!((t, v), ((0..8).collect(), vec![8, 9]));
+    // Alpaca: shuffled with the seed, deterministic, a partition.
+    let (t1, v1) = split(Dataset::Alpaca, 100, 3, 0.1);
+    assert_eq!(
+        (t1.clone(), v1.clone()),
+        split(Dataset::Alpaca, 100, 3, 0.1)
+    );
+    assert_ne!(v1, split(Dataset::Alpaca, 100, 4, 0.1).1);
+    let mut all = [t1, v1.clone()].concat();
+    all.sort_unstable();
+    assert_eq!((all, v1.len()), ((0..100).collect(), 10));
+}

@@ -1,0 +1,185 @@
+//! The `lora-train` binary on bad inputs: one clear line naming the file and the problem, a
+//! non-zero exit, no panic, no output file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A fresh folder with a model folder holding the GPT-2 tokenizer.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lora-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("model")).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../lora-data/tests/fixtures/gpt2-tokenizer.json"),
+        dir.join("model/tokenizer.json"),
+    )
+    .unwrap();
+    dir
+}
+
+/// Run the binary; (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lora-train"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Expect failure with a single `error: ` line containing each of `parts`.
+fn fails(args: &[&str], parts: &[&str]) {
+    let (code, _, err) = run(args);
+    assert_ne!(code, 0, "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(err.starts_with("error: "), "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    for p in parts {
+        assert!(err.contains(p), "{args:?}: {err:?} lacks {p:?}");
+    }
+}
+
+fn inspect(dir: &Path, dataset: &str, file: &str, body: &[u8]) -> Vec<String> {
+    let path = dir.join(file);
+    std::fs::write(&path, body).unwrap();
+    ["data", "inspect", "--dataset", dataset, "--data"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([path.display().to_string(), "--model".into()])
+        .chain([dir.join("model").display().to_string()])
+        .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn bad_alpaca_files() {
+    let d = scratch("alpaca");
+    let cases: [(&str, &[u8], &[&str]); 7] = [
+        ("a.json", b"hello", &["a.json", "not JSON"]),
+        (
+            "b.json",
+            br#"[{"instruction": "x", "output": "y"}, {"instruction": "#,
+            &["b.json", "truncated JSON"],
+        ),
+        (
+            "c.json",
+            br#"[{"instruction": "x", "output": "y"}, {"instruction": "z"}]"#,
+            &["c.json", "row 1", "output"],
+        ),
+        (
+            "d.json",
+            br#"[{"output": "y"}]"#,
+            &["d.json", "row 0", "instruction"],
+        ),
+        (
+            "e.json",
+            br#"[{"instruction": 3, "output": "y"}]"#,
+            &["e.json", "row 0", "invalid type"],
+        ),
+        ("f.json", b"  \n", &["f.json", "empty file"]),
+        (
+            "g.json",
+            b"[{\"instruction\": \"caf\xe9\", \"output\": \"y\"}]",
+            &["g.json", "invalid JSON"],
+        ),
+    ];
+    for (file, body, parts) in cases {
+        fails(&strs(&inspect(&d, "alpaca", file, body)), parts);
+    }
+    // A good file passes, and its figures come out as JSON.
+    let mut args = inspect(
+        &d,
+        "alpaca",
+        "ok.jsonl",
+        b"{\"instruction\": \"Say hi\", \"output\": \"Hi\"}\n{\"instruction\": \"Add\", \"input\": \"1 2\", \"output\": \"3\"}\n",
+    );
+    args.extend(["--json".into(), "--max-seq-len".into(), "8".into()]);
+    let (code, out, err) = run(&strs(&args));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["rows"].as_u64(), v["rows_with_input"].as_u64()),
+        (Some(2), Some(1))
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn bad_news_files_and_clean_news() {
+    let d = scratch("news");
+    fails(
+        &strs(&inspect(
+            &d,
+            "news",
+            "a.csv",
+            b"Article,Date,Heading\r\nx,y,z\r\n",
+        )),
+        &["a.csv", "missing column 'NewsType'"],
+    );
+    fails(
+        &strs(&inspect(&d, "news", "b.csv", b"")),
+        &["b.csv", "empty file"],
+    );
+    fails(
+        &strs(&inspect(
+            &d,
+            "news",
+            "c.csv",
+            b"Article,Date,Heading,NewsType\r\nx,y\r\n",
+        )),
+        &["c.csv", "bad CSV"],
+    );
+    let csv = d.join("ok.csv");
+    std::fs::write(
+        &csv,
+        b"Article,Date,Heading,NewsType\r\n\"Caf\xe9  opens,\r\n 2 days\",1/1/2015,H,business\r\nWin 3-1,1/2/2015,H2,sports\r\n,1/3/2015,H3,sports\r\n",
+    )
+    .unwrap();
+    let out = d.join("out/Articles.txt");
+    let (o, c) = (out.display().to_string(), csv.display().to_string());
+    let (code, stdout, err) = run(&["data", "clean-news", "--input", &c, "--output", &o]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("2 of 3 rows"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "Caf\u{e9} opens, 2 daysWin 3-1"
+    );
+    // An unknown NewsType: an error listing the types, and no output file.
+    let other = d.join("other.txt").display().to_string();
+    let args = ["data", "clean-news", "--input", &c, "--output", &other];
+    fails(
+        &[&args[..], &["--news-type", "sport"]].concat(),
+        &["ok.csv", "NewsType 'sport'", "business, sports"],
+    );
+    assert!(!d.join("other.txt").exists());
+    // A folder in the way of the output.
+    std::fs::create_dir_all(d.join("dir.txt")).unwrap();
+    let blocked = d.join("dir.txt").display().to_string();
+    fails(
+        &["data", "clean-news", "--input", &c, "--output", &blocked],
+        &["dir.txt", "cannot write"],
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn bad_flags() {
+    let d = scratch("flags");
+    let mut args = inspect(&d, "text", "t.txt", b"hello world, hello world");
+    args.extend(["--block-size".into(), "64".into()]);
+    fails(&strs(&args), &["t.txt", "no sequence of 64 tokens"]);
+    args.truncate(args.len() - 2);
+    args.extend(["--block-size".into(), "1".into()]);
+    fails(&strs(&args), &["--block-size", "at least 2"]);
+    let (code, _, err) = run(&["sort-demo", "--backend", "tpu"]);
+    assert_eq!(code, 2, "clap's usage exit code");
+    assert!(err.contains("invalid value 'tpu'"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
