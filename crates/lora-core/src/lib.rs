@@ -11,7 +11,10 @@ pub mod utils;
 pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
 };
-pub use utils::{ParamReport, clip_grad_norm, mark_only_lora_as_trainable, param_report};
+pub use utils::{
+    ParamReport, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable, param_report,
+    params_by_path, path_param_ids,
+};
 
 #[cfg(test)]
 mod tests;

@@ -183,3 +183,139 @@ pub fn clip_grad_norm<M: Module>(
     model.visit(&mut Scale { grads, coef });
     Some(norm)
 }
+
+/// FNV-1a of a parameter path: a stable [`ParamId`](burn::module::ParamId).
+fn path_id(path: &str) -> burn::module::ParamId {
+    let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    burn::module::ParamId::from(h)
+}
+
+struct PathIds(PathStack);
+
+impl ModuleMapper for PathIds {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.0.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.0.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (_, value, mapper) = param.consume();
+        Param::from_mapped_value(path_id(&self.0.0.join(".")), value, mapper)
+    }
+}
+
+/// Give every float parameter an id derived from its module path, so optimizer state saved by
+/// one process (`ModuleOptimizer::to_record`, keyed by id) matches the same model built by
+/// another: what resuming a run needs. Trainable flags are kept.
+pub fn path_param_ids<M: Module>(model: M) -> M {
+    model.map(&mut PathIds(PathStack::default()))
+}
+
+/// A float parameter's values by path: `(path, shape, f32 values)`.
+pub type NamedValues = (String, Vec<usize>, Vec<f32>);
+
+struct Collect<F: Fn(&str, bool) -> bool> {
+    path: PathStack,
+    keep: F,
+    out: Vec<NamedValues>,
+}
+
+impl<F: Fn(&str, bool) -> bool> ModuleVisitor for Collect<F> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.path.0.join(".");
+        let t = param.val();
+        if (self.keep)(&path, t.is_require_grad()) {
+            let shape = t.dims().to_vec();
+            let values = t
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
+            self.out.push((path, shape, values));
+        }
+    }
+}
+
+/// The float parameters for which `keep(path, trainable)` holds, by path (`h.0.attn.c_attn.lora_a`).
+pub fn params_by_path<M: Module>(model: &M, keep: impl Fn(&str, bool) -> bool) -> Vec<NamedValues> {
+    let mut c = Collect {
+        path: PathStack::default(),
+        keep,
+        out: vec![],
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+struct Replace<'a> {
+    path: PathStack,
+    values: &'a std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    used: usize,
+    problems: Vec<String>,
+}
+
+impl ModuleMapper for Replace<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.0.join(".");
+        let Some((shape, values)) = self.values.get(&path) else {
+            return param;
+        };
+        self.used += 1;
+        let dims = param.lazy_shape().dims::<D>().to_vec();
+        if &dims != shape {
+            self.problems
+                .push(format!("'{path}' has shape {shape:?}, the model {dims:?}"));
+            return param;
+        }
+        param.map(|t| {
+            let data = burn::tensor::TensorData::new(values.clone(), shape.clone());
+            let new = Tensor::<D>::from_data(data, &t.device());
+            if t.is_require_grad() {
+                new.require_grad()
+            } else {
+                new
+            }
+        })
+    }
+}
+
+/// Replace parameter values by path; every entry of `values` must name a parameter of the same
+/// shape (errors list each problem).
+pub fn load_params_by_path<M: Module>(
+    model: M,
+    values: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+) -> Result<M, String> {
+    let mut r = Replace {
+        path: PathStack::default(),
+        values,
+        used: 0,
+        problems: vec![],
+    };
+    let model = model.map(&mut r);
+    if r.used < values.len() {
+        r.problems.push(format!(
+            "{} tensors name no parameter of the model",
+            values.len() - r.used
+        ));
+    }
+    if r.problems.is_empty() {
+        Ok(model)
+    } else {
+        Err(r.problems.join("; "))
+    }
+}

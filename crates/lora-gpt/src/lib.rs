@@ -1,5 +1,6 @@
 //! GPT models with LoRA: minGPT (karpathy/minGPT, the LoRA exercise's `GPT_LoRA`).
 
+pub mod export;
 pub mod gpt2;
 pub mod mingpt;
 pub mod optim;

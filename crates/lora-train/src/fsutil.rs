@@ -32,3 +32,53 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> anyhow:
     bytes.push(b'\n');
     write_atomic(path, &bytes)
 }
+
+/// Write a folder of `files` (name, bytes) atomically: filled as a hidden sibling, then swapped in
+/// for `dir` (an existing `dir` is replaced only once the new one is complete).
+pub fn write_dir_atomic(dir: &Path, files: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create folder", parent.display()))?;
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{}: not a folder path", dir.display()))?
+        .to_string_lossy()
+        .into_owned();
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "{}: a file is in the way of the output folder",
+            dir.display()
+        );
+    }
+    let pid = std::process::id();
+    let tmp = parent.join(format!(".{name}.tmp{pid}"));
+    let old = parent.join(format!(".{name}.old{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let fill = || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("{}: cannot create folder", tmp.display()))?;
+        for (file, bytes) in files {
+            let p = tmp.join(file);
+            std::fs::write(&p, bytes).with_context(|| format!("{}: cannot write", p.display()))?;
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("{}: cannot sync", p.display()))?;
+        }
+        if dir.exists() {
+            std::fs::rename(dir, &old)
+                .with_context(|| format!("{}: cannot replace", dir.display()))?;
+        }
+        std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot write", dir.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    };
+    fill().inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.exists() && old.exists() {
+            let _ = std::fs::rename(&old, dir);
+        }
+    })
+}

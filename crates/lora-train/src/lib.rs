@@ -3,8 +3,10 @@
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod finetune;
 pub mod fsutil;
 pub mod lm;
+pub mod merge;
 pub mod sort_demo;
 
 pub use backend::Backend;

@@ -135,3 +135,24 @@ pub fn read_text(path: &Path) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))
 }
+
+/// safetensors bytes of `input_ids` `[1, n]` (as f32) and the model's `logits` `[1, n, vocab]`.
+pub fn logits_safetensors(model: &Gpt, ids: &[u32], device: &Device) -> anyhow::Result<Vec<u8>> {
+    let n = ids.len();
+    let idx = ids_tensor(ids.iter().map(|&i| i as i64).collect(), [1, n], device);
+    let logits = model.forward(idx);
+    let dims = logits.dims().to_vec();
+    let values = logits
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("logits: {e:?}"))?;
+    Ok(lora_gpt::export::safetensors_bytes(&[
+        (
+            "input_ids".into(),
+            vec![1, n],
+            ids.iter().map(|&i| i as f32).collect(),
+        ),
+        ("logits".into(), dims, values),
+    ])?)
+}

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use lora_gpt::LoraTargets;
 use lora_train::data::{self, Cleaning, DataOptions, Dataset};
+use lora_train::finetune::{self, DataOptionsRecord, FinetuneConfig, Schedule};
 use lora_train::fsutil::write_json_atomic;
 use lora_train::sort_demo::{self, SortDemoConfig};
 use lora_train::{Backend, lm};
@@ -33,6 +34,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Next-token loss and perplexity of a model over a text file.
     Eval(EvalArgs),
+    /// LoRA (or full) fine-tuning of GPT-2 on Alpaca, News Articles or plain text.
+    Finetune(Box<FinetuneArgs>),
+    /// Merge a PEFT adapter into its GPT-2 and write a Hugging Face folder.
+    Merge(MergeArgs),
     /// Dataset tools (`inspect`, `clean-news`).
     Data(DataArgs),
     /// Benchmarks (`infer`, `data`); each writes target/bench/<suite>.json.
@@ -283,6 +288,10 @@ struct EvalArgs {
     /// Print `{"tokens", "windows", "loss", "perplexity"}`.
     #[arg(long)]
     json: bool,
+    /// Also write the first window's `input_ids` and `logits` (safetensors), to compare with
+    /// transformers / PEFT (`tools/check_peft_adapter.py`).
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -316,6 +325,11 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let block = args.block_size.unwrap_or(model.block_size);
     let r = lm::eval_ids(&model, &ids, block, &device)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.text.display()))?;
+    if let Some(path) = &args.dump_logits {
+        let window = &ids[..ids.len().min(block)];
+        let bytes = lm::logits_safetensors(&model, window, &device)?;
+        lora_train::fsutil::write_atomic(path, &bytes)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -324,6 +338,174 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             r.tokens, r.windows, r.loss, r.perplexity
         );
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct FinetuneArgs {
+    /// Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, conflicts_with = "model_type")]
+    model: Option<PathBuf>,
+    /// Start from random weights of this shape (gpt2, gpt2-medium, gpt-nano, …).
+    #[arg(long)]
+    model_type: Option<String>,
+    /// Layers of the --model-type (scaled-down runs).
+    #[arg(long, requires = "model_type")]
+    n_layer: Option<usize>,
+    /// tokenizer.json (default: the model folder's; needed with --model-type).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataFlags,
+    /// Share of sequences held out for validation (alpaca: shuffled; news, text: the end).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Output folder (adapter/ or model/, metrics.jsonl, run.json, checkpoint/).
+    #[arg(long)]
+    out: PathBuf,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
+    /// Train every weight (no adapters).
+    #[arg(long)]
+    full: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Dropout on the adapter input.
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
+    /// Adapted layers (PEFT names): c_attn, c_proj, c_fc, wte, wpe, attn, mlp, all-linear.
+    #[arg(long, default_value = "c_attn")]
+    lora_targets: String,
+    /// Scaling: alpha-over-rank (PEFT), alpha (recipes B, D), rslora.
+    #[arg(long, default_value = "alpha-over-rank")]
+    scaling: String,
+    /// Optimizer steps (default: --epochs worth).
+    #[arg(long, conflicts_with = "epochs")]
+    max_iters: Option<usize>,
+    /// Passes over the training data.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Schedule after the warm-up.
+    #[arg(long, value_enum, default_value = "cosine")]
+    schedule: Schedule,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Validation every N steps (0: at the end only).
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Batches per validation (0: all).
+    #[arg(long, default_value_t = 20)]
+    eval_batches: usize,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    /// Log every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from OUT/checkpoint (same flags).
+    #[arg(long)]
+    resume: bool,
+}
+
+fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
+    let opts = a.data.options()?;
+    let cfg = FinetuneConfig {
+        model: a.model,
+        model_type: a.model_type,
+        n_layer: a.n_layer,
+        tokenizer: a.tokenizer,
+        data: a.data.data.clone(),
+        data_options: DataOptionsRecord::new(&opts),
+        val_fraction: a.val_fraction,
+        out: a.out,
+        full: a.full,
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha,
+        lora_dropout: a.lora_dropout,
+        lora_targets: a.lora_targets,
+        scaling: a.scaling,
+        max_iters: a.max_iters,
+        epochs: a.epochs.unwrap_or(1),
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        warmup: a.warmup,
+        schedule: a.schedule,
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        eval_every: a.eval_every,
+        eval_batches: a.eval_batches,
+        save_every: a.save_every,
+        log_every: a.log_every,
+        seed: a.seed,
+    };
+    finetune::parse_scaling(&cfg.scaling)?;
+    let r = finetune::run(&cfg, &opts, a.backend, a.resume)?;
+    println!(
+        "done: {} steps, train loss {:?}, val loss {:?} -> {:?}, {:.0} tokens/s, peak RSS {:.0} MiB",
+        r.steps,
+        r.final_train_loss,
+        r.val_loss.0,
+        r.val_loss.1,
+        r.tokens_per_s,
+        r.peak_rss_mib.unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Base Hugging Face GPT-2 folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter folder.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output folder (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    out: PathBuf,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
+}
+
+fn merge(a: MergeArgs) -> anyhow::Result<()> {
+    let device = a.backend.device()?;
+    let report = lora_train::merge::merge(&a.model, &a.adapter, &a.out, &device)?;
+    println!(
+        "{}: merged {} adapter tensors; head {}",
+        a.out.display(),
+        report.adapter_tensors,
+        if report.tied {
+            "tied to wte"
+        } else {
+            "untied (lm_head.weight written, tie_word_embeddings false)"
+        }
+    );
     Ok(())
 }
 
@@ -407,6 +589,8 @@ fn main() -> ExitCode {
         Command::SortDemo(args) => sort_demo(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
+        Command::Finetune(a) => finetune(*a),
+        Command::Merge(a) => merge(a),
         Command::Data(a) => data(a),
         Command::Bench(c) => bench(c),
     };

@@ -1,0 +1,779 @@
+//! `lora-train finetune`: causal-LM fine-tuning of GPT-2 with LoRA (or every weight with `--full`),
+//! with PEFT-format adapters, metrics, checkpoints and bit-identical resume.
+//!
+//! The loop is written out here rather than on burn-train's `Learner`: resuming bit for bit needs
+//! the data position and the dropout RNG in the checkpoint, and the outputs are Hugging Face /
+//! PEFT folders rather than Burn records. Burn's optimizer state (`ModuleOptimizer::to_record`)
+//! and gradient accumulation are used as they are.
+
+use crate::Backend;
+use crate::data::{self, DataOptions};
+use crate::fsutil::{write_atomic, write_dir_atomic, write_json_atomic};
+use anyhow::{Context, bail, ensure};
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::Device;
+use lora_core::{
+    ParamReport, Scaling, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable,
+    param_report, params_by_path, path_param_ids,
+};
+use lora_data::{TokenSequences, Tokenizer};
+use lora_gpt::export::{self, AdapterSpec};
+use lora_gpt::gpt2::Gpt2Folder;
+use lora_gpt::mingpt::ids_tensor;
+use lora_gpt::{Gpt, GptConfig, LoraTargets};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Learning-rate schedule after the warm-up (Hugging Face's `get_*_schedule_with_warmup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Half a cosine from `lr` down to 0 at the last step.
+    Cosine,
+    /// `lr` throughout.
+    Constant,
+}
+
+/// Everything a run is made of (written to `run.json`; a resume must match it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FinetuneConfig {
+    /// Hugging Face GPT-2 folder (weights, config.json, tokenizer.json).
+    pub model: Option<PathBuf>,
+    /// Random-weight model by name (`gpt2`, `gpt-nano`, …) when no folder is given.
+    pub model_type: Option<String>,
+    /// Override the model type's layer count.
+    pub n_layer: Option<usize>,
+    /// `tokenizer.json` (default: the model folder's).
+    pub tokenizer: Option<PathBuf>,
+    /// Data file.
+    pub data: PathBuf,
+    /// How the data becomes sequences.
+    pub data_options: DataOptionsRecord,
+    /// Share of the sequences held out for validation.
+    pub val_fraction: f64,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Train every weight instead of adapters.
+    pub full: bool,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// LoRA alpha.
+    pub lora_alpha: f64,
+    /// Dropout on the adapter input.
+    pub lora_dropout: f64,
+    /// Adapted layers.
+    pub lora_targets: String,
+    /// Scaling convention (`alpha-over-rank`, `alpha`, `rslora`).
+    pub scaling: String,
+    /// Optimizer steps (overrides `epochs`).
+    pub max_iters: Option<usize>,
+    /// Passes over the training sequences.
+    pub epochs: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// Schedule after the warm-up.
+    pub schedule: Schedule,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: none).
+    pub clip: f64,
+    /// Validation every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Validation batches per evaluation (0: all).
+    pub eval_batches: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: usize,
+    /// Log every N steps.
+    pub log_every: usize,
+    /// Seed of the model init, data order and dropout.
+    pub seed: u64,
+}
+
+/// [`DataOptions`] as stored in `run.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataOptionsRecord {
+    /// `alpaca`, `news` or `text`.
+    pub dataset: String,
+    /// Sequence length in effect.
+    pub seq_len: usize,
+    /// Alpaca prompt masking.
+    pub mask_prompt: bool,
+    /// Alpaca packing.
+    pub packing: bool,
+    /// News cleaning.
+    pub cleaning: String,
+    /// News type filter.
+    pub news_type: Option<String>,
+}
+
+impl DataOptionsRecord {
+    /// Record `o`.
+    pub fn new(o: &DataOptions) -> Self {
+        let name = |v: serde_json::Value| v.as_str().unwrap_or("").to_string();
+        Self {
+            dataset: name(serde_json::to_value(o.dataset).unwrap_or_default()),
+            seq_len: o.seq_len(),
+            mask_prompt: o.mask_prompt,
+            packing: o.packing,
+            cleaning: name(serde_json::to_value(o.cleaning).unwrap_or_default()),
+            news_type: o.news_type.clone(),
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metric {
+    /// Optimizer step (1-based, after the update).
+    pub step: usize,
+    /// `train` or `val`.
+    pub split: String,
+    /// Mean loss.
+    pub loss: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Tokens per second since the last train log.
+    pub tokens_per_s: Option<f64>,
+}
+
+/// What `checkpoint/state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    config: FinetuneConfig,
+}
+
+/// Figures of a finished run (`run.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The configuration.
+    pub config: FinetuneConfig,
+    /// Compute backend.
+    pub backend: String,
+    /// Parameter counts.
+    pub params: ParamReport,
+    /// Optimizer state size (bytes of its serialized record).
+    pub optimizer_state_bytes: usize,
+    /// Training / validation sequences.
+    pub sequences: (usize, usize),
+    /// Optimizer steps done.
+    pub steps: usize,
+    /// Step the run resumed from (0: fresh).
+    pub resumed_from: usize,
+    /// Last logged training loss.
+    pub final_train_loss: Option<f64>,
+    /// Validation loss before training and at the end.
+    pub val_loss: (Option<f64>, Option<f64>),
+    /// Wall time of this process, seconds.
+    pub wall_s: f64,
+    /// Training tokens per second of this process.
+    pub tokens_per_s: f64,
+    /// Peak resident memory, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Hugging Face's warm-up + schedule factor times `lr` at 0-based optimizer step `step`.
+pub fn lr_at(cfg: &FinetuneConfig, step: usize, total: usize) -> f64 {
+    if step < cfg.warmup {
+        return cfg.lr * step as f64 / cfg.warmup.max(1) as f64;
+    }
+    match cfg.schedule {
+        Schedule::Constant => cfg.lr,
+        Schedule::Cosine => {
+            let progress = (step - cfg.warmup) as f64 / (total - cfg.warmup).max(1) as f64;
+            cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+        }
+    }
+}
+
+/// The parsed scaling convention.
+pub fn parse_scaling(s: &str) -> anyhow::Result<Scaling> {
+    Ok(match s {
+        "alpha-over-rank" => Scaling::AlphaOverRank,
+        "alpha" => Scaling::Alpha,
+        "rslora" => Scaling::RsLora,
+        other => bail!("--scaling '{other}': expected alpha-over-rank, alpha or rslora"),
+    })
+}
+
+/// A seed for `(seed, stream, index)`: SplitMix64 of the three.
+fn mix(seed: u64, stream: u64, index: u64) -> u64 {
+    let mut z = seed
+        .wrapping_add(stream.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .wrapping_add(index.wrapping_mul(0xbf58_476d_1ce4_e5b9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Training order: epoch `e` is the train indices shuffled with `mix(seed, 1, e)`.
+struct Order {
+    train: Vec<usize>,
+    seed: u64,
+    epoch: Option<(usize, Vec<usize>)>,
+}
+
+impl Order {
+    /// The sequence at global position `p` (over concatenated epochs).
+    fn at(&mut self, p: usize) -> usize {
+        let (e, i) = (p / self.train.len(), p % self.train.len());
+        if self.epoch.as_ref().is_none_or(|(k, _)| *k != e) {
+            let mut perm = self.train.clone();
+            perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(
+                self.seed, 1, e as u64,
+            )));
+            self.epoch = Some((e, perm));
+        }
+        self.epoch.as_ref().map(|(_, v)| v[i]).unwrap_or(0)
+    }
+}
+
+/// `[batch, seq]` input and target tensors of the sequences `idx`.
+fn batch(
+    seqs: &TokenSequences,
+    idx: &[usize],
+    device: &Device,
+) -> (
+    burn::tensor::Tensor<2, burn::tensor::Int>,
+    burn::tensor::Tensor<2, burn::tensor::Int>,
+    usize,
+) {
+    let t = seqs.seq_len();
+    let (mut x, mut y) = (
+        Vec::with_capacity(idx.len() * t),
+        Vec::with_capacity(idx.len() * t),
+    );
+    for &i in idx {
+        let s = seqs.get(i);
+        x.extend(s.input.iter().map(|&v| v as i64));
+        y.extend(s.targets);
+    }
+    let counted = y.iter().filter(|&&v| v >= 0).count();
+    (
+        ids_tensor(x, [idx.len(), t], device),
+        ids_tensor(y, [idx.len(), t], device),
+        counted,
+    )
+}
+
+/// Mean validation loss over `idx` (no autodiff, dropout off), weighted by counted targets.
+fn evaluate(
+    model: &Gpt,
+    seqs: &TokenSequences,
+    idx: &[usize],
+    batch_size: usize,
+    max_batches: usize,
+) -> Option<f64> {
+    let model = model.valid();
+    let device = model.ln_f.gamma.lazy_device();
+    let (mut sum, mut n) = (0.0, 0usize);
+    let limit = if max_batches == 0 {
+        usize::MAX
+    } else {
+        max_batches
+    };
+    for chunk in idx.chunks(batch_size).take(limit) {
+        let (x, y, counted) = batch(seqs, chunk, &device);
+        if counted == 0 {
+            continue;
+        }
+        let (_, loss) = model.forward_loss(x, y);
+        sum += loss.into_scalar::<f32>() as f64 * counted as f64;
+        n += counted;
+    }
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The model (base weights; adapters are added by the caller), its config and the tokenizer.
+fn base_model(
+    cfg: &FinetuneConfig,
+    device: &Device,
+) -> anyhow::Result<(Gpt, GptConfig, Tokenizer)> {
+    match (&cfg.model, &cfg.model_type) {
+        (Some(dir), _) => {
+            let folder = Gpt2Folder::open(dir)?;
+            let tok_path = cfg
+                .tokenizer
+                .clone()
+                .unwrap_or_else(|| dir.join("tokenizer.json"));
+            let tok = Tokenizer::from_file(&tok_path)?;
+            let gcfg = folder.config.gpt_config();
+            Ok((folder.load(|c| c, device)?, gcfg, tok))
+        }
+        (None, Some(name)) => {
+            let tok_path = cfg.tokenizer.as_ref().context(
+                "--model-type needs --tokenizer FILE (a tokenizer.json) to read the data",
+            )?;
+            let tok = Tokenizer::from_file(tok_path)?;
+            let mut gcfg = GptConfig::from_model_type(name, tok.vocab_size(), 1024)
+                .map_err(|e| anyhow::anyhow!("--model-type: {e}"))?
+                .with_tie_word_embeddings(true);
+            if let Some(n) = cfg.n_layer {
+                ensure!(n >= 1, "--n-layer must be at least 1");
+                gcfg.n_layer = n;
+            }
+            gcfg.lora_targets = LoraTargets::default();
+            gcfg.lora_rank = 0;
+            device.seed(mix(cfg.seed, 0, 0));
+            Ok((gcfg.init(device), gcfg, tok))
+        }
+        (None, None) => {
+            bail!("give --model DIR (a Hugging Face GPT-2 folder) or --model-type NAME")
+        }
+    }
+}
+
+/// Check the flags against the model before any work.
+fn validate(cfg: &FinetuneConfig, gcfg: &GptConfig) -> anyhow::Result<()> {
+    let flag = if cfg.data_options.dataset == "alpaca" {
+        "--max-seq-len"
+    } else {
+        "--block-size"
+    };
+    ensure!(
+        cfg.data_options.seq_len <= gcfg.block_size,
+        "{flag} {} is larger than the model's n_positions {}",
+        cfg.data_options.seq_len,
+        gcfg.block_size
+    );
+    ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
+    ensure!(cfg.grad_accum >= 1, "--grad-accum must be at least 1");
+    ensure!(cfg.lr.is_finite() && cfg.lr > 0.0, "--lr must be positive");
+    ensure!(
+        (0.0..1.0).contains(&cfg.val_fraction),
+        "--val-fraction must be in [0, 1)"
+    );
+    ensure!(
+        cfg.clip.is_finite() && cfg.clip >= 0.0,
+        "--clip must be 0 (off) or positive"
+    );
+    if !cfg.full {
+        ensure!(
+            cfg.lora_rank >= 1,
+            "--lora-rank must be at least 1 (use --full to train every weight)"
+        );
+        ensure!(
+            cfg.lora_rank <= gcfg.n_embd,
+            "--lora-rank {} is larger than min(in, out) = {} of the adapted layers",
+            cfg.lora_rank,
+            gcfg.n_embd
+        );
+        ensure!(
+            cfg.lora_alpha.is_finite() && cfg.lora_alpha > 0.0,
+            "--lora-alpha must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&cfg.lora_dropout),
+            "--lora-dropout must be in [0, 1)"
+        );
+    }
+    Ok(())
+}
+
+/// Serialize `params` (path → values) as safetensors bytes.
+fn params_bytes(params: &[lora_core::utils::NamedValues]) -> anyhow::Result<Vec<u8>> {
+    Ok(export::safetensors_bytes(params)?)
+}
+
+/// Read a checkpoint's parameters back (path → shape, values).
+fn read_params(path: &Path) -> anyhow::Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        ensure!(
+            view.dtype() == safetensors::Dtype::F32,
+            "{}: tensor '{name}' is not f32",
+            path.display()
+        );
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+fn adapter_spec(cfg: &FinetuneConfig, targets: LoraTargets) -> anyhow::Result<AdapterSpec> {
+    Ok(AdapterSpec {
+        r: cfg.lora_rank,
+        alpha: cfg.lora_alpha,
+        scaling: parse_scaling(&cfg.scaling)?,
+        dropout: cfg.lora_dropout,
+        target_modules: targets.module_names(),
+        base_model: cfg
+            .model
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .or_else(|| cfg.model_type.clone()),
+    })
+}
+
+/// Write the trained result: `OUT/adapter/` (PEFT) or, with `--full`, `OUT/model/` (HF folder).
+fn write_result(
+    cfg: &FinetuneConfig,
+    gcfg: &GptConfig,
+    model: &Gpt,
+    targets: LoraTargets,
+) -> anyhow::Result<PathBuf> {
+    let model = model.valid();
+    if cfg.full {
+        let dir = cfg.out.join("model");
+        let (tensors, tied) = export::gpt2_state(&model);
+        let base = cfg
+            .model
+            .as_ref()
+            .and_then(|d| std::fs::read(d.join("config.json")).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let config = export::gpt2_config_json(gcfg, base, tied);
+        let mut files = vec![
+            (
+                "model.safetensors".to_string(),
+                export::safetensors_bytes(&tensors)?,
+            ),
+            (
+                "config.json".to_string(),
+                serde_json::to_vec_pretty(&config)?,
+            ),
+        ];
+        files.extend(tokenizer_files(cfg));
+        write_dir_atomic(&dir, &files)?;
+        Ok(dir)
+    } else {
+        let dir = cfg.out.join("adapter");
+        let spec = adapter_spec(cfg, targets)?;
+        let files = vec![
+            (
+                "adapter_config.json".to_string(),
+                serde_json::to_vec_pretty(&export::peft_adapter_config(&spec))?,
+            ),
+            (
+                "adapter_model.safetensors".to_string(),
+                export::safetensors_bytes(&export::peft_adapter_tensors(&model))?,
+            ),
+        ];
+        write_dir_atomic(&dir, &files)?;
+        Ok(dir)
+    }
+}
+
+/// Tokenizer files of the model folder (or `--tokenizer`), to copy next to written weights.
+fn tokenizer_files(cfg: &FinetuneConfig) -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![];
+    if let Some(dir) = &cfg.model {
+        for name in [
+            "tokenizer.json",
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
+            if let Ok(b) = std::fs::read(dir.join(name)) {
+                out.push((name.to_string(), b));
+            }
+        }
+    } else if let Some(t) = &cfg.tokenizer
+        && let Ok(b) = std::fs::read(t)
+    {
+        out.push(("tokenizer.json".to_string(), b));
+    }
+    out
+}
+
+/// Run (or, with `resume`, continue) a fine-tuning run.
+pub fn run(
+    cfg: &FinetuneConfig,
+    data_options: &DataOptions,
+    backend: Backend,
+    resume: bool,
+) -> anyhow::Result<RunReport> {
+    let t_start = Instant::now();
+    if cfg.out.exists() && !cfg.out.is_dir() {
+        bail!("{}: --out is a file, not a folder", cfg.out.display());
+    }
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("{}: cannot create the output folder", cfg.out.display()))?;
+    let plain = backend.device()?;
+    let device = plain.autodiff();
+    let (model, gcfg, tok) = base_model(cfg, &device)?;
+    validate(cfg, &gcfg)?;
+
+    // Data.
+    let prepared = data::prepare(data_options, &cfg.data, &tok)?;
+    let seqs = prepared.sequences;
+    let (train_idx, val_idx) =
+        data::split(data_options.dataset, seqs.len(), cfg.seed, cfg.val_fraction);
+    ensure!(
+        !train_idx.is_empty(),
+        "{}: no training sequence left after the validation split",
+        cfg.data.display()
+    );
+    let micro_per_epoch = train_idx.len().div_ceil(cfg.batch_size);
+    let total_steps = cfg
+        .max_iters
+        .unwrap_or_else(|| (cfg.epochs * micro_per_epoch).div_ceil(cfg.grad_accum))
+        .max(1);
+
+    // Model: adapters (seeded), trainable set, stable parameter ids.
+    let targets: LoraTargets = if cfg.full {
+        LoraTargets::default()
+    } else {
+        cfg.lora_targets
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--lora-targets: {e}"))?
+    };
+    let mut model = if cfg.full {
+        model
+    } else {
+        device.seed(mix(cfg.seed, 0, 1));
+        mark_only_lora_as_trainable(model.add_lora(
+            targets,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            parse_scaling(&cfg.scaling)?,
+        ))
+    };
+    model = path_param_ids(model.train());
+    let params = param_report(&model);
+    println!("{params}");
+    let mut optim: ModuleOptimizer = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(cfg.weight_decay as f32)
+        .init();
+
+    // Resume.
+    let ckpt = cfg.out.join("checkpoint");
+    let metrics_path = cfg.out.join("metrics.jsonl");
+    let mut start = 0;
+    if resume && ckpt.join("state.json").is_file() {
+        let state: CheckpointState = serde_json::from_slice(
+            &std::fs::read(ckpt.join("state.json"))
+                .with_context(|| format!("{}: cannot read", ckpt.display()))?,
+        )
+        .with_context(|| {
+            format!(
+                "{}: corrupt checkpoint state",
+                ckpt.join("state.json").display()
+            )
+        })?;
+        ensure!(
+            state.config == *cfg,
+            "{}: the checkpoint was made with other settings; resume with the same flags",
+            ckpt.display()
+        );
+        let values = read_params(&ckpt.join("params.safetensors"))?;
+        model = load_params_by_path(model, &values)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.join("params.safetensors").display()))?;
+        let bytes = std::fs::read(ckpt.join("optimizer.bpk"))
+            .with_context(|| format!("{}: cannot read", ckpt.join("optimizer.bpk").display()))?;
+        let record =
+            burn::optim::OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: corrupt: {e:?}", ckpt.join("optimizer.bpk").display())
+                })?;
+        optim = optim.load_record(record);
+        start = state.step;
+        truncate_metrics(&metrics_path, start)?;
+        println!("resumed from step {start}");
+    } else if !resume || !ckpt.exists() {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("{}: cannot write", metrics_path.display()))?;
+    let mut log = |m: &Metric| -> anyhow::Result<()> {
+        writeln!(metrics, "{}", serde_json::to_string(m)?)
+            .with_context(|| format!("{}: cannot write", metrics_path.display()))
+    };
+
+    println!(
+        "sequences: {} train, {} validation, {} tokens each; {} steps of {}×{} sequences",
+        train_idx.len(),
+        val_idx.len(),
+        seqs.seq_len(),
+        total_steps,
+        cfg.batch_size,
+        cfg.grad_accum
+    );
+    let val0 = if start == 0 {
+        let v = evaluate(&model, &seqs, &val_idx, cfg.batch_size, cfg.eval_batches);
+        if let Some(v) = v {
+            println!("step 0: val loss {v:.4}");
+            log(&Metric {
+                step: 0,
+                split: "val".into(),
+                loss: v,
+                lr: 0.0,
+                tokens_per_s: None,
+            })?;
+        }
+        v
+    } else {
+        None
+    };
+
+    let mut order = Order {
+        train: train_idx.clone(),
+        seed: cfg.seed,
+        epoch: None,
+    };
+    let (mut tokens_since, mut t_log) = (0usize, Instant::now());
+    let (mut tokens_total, t_train) = (0usize, Instant::now());
+    let (mut loss_acc, mut loss_n) = (0.0f64, 0usize);
+    let mut last_train = None;
+    let mut last_val = None;
+    for step in start..total_steps {
+        let lr = lr_at(cfg, step, total_steps);
+        // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
+        device.seed(mix(cfg.seed, 2, step as u64));
+        let mut accum = GradientsAccumulator::<Gpt>::new();
+        let mut step_loss = 0.0;
+        for micro in 0..cfg.grad_accum {
+            let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
+            let idx: Vec<usize> = (first..first + cfg.batch_size)
+                .map(|p| order.at(p))
+                .collect();
+            let (x, y, _) = batch(&seqs, &idx, &device);
+            let (_, loss) = model.forward_loss(x, y);
+            let loss = loss.div_scalar(cfg.grad_accum as f64);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            step_loss += loss.into_scalar::<f32>() as f64;
+            accum.accumulate(&model, grads);
+            tokens_since += idx.len() * seqs.seq_len();
+            tokens_total += idx.len() * seqs.seq_len();
+        }
+        if !step_loss.is_finite() {
+            bail!(
+                "loss is {step_loss} at step {}: stopped; the last good checkpoint is in {}",
+                step + 1,
+                ckpt.display()
+            );
+        }
+        let mut grads = accum.grads();
+        if cfg.clip > 0.0 {
+            clip_grad_norm(&model, &mut grads, cfg.clip);
+        }
+        model = optim.step(lr, model, grads);
+        loss_acc += step_loss;
+        loss_n += 1;
+        let done = step + 1;
+        if done % cfg.log_every.max(1) == 0 || done == total_steps {
+            let tps = tokens_since as f64 / t_log.elapsed().as_secs_f64().max(1e-9);
+            let loss = loss_acc / loss_n as f64;
+            let eta = t_train.elapsed().as_secs_f64() / (done - start) as f64
+                * (total_steps - done) as f64;
+            println!(
+                "step {done}/{total_steps}: loss {loss:.4}  ppl {:.2}  lr {lr:.3e}  {tps:.0} tokens/s  eta {eta:.0} s",
+                loss.exp()
+            );
+            log(&Metric {
+                step: done,
+                split: "train".into(),
+                loss,
+                lr,
+                tokens_per_s: Some(tps),
+            })?;
+            last_train = Some(loss);
+            (loss_acc, loss_n, tokens_since, t_log) = (0.0, 0, 0, Instant::now());
+        }
+        if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total_steps {
+            if let Some(v) = evaluate(&model, &seqs, &val_idx, cfg.batch_size, cfg.eval_batches) {
+                println!("step {done}: val loss {v:.4}  ppl {:.2}", v.exp());
+                log(&Metric {
+                    step: done,
+                    split: "val".into(),
+                    loss: v,
+                    lr,
+                    tokens_per_s: None,
+                })?;
+                last_val = Some(v);
+            }
+        }
+        if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total_steps {
+            save_checkpoint(&ckpt, cfg, done, &model, &optim)?;
+        }
+    }
+    let out_dir = write_result(cfg, &gcfg, &model, targets)?;
+    println!("wrote {}", out_dir.display());
+    let report = RunReport {
+        config: cfg.clone(),
+        backend: backend.name().into(),
+        params,
+        optimizer_state_bytes: optim.to_record().into_bytes().map(|b| b.len()).unwrap_or(0),
+        sequences: (train_idx.len(), val_idx.len()),
+        steps: total_steps,
+        resumed_from: start,
+        final_train_loss: last_train,
+        val_loss: (val0, last_val),
+        wall_s: t_start.elapsed().as_secs_f64(),
+        tokens_per_s: tokens_total as f64 / t_train.elapsed().as_secs_f64().max(1e-9),
+        peak_rss_mib: crate::bench::peak_rss_mib(),
+    };
+    write_json_atomic(&cfg.out.join("run.json"), &report)?;
+    Ok(report)
+}
+
+/// Keep only the metrics lines up to `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: usize) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Metric>(l)
+                .map(|m| m.step <= step)
+                .unwrap_or(false)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+/// Write `OUT/checkpoint/` (trainable parameters, optimizer state, step) as one atomic folder swap.
+fn save_checkpoint(
+    dir: &Path,
+    cfg: &FinetuneConfig,
+    step: usize,
+    model: &Gpt,
+    optim: &ModuleOptimizer,
+) -> anyhow::Result<()> {
+    let params = params_by_path(model, |_, trainable| trainable);
+    let optim_bytes = optim
+        .to_record()
+        .into_bytes()
+        .map_err(|e| anyhow::anyhow!("optimizer state: {e:?}"))?;
+    let state = CheckpointState {
+        step,
+        config: cfg.clone(),
+    };
+    write_dir_atomic(
+        dir,
+        &[
+            ("params.safetensors".into(), params_bytes(&params)?),
+            ("optimizer.bpk".into(), optim_bytes.to_vec()),
+            ("state.json".into(), serde_json::to_vec_pretty(&state)?),
+        ],
+    )
+}

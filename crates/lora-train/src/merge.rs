@@ -1,0 +1,77 @@
+//! `lora-train merge`: a PEFT adapter merged into its GPT-2, written as a Hugging Face folder.
+
+use crate::fsutil::write_dir_atomic;
+use burn::tensor::Device;
+use lora_gpt::export;
+use lora_gpt::gpt2::{Gpt2Folder, load_peft_adapter};
+use std::path::Path;
+
+/// What `merge` wrote.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// Adapter tensors merged.
+    pub adapter_tensors: usize,
+    /// Whether the written head is tied to `wte`.
+    pub tied: bool,
+}
+
+/// Merge `adapter` into the GPT-2 of `model` and write `out` (`config.json`, `model.safetensors`
+/// in the `save_pretrained` layout, tokenizer files copied). When the adapter touches the tied
+/// `wte`, `lm_head.weight` (the base table) is written and `tie_word_embeddings` set false, so
+/// transformers loads a model equal to the un-merged adapter model. Non-finite merged weights are
+/// an error (PEFT's `safe_merge`).
+pub fn merge(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    device: &Device,
+) -> anyhow::Result<MergeReport> {
+    let folder = Gpt2Folder::open(model)?;
+    let base = folder.load(|c| c, device)?;
+    let (m, _) = load_peft_adapter(base, adapter)?;
+    let adapter_tensors = export::peft_adapter_tensors(&m).len();
+    let (tensors, tied) = export::gpt2_state(&m);
+    if let Some((key, _, _)) = tensors
+        .iter()
+        .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
+    {
+        anyhow::bail!(
+            "{}: merging gives non-finite values in '{key}'; nothing written",
+            adapter.display()
+        );
+    }
+    let cfg_path = model.join("config.json");
+    let base_cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&cfg_path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", cfg_path.display()))?,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", cfg_path.display()))?;
+    let config = export::gpt2_config_json(&folder.config.gpt_config(), Some(base_cfg), tied);
+    let mut files = vec![
+        (
+            "model.safetensors".to_string(),
+            export::safetensors_bytes(&tensors)?,
+        ),
+        (
+            "config.json".to_string(),
+            serde_json::to_vec_pretty(&config)?,
+        ),
+    ];
+    for name in [
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        if let Ok(b) = std::fs::read(model.join(name)) {
+            files.push((name.to_string(), b));
+        }
+    }
+    write_dir_atomic(out, &files)?;
+    Ok(MergeReport {
+        adapter_tensors,
+        tied,
+    })
+}
