@@ -101,6 +101,20 @@ pub struct FinetuneConfig {
     pub seed: u64,
 }
 
+impl FinetuneConfig {
+    /// The settings a resumed run must share with the checkpoint: all but logging, evaluation
+    /// and checkpoint cadence.
+    fn resume_key(&self) -> Self {
+        Self {
+            eval_every: 0,
+            eval_batches: 0,
+            save_every: 0,
+            log_every: 0,
+            ..self.clone()
+        }
+    }
+}
+
 /// [`DataOptions`] as stored in `run.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DataOptionsRecord {
@@ -153,6 +167,11 @@ pub struct Metric {
 struct CheckpointState {
     step: usize,
     config: FinetuneConfig,
+    /// Training-loss sum and count since the last log line (so logs resume identically).
+    loss_acc: f64,
+    loss_n: usize,
+    /// FNV-1a of `params.safetensors` and `optimizer.bpk`.
+    checksums: (u64, u64),
 }
 
 /// Figures of a finished run (`run.json`).
@@ -387,10 +406,12 @@ fn params_bytes(params: &[lora_core::utils::NamedValues]) -> anyhow::Result<Vec<
     Ok(export::safetensors_bytes(params)?)
 }
 
-/// Read a checkpoint's parameters back (path → shape, values).
-fn read_params(path: &Path) -> anyhow::Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+/// A checkpoint's parameters (path → shape, values) from the bytes of `path`.
+fn params_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+) -> anyhow::Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
@@ -509,6 +530,13 @@ pub fn run(
     }
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the output folder", cfg.out.display()))?;
+    // Half-written folders of a killed run (their complete versions were never swapped in).
+    for e in std::fs::read_dir(&cfg.out).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.contains(".tmp") || name.contains(".old")) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let plain = backend.device()?;
     let device = plain.autodiff();
     let (model, gcfg, tok) = base_model(cfg, &device)?;
@@ -560,41 +588,37 @@ pub fn run(
         .with_weight_decay(cfg.weight_decay as f32)
         .init();
 
-    // Resume.
+    // Resume: the newest checkpoint that reads back whole (a corrupt one is skipped, with a
+    // warning, for the one before it).
     let ckpt = cfg.out.join("checkpoint");
     let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut start = 0;
-    if resume && ckpt.join("state.json").is_file() {
-        let state: CheckpointState = serde_json::from_slice(
-            &std::fs::read(ckpt.join("state.json"))
-                .with_context(|| format!("{}: cannot read", ckpt.display()))?,
-        )
-        .with_context(|| {
-            format!(
-                "{}: corrupt checkpoint state",
-                ckpt.join("state.json").display()
-            )
-        })?;
-        ensure!(
-            state.config == *cfg,
-            "{}: the checkpoint was made with other settings; resume with the same flags",
-            ckpt.display()
-        );
-        let values = read_params(&ckpt.join("params.safetensors"))?;
-        model = load_params_by_path(model, &values)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.join("params.safetensors").display()))?;
-        let bytes = std::fs::read(ckpt.join("optimizer.bpk"))
-            .with_context(|| format!("{}: cannot read", ckpt.join("optimizer.bpk").display()))?;
-        let record =
-            burn::optim::OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-                .map_err(|e| {
-                    anyhow::anyhow!("{}: corrupt: {e:?}", ckpt.join("optimizer.bpk").display())
-                })?;
-        optim = optim.load_record(record);
-        start = state.step;
-        truncate_metrics(&metrics_path, start)?;
-        println!("resumed from step {start}");
-    } else if !resume || !ckpt.exists() {
+    let (mut start, mut loss_acc, mut loss_n) = (0, 0.0f64, 0usize);
+    let mut resumed = false;
+    if resume {
+        for dir in checkpoint_dirs(&cfg.out) {
+            match read_checkpoint(&dir, cfg) {
+                Ok((state, values, record)) => {
+                    model = load_params_by_path(model, &values).map_err(|e| {
+                        anyhow::anyhow!("{}: {e}", dir.join("params.safetensors").display())
+                    })?;
+                    optim = optim.load_record(record);
+                    (start, loss_acc, loss_n) = (state.step, state.loss_acc, state.loss_n);
+                    truncate_metrics(&metrics_path, start)?;
+                    println!("resumed from step {start} ({})", dir.display());
+                    resumed = true;
+                    break;
+                }
+                Err(e) => eprintln!("warning: {e:#}; trying an earlier checkpoint"),
+            }
+        }
+        if !resumed {
+            println!(
+                "--resume: no usable checkpoint in {}; starting fresh",
+                cfg.out.display()
+            );
+        }
+    }
+    if !resumed {
         let _ = std::fs::remove_file(&metrics_path);
     }
     let mut metrics = std::fs::OpenOptions::new()
@@ -640,7 +664,6 @@ pub fn run(
     };
     let (mut tokens_since, mut t_log) = (0usize, Instant::now());
     let (mut tokens_total, t_train) = (0usize, Instant::now());
-    let (mut loss_acc, mut loss_n) = (0.0f64, 0usize);
     let mut last_train = None;
     let mut last_val = None;
     for step in start..total_steps {
@@ -711,7 +734,7 @@ pub fn run(
             }
         }
         if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total_steps {
-            save_checkpoint(&ckpt, cfg, done, &model, &optim)?;
+            save_checkpoint(&ckpt, cfg, done, (loss_acc, loss_n), &model, &optim)?;
         }
     }
     let out_dir = write_result(cfg, &gcfg, &model, targets)?;
@@ -751,28 +774,95 @@ fn truncate_metrics(path: &Path, step: usize) -> anyhow::Result<()> {
     write_atomic(path, kept.as_bytes())
 }
 
-/// Write `OUT/checkpoint/` (trainable parameters, optimizer state, step) as one atomic folder swap.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Checkpoint folders of `out`, newest first: `checkpoint/`, then `checkpoint.prev/`.
+fn checkpoint_dirs(out: &Path) -> Vec<PathBuf> {
+    ["checkpoint", "checkpoint.prev"]
+        .iter()
+        .map(|n| out.join(n))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+type CheckpointData = (
+    CheckpointState,
+    HashMap<String, (Vec<usize>, Vec<f32>)>,
+    burn::optim::OptimizerRecord,
+);
+
+/// Read and verify a checkpoint folder.
+fn read_checkpoint(dir: &Path, cfg: &FinetuneConfig) -> anyhow::Result<CheckpointData> {
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))
+    };
+    let state: CheckpointState =
+        serde_json::from_slice(&read("state.json")?).with_context(|| {
+            format!(
+                "{}: corrupt checkpoint state",
+                dir.join("state.json").display()
+            )
+        })?;
+    ensure!(
+        state.config.resume_key() == cfg.resume_key(),
+        "{}: the checkpoint was made with other settings; resume with the same flags",
+        dir.display()
+    );
+    let params = read("params.safetensors")?;
+    let optim = read("optimizer.bpk")?;
+    ensure!(
+        (fnv1a(&params), fnv1a(&optim)) == state.checksums,
+        "{}: checksum mismatch (a corrupt or partial checkpoint)",
+        dir.display()
+    );
+    let values = params_from_bytes(&params, &dir.join("params.safetensors"))?;
+    let record =
+        burn::optim::OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(optim))
+            .map_err(|e| {
+                anyhow::anyhow!("{}: corrupt: {e:?}", dir.join("optimizer.bpk").display())
+            })?;
+    Ok((state, values, record))
+}
+
+/// Write `OUT/checkpoint/` (trainable parameters, optimizer state, step) as one atomic folder
+/// swap; the one it replaces is kept as `checkpoint.prev/`.
 fn save_checkpoint(
     dir: &Path,
     cfg: &FinetuneConfig,
     step: usize,
+    (loss_acc, loss_n): (f64, usize),
     model: &Gpt,
     optim: &ModuleOptimizer,
 ) -> anyhow::Result<()> {
-    let params = params_by_path(model, |_, trainable| trainable);
+    let params = params_bytes(&params_by_path(model, |_, trainable| trainable))?;
     let optim_bytes = optim
         .to_record()
         .into_bytes()
-        .map_err(|e| anyhow::anyhow!("optimizer state: {e:?}"))?;
+        .map_err(|e| anyhow::anyhow!("optimizer state: {e:?}"))?
+        .to_vec();
     let state = CheckpointState {
         step,
         config: cfg.clone(),
+        loss_acc,
+        loss_n,
+        checksums: (fnv1a(&params), fnv1a(&optim_bytes)),
     };
+    let prev = dir.with_extension("prev");
+    if dir.is_dir() {
+        let _ = std::fs::remove_dir_all(&prev);
+        std::fs::rename(dir, &prev)
+            .with_context(|| format!("{}: cannot keep the previous checkpoint", dir.display()))?;
+    }
     write_dir_atomic(
         dir,
         &[
-            ("params.safetensors".into(), params_bytes(&params)?),
-            ("optimizer.bpk".into(), optim_bytes.to_vec()),
+            ("params.safetensors".into(), params),
+            ("optimizer.bpk".into(), optim_bytes),
             ("state.json".into(), serde_json::to_vec_pretty(&state)?),
         ],
     )

@@ -183,3 +183,126 @@ fn bad_flags() {
     assert!(err.contains("invalid value 'tpu'"), "{err}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A tiny LoRA run (gpt-nano shapes, GPT-2 tokenizer, 40 steps of 2 × 16 tokens).
+fn tiny_run(d: &Path, out: &str) -> Vec<String> {
+    let text = d.join("t.txt");
+    if !text.exists() {
+        let line =
+            "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak.\n";
+        std::fs::write(&text, line.repeat(12)).unwrap();
+    }
+    let tok = d.join("model/tokenizer.json");
+    let mut args: Vec<String> = [
+        "finetune",
+        "--model-type",
+        "gpt-nano",
+        "--dataset",
+        "text",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-iters",
+        "40",
+        "--warmup",
+        "5",
+        "--lr",
+        "1e-2",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "20",
+        "--save-every",
+        "1",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "c_attn,c_proj,c_fc,wpe",
+        "--lora-dropout",
+        "0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (k, v) in [
+        ("--tokenizer", tok),
+        ("--data", text),
+        ("--out", d.join(out)),
+    ] {
+        args.extend([k.to_string(), v.display().to_string()]);
+    }
+    args
+}
+
+/// Step of `out/checkpoint/state.json`, if one is complete.
+fn checkpoint_step(out: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(out.join("checkpoint/state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&s).ok()?["step"].as_u64()
+}
+
+/// `metrics.jsonl` without the timing field.
+fn metrics(out: &Path) -> Vec<(u64, String, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["split"].as_str().unwrap().to_string(),
+                v["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn finetune_resumes_bit_identically_after_sigkill() {
+    let d = scratch("resume");
+    let full = tiny_run(&d, "full");
+    let (code, _, err) = run(&strs(&full));
+    assert_eq!(code, 0, "{err}");
+    let adapter =
+        |out: &str| std::fs::read(d.join(out).join("adapter/adapter_model.safetensors")).unwrap();
+    let reference = adapter("full");
+    for kill_at in [3, 11, 24] {
+        let name = format!("killed{kill_at}");
+        let args = tiny_run(&d, &name);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lora-train"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = d.join(&name);
+        while checkpoint_step(&out).is_none_or(|s| s < kill_at) {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(child.try_wait().unwrap().is_none(), "killed mid-run");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(!out.join("adapter").exists(), "no adapter before the end");
+        let mut resume = args.clone();
+        resume.push("--resume".into());
+        let (code, stdout, err) = run(&strs(&resume));
+        assert_eq!(code, 0, "{err}");
+        assert!(stdout.contains("resumed from step"), "{stdout}");
+        assert!(
+            adapter(&name) == reference,
+            "adapter after a kill at step ≥ {kill_at} differs"
+        );
+        assert_eq!(metrics(&out), metrics(&d.join("full")));
+    }
+    // A corrupt newest checkpoint: a warning, and the one before it is used.
+    let out = d.join("killed24");
+    std::fs::write(out.join("checkpoint/optimizer.bpk"), b"garbage").unwrap();
+    let mut resume = tiny_run(&d, "killed24");
+    resume.push("--resume".into());
+    let (code, stdout, err) = run(&strs(&resume));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(stdout.contains("resumed from step 39"), "{stdout}");
+    assert!(adapter("killed24") == reference);
+    std::fs::remove_dir_all(&d).unwrap();
+}
