@@ -217,6 +217,9 @@ pub fn path_param_ids<M: Module>(model: M) -> M {
 /// A float parameter's values by path: `(path, shape, f32 values)`.
 pub type NamedValues = (String, Vec<usize>, Vec<f32>);
 
+/// Parameter values keyed by path: `path → (shape, f32 values)`.
+pub type ValuesByPath = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 struct Collect<F: Fn(&str, bool) -> bool> {
     path: PathStack,
     keep: F,
@@ -258,7 +261,7 @@ pub fn params_by_path<M: Module>(model: &M, keep: impl Fn(&str, bool) -> bool) -
 
 struct Replace<'a> {
     path: PathStack,
-    values: &'a std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    values: &'a ValuesByPath,
     used: usize,
     problems: Vec<String>,
 }
@@ -296,10 +299,7 @@ impl ModuleMapper for Replace<'_> {
 
 /// Replace parameter values by path; every entry of `values` must name a parameter of the same
 /// shape (errors list each problem).
-pub fn load_params_by_path<M: Module>(
-    model: M,
-    values: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
-) -> Result<M, String> {
+pub fn load_params_by_path<M: Module>(model: M, values: &ValuesByPath) -> Result<M, String> {
     let mut r = Replace {
         path: PathStack::default(),
         values,

@@ -3,7 +3,7 @@
 use crate::gpt2::{Gpt2Folder, load_peft_adapter};
 use crate::mingpt::{Gpt, ids_tensor};
 use crate::tests::max_diff;
-use burn::module::Param;
+use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 use lora_core::LoraMerge;
 use safetensors::SafeTensors;
@@ -227,4 +227,102 @@ fn rslora_on_tied_wte_matches_peft_unmerged_and_merges_correctly() {
         max_diff(&merged_logits, &g.f32("merged_logits")) > 1.0,
         "PEFT's merged logits carry its tied-weight bug"
     );
+}
+
+/// Write `files` into a fresh temp folder named `name`.
+fn temp_folder(name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lora-gpt-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (f, b) in files {
+        std::fs::write(dir.join(f), b).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn written_adapters_and_merged_folders_load_back_identically() {
+    use crate::export::{self, AdapterSpec};
+    use lora_core::Scaling;
+    let d = Device::flex();
+    let g = Golden::open(&micro());
+    let ids = g.ids("input_ids", &d);
+    for (targets, scaling, alpha) in [
+        ("c_attn,c_proj,c_fc", Scaling::AlphaOverRank, 8.0),
+        ("c_attn,wte", Scaling::RsLora, 4.0),
+        ("attn.c_proj,wpe", Scaling::Alpha, 0.5),
+    ] {
+        // An adapter with non-zero B everywhere.
+        let t = targets.parse().unwrap();
+        d.seed(7);
+        let mut m = base(&micro(), "model", &d).add_lora(t, 3, alpha, 0.0, scaling);
+        m = m.map(&mut RandomB);
+        let want = values(m.forward(ids.clone()));
+        let plain = values(base(&micro(), "model", &d).forward(ids.clone()));
+        assert!(
+            max_diff(&want, &plain) > 1e-3,
+            "{targets}: the adapter changes the model"
+        );
+        let spec = AdapterSpec {
+            r: 3,
+            alpha,
+            scaling,
+            dropout: 0.0,
+            target_modules: t.module_names(),
+            base_model: None,
+        };
+        let dir = temp_folder(
+            "adapter",
+            &[
+                (
+                    "adapter_config.json",
+                    serde_json::to_vec(&export::peft_adapter_config(&spec)).unwrap(),
+                ),
+                (
+                    "adapter_model.safetensors",
+                    export::safetensors_bytes(&export::peft_adapter_tensors(&m)).unwrap(),
+                ),
+            ],
+        );
+        let (back, _) = load_peft_adapter(base(&micro(), "model", &d), &dir).unwrap();
+        let got = values(back.forward(ids.clone()));
+        assert_eq!(got, want, "{targets}: adapter round trip");
+        // The merged HF folder: same function, head untied exactly when wte has LoRA.
+        let (tensors, tied) = export::gpt2_state(&m);
+        assert_eq!(tied, !t.wte, "{targets}");
+        let cfg = Gpt2Folder::open(&micro().join("model")).unwrap().config;
+        let json = export::gpt2_config_json(&cfg.gpt_config(), None, tied);
+        let merged = temp_folder(
+            "merged",
+            &[
+                ("config.json", serde_json::to_vec(&json).unwrap()),
+                (
+                    "model.safetensors",
+                    export::safetensors_bytes(&tensors).unwrap(),
+                ),
+            ],
+        );
+        let loaded = base(&merged, "", &d);
+        let diff = max_diff(&values(loaded.forward(ids.clone())), &want);
+        assert!(diff <= 1e-5, "{targets}: merged folder differs by {diff}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&merged).unwrap();
+    }
+}
+
+/// Draw every LoRA B from N(0, 0.1) so adapters change the model.
+struct RandomB;
+
+impl burn::module::ModuleMapper for RandomB {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        p.map(|t| {
+            let [rows, cols] = [t.dims()[0], *t.dims().last().unwrap()];
+            let is_b = D == 2 && cols <= 3 && rows > 3;
+            if is_b && t.clone().abs().sum().into_scalar::<f32>() == 0.0 {
+                t.random_like(burn::tensor::Distribution::Normal(0.0, 0.1))
+            } else {
+                t
+            }
+        })
+    }
 }

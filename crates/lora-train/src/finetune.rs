@@ -13,6 +13,7 @@ use anyhow::{Context, bail, ensure};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
+use lora_core::utils::ValuesByPath;
 use lora_core::{
     ParamReport, Scaling, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable,
     param_report, params_by_path, path_param_ids,
@@ -25,7 +26,6 @@ use lora_gpt::{Gpt, GptConfig, LoraTargets};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -407,13 +407,10 @@ fn params_bytes(params: &[lora_core::utils::NamedValues]) -> anyhow::Result<Vec<
 }
 
 /// A checkpoint's parameters (path → shape, values) from the bytes of `path`.
-fn params_from_bytes(
-    bytes: &[u8],
-    path: &Path,
-) -> anyhow::Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+fn params_from_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<ValuesByPath> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint: {e}", path.display()))?;
-    let mut out = HashMap::new();
+    let mut out = ValuesByPath::new();
     for (name, view) in st.tensors() {
         ensure!(
             view.dtype() == safetensors::Dtype::F32,
@@ -528,19 +525,17 @@ pub fn run(
     if cfg.out.exists() && !cfg.out.is_dir() {
         bail!("{}: --out is a file, not a folder", cfg.out.display());
     }
-    std::fs::create_dir_all(&cfg.out)
-        .with_context(|| format!("{}: cannot create the output folder", cfg.out.display()))?;
-    // Half-written folders of a killed run (their complete versions were never swapped in).
-    for e in std::fs::read_dir(&cfg.out).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && (name.contains(".tmp") || name.contains(".old")) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
     let plain = backend.device()?;
     let device = plain.autodiff();
     let (model, gcfg, tok) = base_model(cfg, &device)?;
     validate(cfg, &gcfg)?;
+    let targets: LoraTargets = if cfg.full {
+        LoraTargets::default()
+    } else {
+        cfg.lora_targets
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--lora-targets: {e}"))?
+    };
 
     // Data.
     let prepared = data::prepare(data_options, &cfg.data, &tok)?;
@@ -552,6 +547,15 @@ pub fn run(
         "{}: no training sequence left after the validation split",
         cfg.data.display()
     );
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("{}: cannot create the output folder", cfg.out.display()))?;
+    // Half-written folders of a killed run (their complete versions were never swapped in).
+    for e in std::fs::read_dir(&cfg.out).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.contains(".tmp") || name.contains(".old")) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let micro_per_epoch = train_idx.len().div_ceil(cfg.batch_size);
     let total_steps = cfg
         .max_iters
@@ -559,13 +563,6 @@ pub fn run(
         .max(1);
 
     // Model: adapters (seeded), trainable set, stable parameter ids.
-    let targets: LoraTargets = if cfg.full {
-        LoraTargets::default()
-    } else {
-        cfg.lora_targets
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("--lora-targets: {e}"))?
-    };
     let mut model = if cfg.full {
         model
     } else {
@@ -720,18 +717,18 @@ pub fn run(
             last_train = Some(loss);
             (loss_acc, loss_n, tokens_since, t_log) = (0.0, 0, 0, Instant::now());
         }
-        if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total_steps {
-            if let Some(v) = evaluate(&model, &seqs, &val_idx, cfg.batch_size, cfg.eval_batches) {
-                println!("step {done}: val loss {v:.4}  ppl {:.2}", v.exp());
-                log(&Metric {
-                    step: done,
-                    split: "val".into(),
-                    loss: v,
-                    lr,
-                    tokens_per_s: None,
-                })?;
-                last_val = Some(v);
-            }
+        if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total_steps)
+            && let Some(v) = evaluate(&model, &seqs, &val_idx, cfg.batch_size, cfg.eval_batches)
+        {
+            println!("step {done}: val loss {v:.4}  ppl {:.2}", v.exp());
+            log(&Metric {
+                step: done,
+                split: "val".into(),
+                loss: v,
+                lr,
+                tokens_per_s: None,
+            })?;
+            last_val = Some(v);
         }
         if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total_steps {
             save_checkpoint(&ckpt, cfg, done, (loss_acc, loss_n), &model, &optim)?;
@@ -789,11 +786,7 @@ fn checkpoint_dirs(out: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-type CheckpointData = (
-    CheckpointState,
-    HashMap<String, (Vec<usize>, Vec<f32>)>,
-    burn::optim::OptimizerRecord,
-);
+type CheckpointData = (CheckpointState, ValuesByPath, burn::optim::OptimizerRecord);
 
 /// Read and verify a checkpoint folder.
 fn read_checkpoint(dir: &Path, cfg: &FinetuneConfig) -> anyhow::Result<CheckpointData> {

@@ -178,6 +178,38 @@ fn bad_flags() {
     args.truncate(args.len() - 2);
     args.extend(["--block-size".into(), "1".into()]);
     fails(&strs(&args), &["--block-size", "at least 2"]);
+    // finetune flags checked against the model before any work.
+    let d2 = scratch("flags2");
+    let base = tiny_run(&d2, "bad");
+    let with = |set: &[&str]| {
+        let mut a = base.clone();
+        let i = a.iter().position(|x| x == set[0]).unwrap();
+        a[i + 1] = set[1].to_string();
+        a
+    };
+    fails(
+        &strs(&with(&["--lora-rank", "49"])),
+        &["--lora-rank 49", "min(in, out) = 48"],
+    );
+    fails(
+        &strs(&with(&["--block-size", "2048"])),
+        &["--block-size 2048", "n_positions 1024"],
+    );
+    fails(&strs(&with(&["--batch-size", "0"])), &["--batch-size"]);
+    fails(
+        &strs(&with(&["--lora-targets", "q_proj"])),
+        &["unknown LoRA target 'q_proj'"],
+    );
+    let mut a = base.clone();
+    a.extend(["--scaling".to_string(), "sqrt".to_string()]);
+    fails(&strs(&a), &["--scaling 'sqrt'"]);
+    std::fs::write(d2.join("file-out"), b"x").unwrap();
+    let mut a = base.clone();
+    let n = a.len();
+    a[n - 1] = d2.join("file-out").display().to_string();
+    fails(&strs(&a), &["file-out", "is a file"]);
+    assert!(!d2.join("bad").exists(), "nothing written for bad flags");
+    std::fs::remove_dir_all(&d2).unwrap();
     let (code, _, err) = run(&["sort-demo", "--backend", "tpu"]);
     assert_eq!(code, 2, "clap's usage exit code");
     assert!(err.contains("invalid value 'tpu'"), "{err}");
