@@ -3,6 +3,7 @@
 
 use crate::Backend;
 use crate::fsutil::write_json_atomic;
+use anyhow::Context;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use lora_core::{LoraMerge, Scaling};
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::time::Instant;
 
 /// One measured variant.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     /// Variant name.
     pub name: String,
@@ -268,6 +269,161 @@ pub fn data(
         "machine": machine(),
         "rows": rows,
         "targets_met": met,
+    });
+    write_json_atomic(out, &report)?;
+    println!("report: {}", out.display());
+    Ok(report)
+}
+
+/// The `finetune` suite's variants: name and LoRA targets (`None`: full fine-tuning).
+const FINETUNE_VARIANTS: [(&str, Option<&str>); 3] = [
+    ("lora_c_attn_r8", Some("c_attn")),
+    ("lora_attn_mlp_r8", Some("c_attn,c_proj,c_fc")),
+    ("full", None),
+];
+
+/// Shape of the `finetune` suite.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FinetuneShape {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Layers (GPT-2 small: 12).
+    pub n_layer: usize,
+    /// Timed steps (after one warm-up step).
+    pub steps: usize,
+}
+
+/// One variant in this process: median ms per optimizer step (forward, backward, AdamW).
+fn finetune_variant(
+    backend: Backend,
+    shape: FinetuneShape,
+    targets: Option<&str>,
+) -> anyhow::Result<Row> {
+    use burn::optim::AdamWConfig;
+    let device = backend.device()?.autodiff();
+    device.seed(0);
+    let mut cfg = GptConfig::from_model_type("gpt2", 50257, 1024)
+        .map_err(anyhow::Error::msg)?
+        .with_tie_word_embeddings(true)
+        .with_lora_targets(LoraTargets::default());
+    cfg.n_layer = shape.n_layer;
+    cfg.lora_rank = 0;
+    let mut model = cfg.init(&device);
+    if let Some(t) = targets {
+        let t: LoraTargets = t.parse().map_err(anyhow::Error::msg)?;
+        model = lora_core::mark_only_lora_as_trainable(model.add_lora(
+            t,
+            8,
+            16.0,
+            0.05,
+            Scaling::AlphaOverRank,
+        ));
+    }
+    let mut optim = AdamWConfig::new().init();
+    let ids: Tensor<2, Int> = Tensor::<2>::random(
+        [shape.batch, shape.seq],
+        Distribution::Uniform(0.0, 50257.0),
+        &device,
+    )
+    .int();
+    let mut ms = vec![];
+    for i in 0..shape.steps + 1 {
+        let t0 = Instant::now();
+        let (loss, grads) =
+            crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1);
+        model = optim.step(1e-4, model, grads);
+        // Read a weight back so queued device work is done before the clock stops.
+        let _ = model.ln_f.gamma.val().into_data();
+        anyhow::ensure!(loss.is_finite(), "non-finite loss");
+        if i > 0 {
+            ms.push(1000.0 * t0.elapsed().as_secs_f64());
+        }
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let ms = ms[ms.len() / 2];
+    Ok(Row {
+        name: String::new(),
+        ms,
+        tokens_per_s: Some((shape.batch * shape.seq) as f64 / (ms / 1000.0)),
+        peak_mib: peak_rss_mib(),
+    })
+}
+
+/// Run the `finetune` suite: each variant in a child process (so each peak RSS is its own), or
+/// only `only` in this one (the child's side; the row is printed as JSON).
+pub fn finetune(
+    backend: Backend,
+    shape: FinetuneShape,
+    only: Option<&str>,
+    out: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        shape.batch >= 1 && (2..=1024).contains(&shape.seq) && shape.n_layer >= 1,
+        "--batch ≥ 1, --seq in 2..=1024 and --n-layer ≥ 1"
+    );
+    if let Some(name) = only {
+        let (_, targets) = FINETUNE_VARIANTS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .with_context(|| format!("--only {name}: not a variant"))?;
+        let row = finetune_variant(backend, shape, *targets)?;
+        println!("{}", serde_json::to_string(&row)?);
+        return Ok(serde_json::to_value(row)?);
+    }
+    let exe = std::env::current_exe()?;
+    let mut rows = vec![];
+    for (name, _) in FINETUNE_VARIANTS {
+        let output = std::process::Command::new(&exe)
+            .args([
+                "bench",
+                "finetune",
+                "--only",
+                name,
+                "--backend",
+                backend.name(),
+            ])
+            .args([
+                "--batch",
+                &shape.batch.to_string(),
+                "--seq",
+                &shape.seq.to_string(),
+            ])
+            .args(["--n-layer", &shape.n_layer.to_string()])
+            .args(["--steps", &shape.steps.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "bench finetune {name}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let mut row: Row = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+            .with_context(|| format!("bench finetune {name}: no result"))?;
+        row.name = name.into();
+        println!(
+            "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  peak RSS {:7.0} MiB",
+            row.ms,
+            row.tokens_per_s.unwrap_or(0.0),
+            row.peak_mib.unwrap_or(0.0)
+        );
+        rows.push(row);
+    }
+    let (lora, full) = (&rows[0], &rows[2]);
+    let time = lora.ms / full.ms;
+    let memory = lora.peak_mib.zip(full.peak_mib).map(|(a, b)| a / b);
+    println!(
+        "LoRA / full: time {time:.3} (target ≤ 0.7), memory {} (target ≤ 0.6)",
+        memory.map_or("n/a".into(), |m| format!("{m:.3}"))
+    );
+    let report = serde_json::json!({
+        "suite": "finetune",
+        "backend": backend.name(),
+        "machine": machine(),
+        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
+        "rows": rows,
+        "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory},
     });
     write_json_atomic(out, &report)?;
     println!("report: {}", out.display());

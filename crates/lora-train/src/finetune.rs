@@ -287,6 +287,28 @@ fn batch(
     )
 }
 
+/// Gradients of the mean loss over `micro` micro-batches (inputs, targets), accumulated as one
+/// step of `n` micro-batches; returns the loss (mean over the micro-batches) and the gradients.
+pub fn accumulate_grads(
+    model: &Gpt,
+    micro: Vec<(IdsTensor, IdsTensor)>,
+    n: usize,
+) -> (f64, GradientsParams) {
+    let mut accum = GradientsAccumulator::<Gpt>::new();
+    let mut total = 0.0;
+    for (x, y) in micro {
+        let (_, loss) = model.forward_loss(x, y);
+        let loss = loss.div_scalar(n as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        total += loss.into_scalar::<f32>() as f64;
+        accum.accumulate(model, grads);
+    }
+    (total, accum.grads())
+}
+
+/// `[batch, seq]` token ids.
+pub type IdsTensor = burn::tensor::Tensor<2, burn::tensor::Int>;
+
 /// Mean validation loss over `idx` (no autodiff, dropout off), weighted by counted targets.
 fn evaluate(
     model: &Gpt,
@@ -667,22 +689,18 @@ pub fn run(
         let lr = lr_at(cfg, step, total_steps);
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
         device.seed(mix(cfg.seed, 2, step as u64));
-        let mut accum = GradientsAccumulator::<Gpt>::new();
-        let mut step_loss = 0.0;
-        for micro in 0..cfg.grad_accum {
-            let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
+        let micro = (0..cfg.grad_accum).map(|m| {
+            let first = (step * cfg.grad_accum + m) * cfg.batch_size;
             let idx: Vec<usize> = (first..first + cfg.batch_size)
                 .map(|p| order.at(p))
                 .collect();
             let (x, y, _) = batch(&seqs, &idx, &device);
-            let (_, loss) = model.forward_loss(x, y);
-            let loss = loss.div_scalar(cfg.grad_accum as f64);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            step_loss += loss.into_scalar::<f32>() as f64;
-            accum.accumulate(&model, grads);
-            tokens_since += idx.len() * seqs.seq_len();
-            tokens_total += idx.len() * seqs.seq_len();
-        }
+            (x, y)
+        });
+        let (step_loss, mut grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum);
+        let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
+        tokens_since += step_tokens;
+        tokens_total += step_tokens;
         if !step_loss.is_finite() {
             bail!(
                 "loss is {step_loss} at step {}: stopped; the last good checkpoint is in {}",
@@ -690,7 +708,6 @@ pub fn run(
                 ckpt.display()
             );
         }
-        let mut grads = accum.grads();
         if cfg.clip > 0.0 {
             clip_grad_norm(&model, &mut grads, cfg.clip);
         }
@@ -736,6 +753,13 @@ pub fn run(
     }
     let out_dir = write_result(cfg, &gcfg, &model, targets)?;
     println!("wrote {}", out_dir.display());
+    let curves = crate::plot::run_curves(&crate::plot::read_metrics(&metrics_path)?, "");
+    let title = if cfg.full {
+        "full fine-tuning"
+    } else {
+        "LoRA fine-tuning"
+    };
+    crate::plot::loss_png(&cfg.out.join("loss.png"), title, &curves)?;
     let report = RunReport {
         config: cfg.clone(),
         backend: backend.name().into(),

@@ -7,6 +7,7 @@ pub mod finetune;
 pub mod fsutil;
 pub mod lm;
 pub mod merge;
+pub mod plot;
 pub mod sort_demo;
 
 pub use backend::Backend;

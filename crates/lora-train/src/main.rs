@@ -38,6 +38,8 @@ enum Command {
     Finetune(Box<FinetuneArgs>),
     /// Merge a PEFT adapter into its GPT-2 and write a Hugging Face folder.
     Merge(MergeArgs),
+    /// Several runs' loss curves on one plot (e.g. LoRA vs --full).
+    Compare(CompareArgs),
     /// Dataset tools (`inspect`, `clean-news`).
     Data(DataArgs),
     /// Benchmarks (`infer`, `data`); each writes target/bench/<suite>.json.
@@ -180,6 +182,33 @@ enum BenchCommand {
     Infer(InferArgs),
     /// Dataset loading: Alpaca load + pack, news cleaning, blocking.
     Data(BenchDataArgs),
+    /// GPT-2-shaped training step: LoRA (c_attn; attn + MLP) vs full fine-tuning.
+    Finetune(BenchFinetuneArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchFinetuneArgs {
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Layers (GPT-2 small: 12).
+    #[arg(long, default_value_t = 12)]
+    n_layer: usize,
+    /// Timed steps per variant (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Run one variant in this process (used by the suite itself).
+    #[arg(long, hide = true)]
+    only: Option<String>,
+    /// Report path.
+    #[arg(long, default_value = "target/bench/finetune.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -227,6 +256,15 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
     match c {
         BenchCommand::Infer(a) => {
             lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), a.reps, &a.out)?;
+        }
+        BenchCommand::Finetune(a) => {
+            let shape = lora_train::bench::FinetuneShape {
+                batch: a.batch,
+                seq: a.seq,
+                n_layer: a.n_layer,
+                steps: a.steps.max(1),
+            };
+            lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), &a.out)?;
         }
         BenchCommand::Data(a) => {
             lora_train::bench::data(&a.data_dir, &a.tokenizer, a.iters, &a.out)?;
@@ -478,6 +516,16 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
 }
 
 #[derive(clap::Args)]
+struct CompareArgs {
+    /// Run folders (each with metrics.jsonl).
+    #[arg(long, num_args = 1.., required = true)]
+    runs: Vec<PathBuf>,
+    /// PNG to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct MergeArgs {
     /// Base Hugging Face GPT-2 folder.
     #[arg(long)]
@@ -591,6 +639,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval(args),
         Command::Finetune(a) => finetune(*a),
         Command::Merge(a) => merge(a),
+        Command::Compare(a) => lora_train::plot::compare(&a.runs, &a.out)
+            .map(|_| println!("wrote {}", a.out.display())),
         Command::Data(a) => data(a),
         Command::Bench(c) => bench(c),
     };
