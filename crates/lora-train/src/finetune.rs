@@ -514,26 +514,13 @@ fn write_result(
 
 /// Tokenizer files of the model folder (or `--tokenizer`), to copy next to written weights.
 fn tokenizer_files(cfg: &FinetuneConfig) -> Vec<(String, Vec<u8>)> {
-    let mut out = vec![];
-    if let Some(dir) = &cfg.model {
-        for name in [
-            "tokenizer.json",
-            "vocab.json",
-            "merges.txt",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "generation_config.json",
-        ] {
-            if let Ok(b) = std::fs::read(dir.join(name)) {
-                out.push((name.to_string(), b));
-            }
-        }
-    } else if let Some(t) = &cfg.tokenizer
-        && let Ok(b) = std::fs::read(t)
-    {
-        out.push(("tokenizer.json".to_string(), b));
+    match (&cfg.model, &cfg.tokenizer) {
+        (Some(dir), _) => crate::merge::companion_files(dir),
+        (None, Some(t)) => std::fs::read(t)
+            .map(|b| vec![("tokenizer.json".to_string(), b)])
+            .unwrap_or_default(),
+        (None, None) => vec![],
     }
-    out
 }
 
 /// Run (or, with `resume`, continue) a fine-tuning run.

@@ -57,21 +57,29 @@ pub fn merge(
             serde_json::to_vec_pretty(&config)?,
         ),
     ];
-    for name in [
+    files.extend(companion_files(model));
+    write_dir_atomic(out, &files)?;
+    Ok(MergeReport {
+        adapter_tensors,
+        tied,
+    })
+}
+
+/// The tokenizer and generation files of an HF folder (those present), to copy next to new weights.
+pub fn companion_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    [
         "tokenizer.json",
         "vocab.json",
         "merges.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
         "generation_config.json",
-    ] {
-        if let Ok(b) = std::fs::read(model.join(name)) {
-            files.push((name.to_string(), b));
-        }
-    }
-    write_dir_atomic(out, &files)?;
-    Ok(MergeReport {
-        adapter_tensors,
-        tied,
+    ]
+    .iter()
+    .filter_map(|name| {
+        std::fs::read(dir.join(name))
+            .ok()
+            .map(|b| (name.to_string(), b))
     })
+    .collect()
 }
