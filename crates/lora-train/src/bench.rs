@@ -429,3 +429,174 @@ pub fn finetune(
     println!("report: {}", out.display());
     Ok(report)
 }
+
+/// Run `cmd` to the end, polling its peak RSS (`VmHWM`); returns stdout, stderr, success, peak MiB.
+fn run_measured(cmd: &mut std::process::Command) -> anyhow::Result<(String, String, bool, Option<f64>)> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().context("stdout")?));
+    let err = drain(Box::new(child.stderr.take().context("stderr")?));
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak: Option<f64> = None;
+    let status = loop {
+        if let Some(kb) = std::fs::read_to_string(&status_path).ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        }) {
+            peak = Some(peak.map_or(kb / 1024.0, |p: f64| p.max(kb / 1024.0)));
+        }
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    Ok((out, err, status.success(), peak))
+}
+
+/// Settings of the `sort` suite.
+#[derive(Debug, Clone)]
+pub struct SortBench {
+    /// Our backends to time.
+    pub backends: Vec<Backend>,
+    /// Pre-training iterations (length 6).
+    pub pretrain_iters: usize,
+    /// LoRA fine-tuning iterations (length 10).
+    pub finetune_iters: usize,
+    /// Threads for both sides (ours: `RAYON_NUM_THREADS`; PyTorch: `--threads`).
+    pub threads: usize,
+    /// `sort_lora_reference.py`; its `runs/seed0.json` is the fallback without PyTorch.
+    pub reference: std::path::PathBuf,
+}
+
+/// Run the `sort` suite: the minGPT exercise's pre-train and fine-tune ms/iter and peak RSS, ours
+/// (each backend in a child process) next to the PyTorch reference run in the same invocation when
+/// `python3 -c 'import torch'` works, else next to its recorded run.
+pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let tmp = std::env::temp_dir().join(format!("lora-bench-sort-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let mut rows = vec![];
+    let mut ours = vec![];
+    for &backend in &b.backends {
+        let report = tmp.join(format!("{}.json", backend.name()));
+        let (_, err, ok, peak) = run_measured(
+            std::process::Command::new(&exe)
+                .args(["sort-demo", "--backend", backend.name(), "--eval-samples", "100"])
+                .args(["--pretrain-iters", &b.pretrain_iters.to_string()])
+                .args(["--finetune-iters", &b.finetune_iters.to_string()])
+                .arg("--report")
+                .arg(&report)
+                .env("RAYON_NUM_THREADS", b.threads.to_string()),
+        )?;
+        anyhow::ensure!(ok, "sort-demo on {}: {}", backend.name(), err.trim());
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+        let t = &r["timing"];
+        let (p, f) = (
+            t["pretrain_ms_per_iter"].as_f64().unwrap_or(f64::NAN),
+            t["finetune_ms_per_iter"].as_f64().unwrap_or(f64::NAN),
+        );
+        ours.push((backend, p, f, peak));
+    }
+    // The PyTorch side.
+    let torch = std::process::Command::new("python3")
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let (source, tp, tf, tpeak) = if torch {
+        let json = tmp.join("pytorch.json");
+        let (_, err, ok, peak) = run_measured(
+            std::process::Command::new("python3")
+                .arg(&b.reference)
+                .args(["--seed", "0", "--eval-batches", "1", "--no-fixtures"])
+                .args(["--pretrain-iters", &b.pretrain_iters.to_string()])
+                .args(["--finetune-iters", &b.finetune_iters.to_string()])
+                .args(["--threads", &b.threads.to_string()])
+                .arg("--json")
+                .arg(&json)
+                .env("PYTHONHASHSEED", "0"),
+        )?;
+        anyhow::ensure!(ok, "{}: {}", b.reference.display(), err.trim());
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+        (
+            format!("PyTorch {} (same invocation)", r["torch"].as_str().unwrap_or("?")),
+            r["pretrain"]["ms_per_iter"].as_f64().unwrap_or(f64::NAN),
+            r["finetune"]["ms_per_iter"].as_f64().unwrap_or(f64::NAN),
+            peak,
+        )
+    } else {
+        let path = b.reference.with_file_name("runs/seed0.json");
+        let r: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?,
+        )?;
+        (
+            format!(
+                "PyTorch recorded in {} (1000 / 2000 iterations, threads {})",
+                path.display(),
+                r["threads"]
+            ),
+            r["pretrain"]["ms_per_iter"].as_f64().unwrap_or(f64::NAN),
+            r["finetune"]["ms_per_iter"].as_f64().unwrap_or(f64::NAN),
+            None,
+        )
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("reference: {source}");
+    let mut ratios = serde_json::Map::new();
+    for (backend, p, f, peak) in &ours {
+        println!(
+            "{:>8}: pretrain {p:7.2} ms/iter ({:.2}× PyTorch), finetune {f:7.2} ms/iter ({:.2}×), peak RSS {:.0} MiB",
+            backend.name(),
+            p / tp,
+            f / tf,
+            peak.unwrap_or(0.0)
+        );
+        for (phase, ms) in [("pretrain", p), ("finetune", f)] {
+            rows.push(Row {
+                name: format!("{}_{phase}", backend.name()),
+                ms: *ms,
+                tokens_per_s: None,
+                peak_mib: *peak,
+            });
+        }
+        let suffix = if *backend == b.backends[0] {
+            String::new()
+        } else {
+            format!("_{}", backend.name())
+        };
+        ratios.insert(format!("ours_over_pytorch_pretrain{suffix}"), (p / tp).into());
+        ratios.insert(format!("ours_over_pytorch_finetune{suffix}"), (f / tf).into());
+    }
+    println!(
+        " pytorch: pretrain {tp:7.2} ms/iter, finetune {tf:7.2} ms/iter, peak RSS {}",
+        tpeak.map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+    );
+    for (phase, ms) in [("pretrain", tp), ("finetune", tf)] {
+        rows.push(Row {
+            name: format!("pytorch_{phase}"),
+            ms,
+            tokens_per_s: None,
+            peak_mib: tpeak,
+        });
+    }
+    let report = serde_json::json!({
+        "suite": "sort",
+        "backend": b.backends.iter().map(|x| x.name()).collect::<Vec<_>>().join(","),
+        "machine": machine(),
+        "settings": {"pretrain_iters": b.pretrain_iters, "finetune_iters": b.finetune_iters, "threads": b.threads, "reference": source},
+        "rows": rows,
+        "ratios": ratios,
+    });
+    write_json_atomic(out, &report)?;
+    println!("report: {}", out.display());
+    Ok(report)
+}

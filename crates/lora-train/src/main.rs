@@ -184,6 +184,30 @@ enum BenchCommand {
     Data(BenchDataArgs),
     /// GPT-2-shaped training step: LoRA (c_attn; attn + MLP) vs full fine-tuning.
     Finetune(BenchFinetuneArgs),
+    /// The sort exercise's ms/iter and peak RSS next to the PyTorch reference.
+    Sort(BenchSortArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchSortArgs {
+    /// Our backends, comma separated (ratios use the first).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "flex,ndarray")]
+    backend: Vec<Backend>,
+    /// Pre-training iterations (the exercise's; fewer make PyTorch's warm-up weigh more).
+    #[arg(long, default_value_t = 1000)]
+    pretrain_iters: usize,
+    /// Fine-tuning iterations.
+    #[arg(long, default_value_t = 2000)]
+    finetune_iters: usize,
+    /// Threads on both sides (PyTorch's recorded runs used 1).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = "../shared/reference/sort_lora_reference.py")]
+    reference: PathBuf,
+    /// Report path.
+    #[arg(long, default_value = "target/bench/sort.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -265,6 +289,17 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 steps: a.steps.max(1),
             };
             lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), &a.out)?;
+        }
+        BenchCommand::Sort(a) => {
+            anyhow::ensure!(!a.backend.is_empty(), "--backend: give at least one");
+            let b = lora_train::bench::SortBench {
+                backends: a.backend,
+                pretrain_iters: a.pretrain_iters.max(1),
+                finetune_iters: a.finetune_iters.max(1),
+                threads: a.threads.max(1),
+                reference: a.reference,
+            };
+            lora_train::bench::sort(&b, &a.out)?;
         }
         BenchCommand::Data(a) => {
             lora_train::bench::data(&a.data_dir, &a.tokenizer, a.iters, &a.out)?;
