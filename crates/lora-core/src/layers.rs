@@ -272,8 +272,14 @@ impl LoraLinear {
         );
         match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) if !self.merged => {
-                let xa = linear(self.lora_dropout.forward(x), a.val().transpose(), None);
-                base + linear(xa, b.val().transpose(), None).mul_scalar(self.scaling)
+                // Scale the rank-wide `x·Aᵀ`, not the output-wide product: same value, r/out
+                // of the work.
+                let xa = linear(
+                    crate::dropout(&self.lora_dropout, x),
+                    a.val().transpose(),
+                    None,
+                );
+                base + linear(xa.mul_scalar(self.scaling), b.val().transpose(), None)
             }
             _ => base,
         }
@@ -372,7 +378,7 @@ impl LoraEmbedding {
         match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) if !self.merged => {
                 let xa = embedding(a.val().transpose(), ids);
-                base + linear(xa, b.val().transpose(), None).mul_scalar(self.scaling)
+                base + linear(xa.mul_scalar(self.scaling), b.val().transpose(), None)
             }
             _ => base,
         }

@@ -5,9 +5,11 @@
 //! - [`utils`]: model-wide helpers: freeze all but LoRA (`mark_only_lora_as_trainable`),
 //!   the trainable-parameter report, global gradient-norm clipping.
 
+pub mod dropout;
 pub mod layers;
 pub mod utils;
 
+pub use dropout::dropout;
 pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
 };

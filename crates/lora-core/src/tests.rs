@@ -384,3 +384,29 @@ fn clip_grad_norm_is_global() {
         assert!((b * coef - a).abs() <= 1e-6 * b.abs().max(1.0));
     }
 }
+
+#[test]
+fn host_dropout_keeps_the_law_the_seed_and_the_gradient() {
+    let d = dev().autodiff();
+    let drop = burn::nn::DropoutConfig::new(0.3).init();
+    let x = Tensor::<2>::ones([200, 500], &d).require_grad();
+    d.seed(5);
+    let y = dropout(&drop, x.clone());
+    let v = vals(y.clone());
+    let zeros = v.iter().filter(|&&a| a == 0.0).count() as f64 / v.len() as f64;
+    assert!((zeros - 0.3).abs() < 0.01, "dropped share {zeros}");
+    assert!(v.iter().all(|&a| a == 0.0 || (a - 1.0 / 0.7).abs() < 1e-6));
+    // The gradient is the mask itself.
+    let g = x.grad(&y.clone().sum().backward()).unwrap();
+    assert_eq!(vals(g), v);
+    // Same seed, same mask; another seed, another.
+    d.seed(5);
+    assert_eq!(vals(dropout(&drop, x.clone())), v);
+    d.seed(6);
+    assert_ne!(vals(dropout(&drop, x.clone())), v);
+    // Identity off the autodiff device and in eval mode.
+    let plain = Tensor::<2>::ones([3, 3], &dev());
+    assert_eq!(vals(dropout(&drop, plain.clone())), vals(plain));
+    let frozen = drop.clone().valid();
+    assert_eq!(vals(dropout(&frozen, x.clone())), vals(x));
+}

@@ -431,7 +431,9 @@ pub fn finetune(
 }
 
 /// Run `cmd` to the end, polling its peak RSS (`VmHWM`); returns stdout, stderr, success, peak MiB.
-fn run_measured(cmd: &mut std::process::Command) -> anyhow::Result<(String, String, bool, Option<f64>)> {
+fn run_measured(
+    cmd: &mut std::process::Command,
+) -> anyhow::Result<(String, String, bool, Option<f64>)> {
     use std::io::Read;
     use std::process::Stdio;
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
@@ -459,7 +461,10 @@ fn run_measured(cmd: &mut std::process::Command) -> anyhow::Result<(String, Stri
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     Ok((out, err, status.success(), peak))
 }
 
@@ -491,7 +496,13 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         let report = tmp.join(format!("{}.json", backend.name()));
         let (_, err, ok, peak) = run_measured(
             std::process::Command::new(&exe)
-                .args(["sort-demo", "--backend", backend.name(), "--eval-samples", "100"])
+                .args([
+                    "sort-demo",
+                    "--backend",
+                    backend.name(),
+                    "--eval-samples",
+                    "100",
+                ])
                 .args(["--pretrain-iters", &b.pretrain_iters.to_string()])
                 .args(["--finetune-iters", &b.finetune_iters.to_string()])
                 .arg("--report")
@@ -528,7 +539,10 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         anyhow::ensure!(ok, "{}: {}", b.reference.display(), err.trim());
         let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
         (
-            format!("PyTorch {} (same invocation)", r["torch"].as_str().unwrap_or("?")),
+            format!(
+                "PyTorch {} (same invocation)",
+                r["torch"].as_str().unwrap_or("?")
+            ),
             r["pretrain"]["ms_per_iter"].as_f64().unwrap_or(f64::NAN),
             r["finetune"]["ms_per_iter"].as_f64().unwrap_or(f64::NAN),
             peak,
@@ -573,8 +587,14 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         } else {
             format!("_{}", backend.name())
         };
-        ratios.insert(format!("ours_over_pytorch_pretrain{suffix}"), (p / tp).into());
-        ratios.insert(format!("ours_over_pytorch_finetune{suffix}"), (f / tf).into());
+        ratios.insert(
+            format!("ours_over_pytorch_pretrain{suffix}"),
+            (p / tp).into(),
+        );
+        ratios.insert(
+            format!("ours_over_pytorch_finetune{suffix}"),
+            (f / tf).into(),
+        );
     }
     println!(
         " pytorch: pretrain {tp:7.2} ms/iter, finetune {tf:7.2} ms/iter, peak RSS {}",
@@ -595,6 +615,151 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         "settings": {"pretrain_iters": b.pretrain_iters, "finetune_iters": b.finetune_iters, "threads": b.threads, "reference": source},
         "rows": rows,
         "ratios": ratios,
+    });
+    write_json_atomic(out, &report)?;
+    println!("report: {}", out.display());
+    Ok(report)
+}
+
+/// The `lora-layer` suite's variants.
+const LAYER_VARIANTS: [&str; 4] = [
+    "plain_frozen",
+    "factored",
+    "factored_dropout",
+    "burn_apply_lora",
+];
+
+/// One `lora-layer` variant in this process: median ms of forward + backward of `[tokens, 768] →
+/// 2304` (rank 8), gradients for the input and the trainable parameters.
+fn lora_layer_variant(
+    backend: Backend,
+    tokens: usize,
+    iters: usize,
+    name: &str,
+) -> anyhow::Result<Row> {
+    use burn::module::{Lora, ParamGroup};
+    use burn::nn::LinearConfig;
+    use lora_core::LoraLinear;
+    let device = backend.device()?.autodiff();
+    device.seed(0);
+    let (d_in, d_out, rank) = (768, 2304, 8);
+    let base = LinearConfig::new(d_in, d_out).init(&device);
+    let x = Tensor::<2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), &device);
+    let forward: Box<dyn Fn(Tensor<2>) -> Tensor<2>> = match name {
+        "plain_frozen" => {
+            let l = base.no_grad();
+            Box::new(move |x| l.forward(x))
+        }
+        "factored" | "factored_dropout" => {
+            let p = if name == "factored" { 0.0 } else { 0.05 };
+            let l = LoraLinear::from_linear(base, rank, 16.0, p, Scaling::AlphaOverRank);
+            let l = lora_core::mark_only_lora_as_trainable(l);
+            Box::new(move |x| l.forward(x))
+        }
+        "burn_apply_lora" => {
+            let l = base.apply_lora(
+                Lora::new(rank, 16.0).set_param_group(ParamGroup::from_paths(vec!["weight"])),
+            );
+            Box::new(move |x| l.forward(x))
+        }
+        other => anyhow::bail!("--only {other}: not a variant"),
+    };
+    let mut ms = vec![];
+    for i in 0..iters + 3 {
+        let t0 = Instant::now();
+        let xi = x.clone().require_grad();
+        let y = forward(xi.clone());
+        let grads = y.mean().backward();
+        // Read one gradient back so queued device work is done before the clock stops.
+        let g = xi.grad(&grads).context("input gradient")?;
+        let _ = g.slice([0..1, 0..1]).into_data();
+        if i >= 3 {
+            ms.push(1000.0 * t0.elapsed().as_secs_f64());
+        }
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let ms = ms[ms.len() / 2];
+    Ok(Row {
+        name: name.into(),
+        ms,
+        tokens_per_s: Some(tokens as f64 / (ms / 1000.0)),
+        peak_mib: peak_rss_mib(),
+    })
+}
+
+/// Run the `lora-layer` suite: each variant in a child process (its own peak RSS), or only `only`.
+pub fn lora_layer(
+    backend: Backend,
+    tokens: usize,
+    iters: usize,
+    only: Option<&str>,
+    out: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        tokens >= 1 && iters >= 1,
+        "--tokens and --iters must be at least 1"
+    );
+    if let Some(name) = only {
+        let row = lora_layer_variant(backend, tokens, iters, name)?;
+        println!("{}", serde_json::to_string(&row)?);
+        return Ok(serde_json::to_value(row)?);
+    }
+    // The process with no layer at all: what every variant's peak is measured above.
+    let baseline = {
+        let device = backend.device()?;
+        let _ = Tensor::<2>::zeros([1, 1], &device).into_data();
+        peak_rss_mib()
+    };
+    let exe = std::env::current_exe()?;
+    let mut rows = vec![];
+    for name in LAYER_VARIANTS {
+        let (stdout, err, ok, _) = run_measured(
+            std::process::Command::new(&exe)
+                .args([
+                    "bench",
+                    "lora-layer",
+                    "--only",
+                    name,
+                    "--backend",
+                    backend.name(),
+                ])
+                .args([
+                    "--tokens",
+                    &tokens.to_string(),
+                    "--iters",
+                    &iters.to_string(),
+                ]),
+        )?;
+        anyhow::ensure!(ok, "bench lora-layer {name}: {}", err.trim());
+        let mut row: Row = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+            .with_context(|| format!("bench lora-layer {name}: no result"))?;
+        row.peak_mib = row.peak_mib.zip(baseline).map(|(p, b)| (p - b).max(0.0));
+        println!(
+            "{name:>18}: {:8.3} ms  extra peak RSS {:7.1} MiB",
+            row.ms,
+            row.peak_mib.unwrap_or(0.0)
+        );
+        rows.push(row);
+    }
+    let by = |n: &str| rows.iter().find(|r| r.name == n).expect("variant");
+    let (plain, ours, burn) = (by("plain_frozen"), by("factored"), by("burn_apply_lora"));
+    let time = ours.ms / burn.ms;
+    let memory = ours
+        .peak_mib
+        .zip(burn.peak_mib)
+        .map(|(a, b)| a / b.max(1e-9));
+    let over_plain = ours.ms / plain.ms;
+    println!(
+        "factored / burn apply_lora: time {time:.3} (target ≤ 0.5), memory {} (≤ 0.5); factored / plain {over_plain:.3} (≤ 1.15)",
+        memory.map_or("n/a".into(), |m| format!("{m:.3}"))
+    );
+    let report = serde_json::json!({
+        "suite": "lora-layer",
+        "backend": backend.name(),
+        "machine": machine(),
+        "shape": {"tokens": tokens, "d_in": 768, "d_out": 2304, "rank": 8, "what": "forward + backward (input and trainable grads)", "peak_mib": "process peak RSS above a process with no layer"},
+        "rows": rows,
+        "ratios": {"factored_over_burn_native": time, "factored_memory_over_burn_native": memory, "factored_over_plain": over_plain},
     });
     write_json_atomic(out, &report)?;
     println!("report: {}", out.display());

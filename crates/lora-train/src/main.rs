@@ -186,12 +186,38 @@ enum BenchCommand {
     Finetune(BenchFinetuneArgs),
     /// The sort exercise's ms/iter and peak RSS next to the PyTorch reference.
     Sort(BenchSortArgs),
+    /// One LoRA layer (768 → 2304, r 8): factored vs Burn's apply_lora vs a plain frozen Linear.
+    LoraLayer(BenchLayerArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchLayerArgs {
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
+    /// Tokens (batch × sequence: 8 × 128 on CPU, 8 × 1024 on a GPU).
+    #[arg(long, default_value_t = 1024)]
+    tokens: usize,
+    /// Timed iterations (median reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Run one variant in this process (used by the suite itself).
+    #[arg(long, hide = true)]
+    only: Option<String>,
+    /// Report path.
+    #[arg(long, default_value = "target/bench/lora-layer.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
 struct BenchSortArgs {
     /// Our backends, comma separated (ratios use the first).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "flex,ndarray")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "flex,ndarray"
+    )]
     backend: Vec<Backend>,
     /// Pre-training iterations (the exercise's; fewer make PyTorch's warm-up weigh more).
     #[arg(long, default_value_t = 1000)]
@@ -289,6 +315,9 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 steps: a.steps.max(1),
             };
             lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), &a.out)?;
+        }
+        BenchCommand::LoraLayer(a) => {
+            lora_train::bench::lora_layer(a.backend, a.tokens, a.iters, a.only.as_deref(), &a.out)?;
         }
         BenchCommand::Sort(a) => {
             anyhow::ensure!(!a.backend.is_empty(), "--backend: give at least one");
