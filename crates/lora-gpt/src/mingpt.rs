@@ -13,7 +13,7 @@ use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::module::{attention, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling, dropout};
+use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling};
 use serde::{Deserialize, Serialize};
 
 /// Which layers carry LoRA adapters, by module name (PEFT's `target_modules` for GPT-2).
@@ -330,7 +330,9 @@ impl CausalSelfAttention {
             let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &att.device())
                 .unsqueeze::<4>()
                 .expand([b, nh, t, t]);
-            let att = dropout(&self.attn_dropout, softmax(att.mask_fill(mask, MASKED), 3));
+            let att = self
+                .attn_dropout
+                .forward(softmax(att.mask_fill(mask, MASKED), 3));
             att.matmul(v)
         } else {
             // Inference: the backend's fused causal attention, same function.
@@ -342,7 +344,7 @@ impl CausalSelfAttention {
             attention(q, k, v, None, None, options)
         };
         let y = y.swap_dims(1, 2).reshape([b, t, c]);
-        dropout(&self.resid_dropout, self.c_proj.forward(y))
+        self.resid_dropout.forward(self.c_proj.forward(y))
     }
 }
 
@@ -372,10 +374,8 @@ pub fn new_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 impl Mlp {
     /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        dropout(
-            &self.dropout,
-            self.c_proj.forward(new_gelu(self.c_fc.forward(x))),
-        )
+        self.dropout
+            .forward(self.c_proj.forward(new_gelu(self.c_fc.forward(x))))
     }
 }
 
@@ -444,7 +444,9 @@ impl Gpt {
             self.block_size
         );
         let pos = Tensor::<1, Int>::arange(0..t as i64, &idx.device()).unsqueeze::<2>();
-        let x = dropout(&self.drop, self.wte.forward(idx) + self.wpe.forward(pos));
+        let x = self
+            .drop
+            .forward(self.wte.forward(idx) + self.wpe.forward(pos));
         let x = self.h.iter().fold(x, |x, block| block.forward(x));
         self.head(self.ln_f.forward(x))
     }
