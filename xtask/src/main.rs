@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: project tasks, run from the workspace root.
 //!
 //! - `sort-demo [ARGS]`: the minGPT LoRA exercise in release mode (`lora-train sort-demo ARGS`).
-//! - `bench <suite> [ARGS]`: benchmarks (`lora-train bench SUITE ARGS`), e.g. `bench infer --backend wgpu`.
+//! - `bench <suite> [ARGS]`: benchmarks (`lora-train bench SUITE ARGS`): `sort`, `lora-layer`, `infer`,
+//!   `finetune`, `data`; e.g. `bench infer --backend wgpu`. Each writes `target/bench/<suite>.json`.
 
 use std::process::{Command, ExitCode};
 
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
         Some("bench") => cargo_run(&["bench"], &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask sort-demo [--backend flex|ndarray|wgpu] [--seed 0,1,2] [--pretrain-iters N] [--finetune-iters N] [--eval-samples N] [--lora-targets attn,wpe] [--report PATH]"
+                "usage: cargo xtask sort-demo [--backend flex|ndarray|wgpu] [--seed 0,1,2] [--pretrain-iters N] [--finetune-iters N] [--eval-samples N] [--lora-targets attn,wpe] [--report PATH]\n       cargo xtask bench sort|lora-layer|infer|finetune|data [--backend flex|wgpu] [SUITE FLAGS]"
             );
             ExitCode::from(2)
         }
