@@ -689,11 +689,12 @@ pub fn run(
         tokens_since += step_tokens;
         tokens_total += step_tokens;
         if !step_loss.is_finite() {
-            bail!(
-                "loss is {step_loss} at step {}: stopped; the last good checkpoint is in {}",
-                step + 1,
-                ckpt.display()
-            );
+            let kept = if ckpt.join("state.json").is_file() {
+                format!("the last good checkpoint is in {}", ckpt.display())
+            } else {
+                "no checkpoint was written yet".to_string()
+            };
+            bail!("loss is {step_loss} at step {}: stopped; {kept}", step + 1);
         }
         if cfg.clip > 0.0 {
             clip_grad_norm(&model, &mut grads, cfg.clip);

@@ -209,6 +209,23 @@ fn bad_flags() {
     a[n - 1] = d2.join("file-out").display().to_string();
     fails(&strs(&a), &["file-out", "is a file"]);
     assert!(!d2.join("bad").exists(), "nothing written for bad flags");
+    // A diverging run stops at the first non-finite loss, keeps its last checkpoint, writes no adapter.
+    let mut a = with(&["--lr", "1e30"]);
+    for (flag, v) in [
+        ("--warmup", "0"),
+        ("--lora-targets", "c_attn"),
+        ("--lora-dropout", "0"),
+    ] {
+        let i = a.iter().position(|x| x == flag).unwrap();
+        a[i + 1] = v.into();
+    }
+    a.extend(["--clip", "0", "--schedule", "constant"].map(String::from));
+    fails(
+        &strs(&a),
+        &["loss is NaN at step 2", "last good checkpoint"],
+    );
+    assert!(d2.join("bad/checkpoint/state.json").exists());
+    assert!(!d2.join("bad/adapter").exists());
     std::fs::remove_dir_all(&d2).unwrap();
     let (code, _, err) = run(&["sort-demo", "--backend", "tpu"]);
     assert_eq!(code, 2, "clap's usage exit code");
