@@ -184,12 +184,16 @@ pub fn clip_grad_norm<M: Module>(
     Some(norm)
 }
 
-/// FNV-1a of a parameter path: a stable [`ParamId`](burn::module::ParamId).
-fn path_id(path: &str) -> burn::module::ParamId {
-    let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+/// 64-bit FNV-1a of `bytes`: stable across runs, platforms and Rust versions.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    burn::module::ParamId::from(h)
+    })
+}
+
+/// A stable [`ParamId`](burn::module::ParamId) from a parameter path.
+fn path_id(path: &str) -> burn::module::ParamId {
+    burn::module::ParamId::from(fnv1a(path.as_bytes()))
 }
 
 struct PathIds(PathStack);

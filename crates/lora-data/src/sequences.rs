@@ -97,20 +97,26 @@ impl TokenSequences {
         self.len() == 0
     }
 
-    /// Sequence `i` (panics when `i ≥ len()`).
-    pub fn get(&self, i: usize) -> Sequence {
+    /// Where sequence `i` lies in the stream: `(s, e, input_end)`, inputs `s..input_end`, targets
+    /// `s+1..e` (panics when `i ≥ len()`).
+    fn span(&self, i: usize) -> (usize, usize, usize) {
         assert!(i < self.len(), "sequence {i} of {}", self.len());
-        // Tokens s..e: inputs s..input_end, targets s+1..e.
-        let (s, e, input_end) = match self.layout {
+        match self.layout {
             Layout::Packed => (i * self.len, (i + 1) * self.len + 1, (i + 1) * self.len),
             Layout::Padded => (self.starts[i], self.starts[i + 1], self.starts[i + 1] - 1),
             Layout::Blocks => (i * self.len, (i + 1) * self.len, (i + 1) * self.len),
-        };
+        }
+    }
+
+    /// Sequence `i` (panics when `i ≥ len()`).
+    pub fn get(&self, i: usize) -> Sequence {
+        let (s, e, input_end) = self.span(i);
         let mut input: Vec<u32> = self.tokens[s..input_end.max(s)]
             .iter()
             .map(|&t| t & !NO_LOSS)
             .collect();
-        let mut targets: Vec<i64> = self.tokens[(s + 1).min(e)..e]
+        let mut targets: Vec<i64> = self
+            .targets(s, e)
             .iter()
             .map(|&t| if t & NO_LOSS != 0 { -1 } else { t as i64 })
             .collect();
@@ -119,17 +125,26 @@ impl TokenSequences {
         Sequence { input, targets }
     }
 
+    /// The stored target tokens of the span `s..e`.
+    fn targets(&self, s: usize, e: usize) -> &[u32] {
+        &self.tokens[(s + 1).min(e)..e]
+    }
+
     /// Every sequence in order.
     pub fn iter(&self) -> impl Iterator<Item = Sequence> + '_ {
         (0..self.len()).map(|i| self.get(i))
     }
 
-    /// Fraction of targets over all sequences that carry no loss.
+    /// Fraction of targets over all sequences that carry no loss (masked or padding), counted on
+    /// the stream without building the sequences.
     pub fn masked_fraction(&self) -> f64 {
         let total = self.len() * self.len;
-        let masked: usize = self
-            .iter()
-            .map(|s| s.targets.iter().filter(|&&t| t < 0).count())
+        let masked: usize = (0..self.len())
+            .map(|i| {
+                let (s, e, _) = self.span(i);
+                let t = self.targets(s, e);
+                t.iter().filter(|&&x| x & NO_LOSS != 0).count() + (self.len - t.len())
+            })
             .sum();
         masked as f64 / total.max(1) as f64
     }

@@ -57,12 +57,7 @@ fn time_forward(
             out.push(1000.0 * t0.elapsed().as_secs_f64() / reps as f64);
         }
     }
-    ms.into_iter()
-        .map(|mut v| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        })
-        .collect()
+    ms.into_iter().map(median).collect()
 }
 
 /// Run the `infer` suite.
@@ -132,9 +127,7 @@ pub fn infer(
         ratio(2),
         ratio(1)
     );
-    write_json_atomic(out, &report)?;
-    println!("report: {}", out.display());
-    Ok(report)
+    write_report(out, report)
 }
 
 /// CPU model and core count, for reports.
@@ -157,7 +150,12 @@ pub fn machine() -> String {
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), MiB.
 pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_hwm_mib("/proc/self/status")
+}
+
+/// `VmHWM` (peak resident memory) of a `/proc/PID/status` file, MiB.
+fn vm_hwm_mib(status_path: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(status_path).ok()?;
     let kb: f64 = status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))?
@@ -168,6 +166,29 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Write a suite's report to `out` (atomically) and say where.
+fn write_report(out: &Path, report: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    write_json_atomic(out, &report)?;
+    println!("report: {}", out.display());
+    Ok(report)
+}
+
+/// Run one variant of a suite as `lora-train bench SUITE --only NAME FLAGS` in a child process (so
+/// its peak RSS is its own) and read the [`Row`] it prints last.
+fn child_row(suite: &str, name: &str, flags: &[(&str, String)]) -> anyhow::Result<Row> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["bench", suite, "--only", name]);
+    for (flag, value) in flags {
+        cmd.args([flag, value.as_str()]);
+    }
+    let (stdout, err, ok, _) = run_measured(&mut cmd)?;
+    anyhow::ensure!(ok, "bench {suite} {name}: {}", err.trim());
+    let mut row: Row = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .with_context(|| format!("bench {suite} {name}: no result"))?;
+    row.name = name.into();
+    Ok(row)
+}
+
 /// Median wall time of `iters` calls of `f`, ms.
 fn median_ms<T>(iters: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
     let mut ms = vec![];
@@ -176,8 +197,13 @@ fn median_ms<T>(iters: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyho
         f()?;
         ms.push(1000.0 * t0.elapsed().as_secs_f64());
     }
-    ms.sort_by(|a, b| a.total_cmp(b));
-    Ok(ms[ms.len() / 2])
+    Ok(median(ms))
+}
+
+/// The median of `v` (the upper one for an even count; `v` is not empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 /// Run the `data` suite on the files of `data_dir` (`alpaca/alpaca_en_demo.json`,
@@ -270,9 +296,7 @@ pub fn data(
         "rows": rows,
         "targets_met": met,
     });
-    write_json_atomic(out, &report)?;
-    println!("report: {}", out.display());
-    Ok(report)
+    write_report(out, report)
 }
 
 /// The `finetune` suite's variants: name and LoRA targets (`None`: full fine-tuning).
@@ -341,8 +365,7 @@ fn finetune_variant(
             ms.push(1000.0 * t0.elapsed().as_secs_f64());
         }
     }
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let ms = ms[ms.len() / 2];
+    let ms = median(ms);
     Ok(Row {
         name: String::new(),
         ms,
@@ -372,36 +395,16 @@ pub fn finetune(
         println!("{}", serde_json::to_string(&row)?);
         return Ok(serde_json::to_value(row)?);
     }
-    let exe = std::env::current_exe()?;
+    let flags = [
+        ("--backend", backend.name().to_string()),
+        ("--batch", shape.batch.to_string()),
+        ("--seq", shape.seq.to_string()),
+        ("--n-layer", shape.n_layer.to_string()),
+        ("--steps", shape.steps.to_string()),
+    ];
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
-        let output = std::process::Command::new(&exe)
-            .args([
-                "bench",
-                "finetune",
-                "--only",
-                name,
-                "--backend",
-                backend.name(),
-            ])
-            .args([
-                "--batch",
-                &shape.batch.to_string(),
-                "--seq",
-                &shape.seq.to_string(),
-            ])
-            .args(["--n-layer", &shape.n_layer.to_string()])
-            .args(["--steps", &shape.steps.to_string()])
-            .output()?;
-        anyhow::ensure!(
-            output.status.success(),
-            "bench finetune {name}: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let mut row: Row = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-            .with_context(|| format!("bench finetune {name}: no result"))?;
-        row.name = name.into();
+        let row = child_row("finetune", name, &flags)?;
         println!(
             "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  peak RSS {:7.0} MiB",
             row.ms,
@@ -425,9 +428,7 @@ pub fn finetune(
         "rows": rows,
         "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory},
     });
-    write_json_atomic(out, &report)?;
-    println!("report: {}", out.display());
-    Ok(report)
+    write_report(out, report)
 }
 
 /// Run `cmd` to the end, polling its peak RSS (`VmHWM`); returns stdout, stderr, success, peak MiB.
@@ -449,12 +450,8 @@ fn run_measured(
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak: Option<f64> = None;
     let status = loop {
-        if let Some(kb) = std::fs::read_to_string(&status_path).ok().and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        }) {
-            peak = Some(peak.map_or(kb / 1024.0, |p: f64| p.max(kb / 1024.0)));
+        if let Some(mib) = vm_hwm_mib(&status_path) {
+            peak = Some(peak.map_or(mib, |p: f64| p.max(mib)));
         }
         if let Some(s) = child.try_wait()? {
             break s;
@@ -616,9 +613,7 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         "rows": rows,
         "ratios": ratios,
     });
-    write_json_atomic(out, &report)?;
-    println!("report: {}", out.display());
-    Ok(report)
+    write_report(out, report)
 }
 
 /// The `lora-layer` suite's variants.
@@ -677,8 +672,7 @@ fn lora_layer_variant(
             ms.push(1000.0 * t0.elapsed().as_secs_f64());
         }
     }
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let ms = ms[ms.len() / 2];
+    let ms = median(ms);
     Ok(Row {
         name: name.into(),
         ms,
@@ -710,29 +704,14 @@ pub fn lora_layer(
         let _ = Tensor::<2>::zeros([1, 1], &device).into_data();
         peak_rss_mib()
     };
-    let exe = std::env::current_exe()?;
+    let flags = [
+        ("--backend", backend.name().to_string()),
+        ("--tokens", tokens.to_string()),
+        ("--iters", iters.to_string()),
+    ];
     let mut rows = vec![];
     for name in LAYER_VARIANTS {
-        let (stdout, err, ok, _) = run_measured(
-            std::process::Command::new(&exe)
-                .args([
-                    "bench",
-                    "lora-layer",
-                    "--only",
-                    name,
-                    "--backend",
-                    backend.name(),
-                ])
-                .args([
-                    "--tokens",
-                    &tokens.to_string(),
-                    "--iters",
-                    &iters.to_string(),
-                ]),
-        )?;
-        anyhow::ensure!(ok, "bench lora-layer {name}: {}", err.trim());
-        let mut row: Row = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-            .with_context(|| format!("bench lora-layer {name}: no result"))?;
+        let mut row = child_row("lora-layer", name, &flags)?;
         row.peak_mib = row.peak_mib.zip(baseline).map(|(p, b)| (p - b).max(0.0));
         println!(
             "{name:>18}: {:8.3} ms  extra peak RSS {:7.1} MiB",
@@ -761,7 +740,5 @@ pub fn lora_layer(
         "rows": rows,
         "ratios": {"factored_over_burn_native": time, "factored_memory_over_burn_native": memory, "factored_over_plain": over_plain},
     });
-    write_json_atomic(out, &report)?;
-    println!("report: {}", out.display());
-    Ok(report)
+    write_report(out, report)
 }

@@ -4,11 +4,11 @@
 use crate::fsutil::write_atomic;
 use anyhow::Context;
 use lora_data::{Layout, TokenSequences, Tokenizer, alpaca, news};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Dataset kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dataset {
     /// Alpaca JSON / JSONL (recipe B).
@@ -20,7 +20,7 @@ pub enum Dataset {
 }
 
 /// News cleaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Cleaning {
     /// Whitespace normalised.
@@ -30,7 +30,7 @@ pub enum Cleaning {
 }
 
 /// How a data file becomes sequences.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataOptions {
     /// File kind.
     pub dataset: Dataset,
@@ -99,13 +99,14 @@ pub struct Prepared {
     pub sequences: TokenSequences,
 }
 
-/// News rows kept by the NewsType filter, and the corpus text (cleaned articles, no separator).
-pub fn news_corpus(
+/// The cleaned articles of the rows kept by the NewsType filter (recipe C concatenates them with
+/// no separator).
+pub fn news_articles(
     f: &news::NewsFile,
     cleaning: Cleaning,
     news_type: Option<&str>,
     path: &Path,
-) -> anyhow::Result<(usize, String)> {
+) -> anyhow::Result<Vec<String>> {
     let kept: Vec<&news::Article> = f
         .articles
         .iter()
@@ -121,10 +122,7 @@ pub fn news_corpus(
             types.join(", ")
         );
     }
-    Ok((
-        kept.len(),
-        kept.iter().map(|a| clean_article(a, cleaning)).collect(),
-    ))
+    Ok(kept.iter().map(|a| clean_article(a, cleaning)).collect())
 }
 
 fn blocks(ids: &[u32], len: usize) -> TokenSequences {
@@ -183,8 +181,9 @@ pub fn prepare(opts: &DataOptions, data: &Path, tok: &Tokenizer) -> anyhow::Resu
         }
         Dataset::News => {
             let f = news::read_file(data)?;
-            let (kept, corpus) = news_corpus(&f, opts.cleaning, opts.news_type.as_deref(), data)?;
-            let ids = tok.encode(&corpus);
+            let articles = news_articles(&f, opts.cleaning, opts.news_type.as_deref(), data)?;
+            let kept = articles.len();
+            let ids = tok.encode(&articles.concat());
             let seqs = blocks(&ids, len);
             let mut reasons = vec![];
             if f.skipped > 0 {
@@ -205,16 +204,7 @@ pub fn prepare(opts: &DataOptions, data: &Path, tok: &Tokenizer) -> anyhow::Resu
                 tokens: ids.len(),
                 sequences: seqs.len(),
                 masked_fraction: seqs.masked_fraction(),
-                first_example: f
-                    .articles
-                    .iter()
-                    .find(|a| {
-                        opts.news_type
-                            .as_deref()
-                            .is_none_or(|t| a.news_type.trim() == t)
-                    })
-                    .map(|a| clean_article(a, opts.cleaning))
-                    .unwrap_or_default(),
+                first_example: articles.into_iter().next().unwrap_or_default(),
             };
             (insp, seqs)
         }
@@ -297,7 +287,8 @@ pub fn clean_news(
     news_type: Option<&str>,
 ) -> anyhow::Result<CleanNewsReport> {
     let f = news::read_file(input)?;
-    let (kept, corpus) = news_corpus(&f, cleaning, news_type, input)?;
+    let articles = news_articles(&f, cleaning, news_type, input)?;
+    let (kept, corpus) = (articles.len(), articles.concat());
     write_atomic(output, corpus.as_bytes())?;
     Ok(CleanNewsReport {
         rows: f.rows,

@@ -8,12 +8,12 @@
 
 use crate::Backend;
 use crate::data::{self, DataOptions};
-use crate::fsutil::{write_atomic, write_dir_atomic, write_json_atomic};
+use crate::fsutil::{remove_stale_temps, write_atomic, write_dir_atomic, write_json_atomic};
 use anyhow::{Context, bail, ensure};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
-use lora_core::utils::ValuesByPath;
+use lora_core::utils::{ValuesByPath, fnv1a};
 use lora_core::{
     ParamReport, Scaling, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable,
     param_report, params_by_path, path_param_ids,
@@ -54,7 +54,7 @@ pub struct FinetuneConfig {
     /// Data file.
     pub data: PathBuf,
     /// How the data becomes sequences.
-    pub data_options: DataOptionsRecord,
+    pub data_options: DataOptions,
     /// Share of the sequences held out for validation.
     pub val_fraction: f64,
     /// Output folder.
@@ -111,38 +111,6 @@ impl FinetuneConfig {
             save_every: 0,
             log_every: 0,
             ..self.clone()
-        }
-    }
-}
-
-/// [`DataOptions`] as stored in `run.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DataOptionsRecord {
-    /// `alpaca`, `news` or `text`.
-    pub dataset: String,
-    /// Sequence length in effect.
-    pub seq_len: usize,
-    /// Alpaca prompt masking.
-    pub mask_prompt: bool,
-    /// Alpaca packing.
-    pub packing: bool,
-    /// News cleaning.
-    pub cleaning: String,
-    /// News type filter.
-    pub news_type: Option<String>,
-}
-
-impl DataOptionsRecord {
-    /// Record `o`.
-    pub fn new(o: &DataOptions) -> Self {
-        let name = |v: serde_json::Value| v.as_str().unwrap_or("").to_string();
-        Self {
-            dataset: name(serde_json::to_value(o.dataset).unwrap_or_default()),
-            seq_len: o.seq_len(),
-            mask_prompt: o.mask_prompt,
-            packing: o.packing,
-            cleaning: name(serde_json::to_value(o.cleaning).unwrap_or_default()),
-            news_type: o.news_type.clone(),
         }
     }
 }
@@ -378,15 +346,15 @@ fn base_model(
 
 /// Check the flags against the model before any work.
 fn validate(cfg: &FinetuneConfig, gcfg: &GptConfig) -> anyhow::Result<()> {
-    let flag = if cfg.data_options.dataset == "alpaca" {
+    let flag = if cfg.data_options.dataset == data::Dataset::Alpaca {
         "--max-seq-len"
     } else {
         "--block-size"
     };
+    let seq_len = cfg.data_options.seq_len();
     ensure!(
-        cfg.data_options.seq_len <= gcfg.block_size,
-        "{flag} {} is larger than the model's n_positions {}",
-        cfg.data_options.seq_len,
+        seq_len <= gcfg.block_size,
+        "{flag} {seq_len} is larger than the model's n_positions {}",
         gcfg.block_size
     );
     ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
@@ -423,11 +391,6 @@ fn validate(cfg: &FinetuneConfig, gcfg: &GptConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serialize `params` (path → values) as safetensors bytes.
-fn params_bytes(params: &[lora_core::utils::NamedValues]) -> anyhow::Result<Vec<u8>> {
-    Ok(export::safetensors_bytes(params)?)
-}
-
 /// A checkpoint's parameters (path → shape, values) from the bytes of `path`.
 fn params_from_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<ValuesByPath> {
     let st = safetensors::SafeTensors::deserialize(bytes)
@@ -449,11 +412,11 @@ fn params_from_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<ValuesByPath> 
     Ok(out)
 }
 
-fn adapter_spec(cfg: &FinetuneConfig, targets: LoraTargets) -> anyhow::Result<AdapterSpec> {
-    Ok(AdapterSpec {
+fn adapter_spec(cfg: &FinetuneConfig, targets: LoraTargets, scaling: Scaling) -> AdapterSpec {
+    AdapterSpec {
         r: cfg.lora_rank,
         alpha: cfg.lora_alpha,
-        scaling: parse_scaling(&cfg.scaling)?,
+        scaling,
         dropout: cfg.lora_dropout,
         target_modules: targets.module_names(),
         base_model: cfg
@@ -461,7 +424,7 @@ fn adapter_spec(cfg: &FinetuneConfig, targets: LoraTargets) -> anyhow::Result<Ad
             .as_ref()
             .map(|p| p.display().to_string())
             .or_else(|| cfg.model_type.clone()),
-    })
+    }
 }
 
 /// Write the trained result: `OUT/adapter/` (PEFT) or, with `--full`, `OUT/model/` (HF folder).
@@ -470,33 +433,21 @@ fn write_result(
     gcfg: &GptConfig,
     model: &Gpt,
     targets: LoraTargets,
+    scaling: Scaling,
 ) -> anyhow::Result<PathBuf> {
     let model = model.valid();
     if cfg.full {
         let dir = cfg.out.join("model");
-        let (tensors, tied) = export::gpt2_state(&model);
         let base = cfg
             .model
             .as_ref()
             .and_then(|d| std::fs::read(d.join("config.json")).ok())
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let config = export::gpt2_config_json(gcfg, base, tied);
-        let mut files = vec![
-            (
-                "model.safetensors".to_string(),
-                export::safetensors_bytes(&tensors)?,
-            ),
-            (
-                "config.json".to_string(),
-                serde_json::to_vec_pretty(&config)?,
-            ),
-        ];
-        files.extend(tokenizer_files(cfg));
-        write_dir_atomic(&dir, &files)?;
+        crate::merge::write_hf_folder(&dir, &model, gcfg, base, tokenizer_files(cfg), &cfg.out)?;
         Ok(dir)
     } else {
         let dir = cfg.out.join("adapter");
-        let spec = adapter_spec(cfg, targets)?;
+        let spec = adapter_spec(cfg, targets, scaling);
         let files = vec![
             (
                 "adapter_config.json".to_string(),
@@ -524,18 +475,13 @@ fn tokenizer_files(cfg: &FinetuneConfig) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Run (or, with `resume`, continue) a fine-tuning run.
-pub fn run(
-    cfg: &FinetuneConfig,
-    data_options: &DataOptions,
-    backend: Backend,
-    resume: bool,
-) -> anyhow::Result<RunReport> {
+pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Result<RunReport> {
     let t_start = Instant::now();
     if cfg.out.exists() && !cfg.out.is_dir() {
         bail!("{}: --out is a file, not a folder", cfg.out.display());
     }
-    let plain = backend.device()?;
-    let device = plain.autodiff();
+    let scaling = parse_scaling(&cfg.scaling)?;
+    let device = backend.device()?.autodiff();
     let (model, gcfg, tok) = base_model(cfg, &device)?;
     validate(cfg, &gcfg)?;
     let targets: LoraTargets = if cfg.full {
@@ -547,10 +493,14 @@ pub fn run(
     };
 
     // Data.
-    let prepared = data::prepare(data_options, &cfg.data, &tok)?;
+    let prepared = data::prepare(&cfg.data_options, &cfg.data, &tok)?;
     let seqs = prepared.sequences;
-    let (train_idx, val_idx) =
-        data::split(data_options.dataset, seqs.len(), cfg.seed, cfg.val_fraction);
+    let (train_idx, val_idx) = data::split(
+        cfg.data_options.dataset,
+        seqs.len(),
+        cfg.seed,
+        cfg.val_fraction,
+    );
     ensure!(
         !train_idx.is_empty(),
         "{}: no training sequence left after the validation split",
@@ -558,13 +508,7 @@ pub fn run(
     );
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the output folder", cfg.out.display()))?;
-    // Half-written folders of a killed run (their complete versions were never swapped in).
-    for e in std::fs::read_dir(&cfg.out).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && (name.contains(".tmp") || name.contains(".old")) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+    remove_stale_temps(&cfg.out);
     let micro_per_epoch = train_idx.len().div_ceil(cfg.batch_size);
     let total_steps = cfg
         .max_iters
@@ -581,7 +525,7 @@ pub fn run(
             cfg.lora_rank,
             cfg.lora_alpha,
             cfg.lora_dropout,
-            parse_scaling(&cfg.scaling)?,
+            scaling,
         ))
     };
     model = path_param_ids(model.train());
@@ -672,6 +616,7 @@ pub fn run(
     let (mut tokens_total, t_train) = (0usize, Instant::now());
     let mut last_train = None;
     let mut last_val = None;
+    let mut optim_bytes = None;
     for step in start..total_steps {
         let lr = lr_at(cfg, step, total_steps);
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
@@ -736,10 +681,17 @@ pub fn run(
             last_val = Some(v);
         }
         if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total_steps {
-            save_checkpoint(&ckpt, cfg, done, (loss_acc, loss_n), &model, &optim)?;
+            optim_bytes = Some(save_checkpoint(
+                &ckpt,
+                cfg,
+                done,
+                (loss_acc, loss_n),
+                &model,
+                &optim,
+            )?);
         }
     }
-    let out_dir = write_result(cfg, &gcfg, &model, targets)?;
+    let out_dir = write_result(cfg, &gcfg, &model, targets, scaling)?;
     println!("wrote {}", out_dir.display());
     let curves = crate::plot::run_curves(&crate::plot::read_metrics(&metrics_path)?, "");
     let title = if cfg.full {
@@ -752,7 +704,11 @@ pub fn run(
         config: cfg.clone(),
         backend: backend.name().into(),
         params,
-        optimizer_state_bytes: optim.to_record().into_bytes().map(|b| b.len()).unwrap_or(0),
+        // The last checkpoint's record (a run resumed at its end saved none: serialize it now).
+        optimizer_state_bytes: match optim_bytes {
+            Some(n) => n,
+            None => optim.to_record().into_bytes().map(|b| b.len()).unwrap_or(0),
+        },
         sequences: (train_idx.len(), val_idx.len()),
         steps: total_steps,
         resumed_from: start,
@@ -781,12 +737,6 @@ fn truncate_metrics(path: &Path, step: usize) -> anyhow::Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(path, kept.as_bytes())
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// Checkpoint folders of `out`, newest first: `checkpoint/`, then `checkpoint.prev/`.
@@ -835,7 +785,7 @@ fn read_checkpoint(dir: &Path, cfg: &FinetuneConfig) -> anyhow::Result<Checkpoin
 }
 
 /// Write `OUT/checkpoint/` (trainable parameters, optimizer state, step) as one atomic folder
-/// swap; the one it replaces is kept as `checkpoint.prev/`.
+/// swap; the one it replaces is kept as `checkpoint.prev/`. Returns the optimizer state's size.
 fn save_checkpoint(
     dir: &Path,
     cfg: &FinetuneConfig,
@@ -843,8 +793,8 @@ fn save_checkpoint(
     (loss_acc, loss_n): (f64, usize),
     model: &Gpt,
     optim: &ModuleOptimizer,
-) -> anyhow::Result<()> {
-    let params = params_bytes(&params_by_path(model, |_, trainable| trainable))?;
+) -> anyhow::Result<usize> {
+    let params = export::safetensors_bytes(&params_by_path(model, |_, trainable| trainable))?;
     let optim_bytes = optim
         .to_record()
         .into_bytes()
@@ -863,6 +813,7 @@ fn save_checkpoint(
         std::fs::rename(dir, &prev)
             .with_context(|| format!("{}: cannot keep the previous checkpoint", dir.display()))?;
     }
+    let size = optim_bytes.len();
     write_dir_atomic(
         dir,
         &[
@@ -870,5 +821,6 @@ fn save_checkpoint(
             ("optimizer.bpk".into(), optim_bytes),
             ("state.json".into(), serde_json::to_vec_pretty(&state)?),
         ],
-    )
+    )?;
+    Ok(size)
 }

@@ -82,3 +82,14 @@ pub fn write_dir_atomic(dir: &Path, files: &[(String, Vec<u8>)]) -> anyhow::Resu
         }
     })
 }
+
+/// Remove the hidden `.NAME.tmpPID` / `.NAME.oldPID` siblings that [`write_dir_atomic`] leaves in
+/// `dir` when its process is killed mid-write (their complete versions were never swapped in).
+pub fn remove_stale_temps(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.contains(".tmp") || name.contains(".old")) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use lora_gpt::LoraTargets;
 use lora_train::data::{self, Cleaning, DataOptions, Dataset};
-use lora_train::finetune::{self, DataOptionsRecord, FinetuneConfig, Schedule};
+use lora_train::finetune::{self, FinetuneConfig, Schedule};
 use lora_train::fsutil::write_json_atomic;
 use lora_train::sort_demo::{self, SortDemoConfig};
 use lora_train::{Backend, lm};
@@ -541,7 +541,11 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         n_layer: a.n_layer,
         tokenizer: a.tokenizer,
         data: a.data.data.clone(),
-        data_options: DataOptionsRecord::new(&opts),
+        // The length in effect, so run.json and resume checks state it.
+        data_options: DataOptions {
+            seq_len: Some(opts.seq_len()),
+            ..opts
+        },
         val_fraction: a.val_fraction,
         out: a.out,
         full: a.full,
@@ -565,8 +569,7 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         log_every: a.log_every,
         seed: a.seed,
     };
-    finetune::parse_scaling(&cfg.scaling)?;
-    let r = finetune::run(&cfg, &opts, a.backend, a.resume)?;
+    let r = finetune::run(&cfg, a.backend, a.resume)?;
     println!(
         "done: {} steps, train loss {:?}, val loss {:?} -> {:?}, {:.0} tokens/s, peak RSS {:.0} MiB",
         r.steps,

@@ -4,6 +4,7 @@ use crate::fsutil::write_dir_atomic;
 use burn::tensor::Device;
 use lora_gpt::export;
 use lora_gpt::gpt2::{Gpt2Folder, load_peft_adapter};
+use lora_gpt::{Gpt, GptConfig};
 use std::path::Path;
 
 /// What `merge` wrote.
@@ -29,24 +30,62 @@ pub fn merge(
     let folder = Gpt2Folder::open(model)?;
     let base = folder.load(|c| c, device)?;
     let (m, _) = load_peft_adapter(base, adapter)?;
-    let adapter_tensors = export::peft_adapter_tensors(&m).len();
-    let (tensors, tied) = export::gpt2_state(&m);
-    if let Some((key, _, _)) = tensors
-        .iter()
-        .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
-    {
-        anyhow::bail!(
-            "{}: merging gives non-finite values in '{key}'; nothing written",
-            adapter.display()
-        );
-    }
     let cfg_path = model.join("config.json");
     let base_cfg: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&cfg_path)
             .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", cfg_path.display()))?,
     )
     .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", cfg_path.display()))?;
-    let config = export::gpt2_config_json(&folder.config.gpt_config(), Some(base_cfg), tied);
+    let tied = write_hf_folder(
+        out,
+        &m,
+        &folder.config.gpt_config(),
+        Some(base_cfg),
+        companion_files(model),
+        adapter,
+    )?;
+    // Two factors (A, B) per adapted layer.
+    let ranks = [m.wte.rank(), m.wpe.rank()]
+        .into_iter()
+        .chain(m.h.iter().flat_map(|b| {
+            [
+                b.attn.c_attn.rank(),
+                b.attn.c_proj.rank(),
+                b.mlp.c_fc.rank(),
+                b.mlp.c_proj.rank(),
+            ]
+        }));
+    let adapter_tensors = 2 * ranks.filter(|&r| r > 0).count();
+    Ok(MergeReport {
+        adapter_tensors,
+        tied,
+    })
+}
+
+/// Write `model` with its adapters merged in as a Hugging Face GPT-2 folder `dir`:
+/// `model.safetensors` (`save_pretrained` layout), `config.json` (`base_config`, or one made from
+/// `cfg`, with `tie_word_embeddings` as written) and the `extra` files, as one atomic folder.
+/// Non-finite merged weights are an error naming `source` (PEFT's `safe_merge`). Returns whether
+/// the head is tied to `wte`.
+pub fn write_hf_folder(
+    dir: &Path,
+    model: &Gpt,
+    cfg: &GptConfig,
+    base_config: Option<serde_json::Value>,
+    extra: Vec<(String, Vec<u8>)>,
+    source: &Path,
+) -> anyhow::Result<bool> {
+    let (tensors, tied) = export::gpt2_state(model);
+    if let Some((key, _, _)) = tensors
+        .iter()
+        .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
+    {
+        anyhow::bail!(
+            "{}: merging gives non-finite values in '{key}'; nothing written",
+            source.display()
+        );
+    }
+    let config = export::gpt2_config_json(cfg, base_config, tied);
     let mut files = vec![
         (
             "model.safetensors".to_string(),
@@ -57,12 +96,9 @@ pub fn merge(
             serde_json::to_vec_pretty(&config)?,
         ),
     ];
-    files.extend(companion_files(model));
-    write_dir_atomic(out, &files)?;
-    Ok(MergeReport {
-        adapter_tensors,
-        tied,
-    })
+    files.extend(extra);
+    write_dir_atomic(dir, &files)?;
+    Ok(tied)
 }
 
 /// The tokenizer and generation files of an HF folder (those present), to copy next to new weights.
