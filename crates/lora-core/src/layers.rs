@@ -210,6 +210,16 @@ impl LoraLinearConfig {
     }
 }
 
+impl From<&burn::nn::LinearConfig> for LoraLinearConfig {
+    /// The same layer without an adapter; add one with `.with_rank(r)`. (Burn saves both
+    /// `LinearLayout`s as `[d_input, d_output]`, the layout this layer holds.)
+    fn from(c: &burn::nn::LinearConfig) -> Self {
+        LoraLinearConfig::new(c.d_input, c.d_output)
+            .with_bias(c.bias)
+            .with_initializer(c.initializer.clone())
+    }
+}
+
 impl LoraLinear {
     /// Wrap an existing base weight `[d_input, d_output]` and bias; A ~ U(±1/√d_input), B = 0.
     pub fn from_base(
@@ -331,6 +341,13 @@ impl LoraEmbeddingConfig {
             .initializer
             .init([self.n_embedding, self.d_model], device);
         LoraEmbedding::from_base(weight, self.rank, self.alpha, self.scaling)
+    }
+}
+
+impl From<&burn::nn::EmbeddingConfig> for LoraEmbeddingConfig {
+    /// The same table without an adapter; add one with `.with_rank(r)`.
+    fn from(c: &burn::nn::EmbeddingConfig) -> Self {
+        LoraEmbeddingConfig::new(c.n_embedding, c.d_model).with_initializer(c.initializer.clone())
     }
 }
 

@@ -2,14 +2,18 @@
 //!
 //! - [`layers`]: [`LoraLinear`] and [`LoraEmbedding`], drop-in for `burn::nn::Linear` / `Embedding`,
 //!   with factored forward, dropout and merge / un-merge.
+//! - [`inject`]: the no-code route: LoRA on the 2-D weights of any model, by module-path targets,
+//!   through Burn's parameter reparameterization.
 //! - [`utils`]: model-wide helpers: freeze all but LoRA (`mark_only_lora_as_trainable`),
 //!   the trainable-parameter report, global gradient-norm clipping.
 
 pub mod dropout;
+pub mod inject;
 pub mod layers;
 pub mod utils;
 
 pub use dropout::dropout;
+pub use inject::{InjectConfig, InjectError, Target, inject};
 pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
 };
@@ -20,3 +24,5 @@ pub use utils::{
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_inject;

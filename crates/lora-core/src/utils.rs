@@ -5,20 +5,22 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
 /// Whether a parameter path (`["h", "0", "attn", "c_attn", "lora_a"]`) is a LoRA factor.
+/// Also true for the factors [`inject`](crate::inject) attaches (`["fc1", "weight", "lora", "a"]`).
 pub fn is_lora_path(path: &[String]) -> bool {
     path.last()
         .is_some_and(|name| name.starts_with("lora_a") || name.starts_with("lora_b"))
+        || crate::inject::is_adapter_path(path)
 }
 
 /// Tracks the module path while a visitor or mapper walks the tree.
 #[derive(Default)]
-struct PathStack(Vec<String>);
+pub(crate) struct PathStack(pub(crate) Vec<String>);
 
 impl PathStack {
-    fn enter(&mut self, name: &str) {
+    pub(crate) fn enter(&mut self, name: &str) {
         self.0.push(name.to_string());
     }
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         self.0.pop();
     }
 }
@@ -322,4 +324,70 @@ pub fn load_params_by_path<M: Module>(model: M, values: &ValuesByPath) -> Result
     } else {
         Err(r.problems.join("; "))
     }
+}
+
+/// safetensors bytes of f32 `tensors` (`(name, shape, values)`), with `{"format": "pt"}` and
+/// `meta` as header metadata (transformers / PEFT require `format`).
+pub fn safetensors_bytes(
+    tensors: &[NamedValues],
+    meta: &[(&str, String)],
+) -> Result<Vec<u8>, safetensors::SafeTensorError> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, shape, v)| {
+            // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact
+            // (safetensors is little-endian, as every supported target is).
+            let bytes: &[u8] = unsafe {
+                std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(&v[..]))
+            };
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|view| (k.clone(), view))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut header = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    header.extend(meta.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    safetensors::serialize(views, Some(header))
+}
+
+/// A safetensors tensor's values as f32 (f16 / bf16 converted); `Err` names the dtype otherwise.
+pub fn tensor_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, String> {
+    use safetensors::Dtype;
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F32 => Ok(data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()),
+        Dtype::F16 => Ok(data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()),
+        Dtype::BF16 => Ok(data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()),
+        other => Err(format!("dtype {other:?}, expected F32, F16 or BF16")),
+    }
+}
+
+/// Write `bytes` to `path` atomically: a temporary sibling, then a rename (never half-written).
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::path::Path;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

@@ -5,8 +5,6 @@
 use crate::mingpt::{Block, Gpt, GptConfig};
 use burn::tensor::Tensor;
 use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling};
-use safetensors::tensor::{Dtype, TensorView};
-use std::collections::HashMap;
 
 /// A named f32 tensor: key, shape, values (row-major).
 pub use lora_core::utils::NamedValues as Named;
@@ -23,21 +21,7 @@ fn named<const D: usize>(key: String, t: Tensor<D>) -> Named {
 
 /// safetensors bytes of `tensors` with `{"format": "pt"}` metadata (transformers requires it).
 pub fn safetensors_bytes(tensors: &[Named]) -> Result<Vec<u8>, safetensors::SafeTensorError> {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(k, shape, v)| {
-            let bytes: &[u8] = bytemuck_f32(v);
-            TensorView::new(Dtype::F32, shape.clone(), bytes).map(|view| (k.clone(), view))
-        })
-        .collect::<Result<_, _>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(meta))
-}
-
-/// `f32` values as little-endian bytes (the safetensors layout; every supported target is LE).
-fn bytemuck_f32(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+    lora_core::utils::safetensors_bytes(tensors, &[])
 }
 
 /// The Hugging Face GPT-2 state dict of `model` with every adapter merged in (`save_pretrained`

@@ -7,7 +7,7 @@ use crate::mingpt::{Block, Gpt};
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use lora_core::{LoraEmbedding, LoraLinear};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
 /// What went wrong reading a state dict.
 #[derive(Debug, thiserror::Error)]
@@ -68,26 +68,10 @@ impl<'a> TensorReader<'a> {
                 return None;
             }
         };
-        let values = match view.dtype() {
-            Dtype::F32 => view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => view
-                .data()
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => view
-                .data()
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                self.problems.push(format!(
-                    "tensor '{full}' has dtype {other:?}, expected F32, F16 or BF16"
-                ));
+        let values = match lora_core::utils::tensor_f32(&view) {
+            Ok(v) => v,
+            Err(e) => {
+                self.problems.push(format!("tensor '{full}' has {e}"));
                 return None;
             }
         };

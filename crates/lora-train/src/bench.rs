@@ -617,11 +617,12 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The `lora-layer` suite's variants.
-const LAYER_VARIANTS: [&str; 4] = [
+const LAYER_VARIANTS: [&str; 5] = [
     "plain_frozen",
     "factored",
     "factored_dropout",
     "burn_apply_lora",
+    "inject",
 ];
 
 /// One `lora-layer` variant in this process: median ms of forward + backward of `[tokens, 768] →
@@ -655,6 +656,12 @@ fn lora_layer_variant(
             let l = base.apply_lora(
                 Lora::new(rank, 16.0).set_param_group(ParamGroup::from_paths(vec!["weight"])),
             );
+            Box::new(move |x| l.forward(x))
+        }
+        "inject" => {
+            // lora-core's no-code route (on Burn's reparameterization, PEFT's init).
+            let cfg = lora_core::InjectConfig::new(rank, 16.0).with_targets(&["all-linear"])?;
+            let l = lora_core::inject(base, &cfg)?;
             Box::new(move |x| l.forward(x))
         }
         other => anyhow::bail!("--only {other}: not a variant"),
@@ -722,6 +729,7 @@ pub fn lora_layer(
     }
     let by = |n: &str| rows.iter().find(|r| r.name == n).expect("variant");
     let (plain, ours, burn) = (by("plain_frozen"), by("factored"), by("burn_apply_lora"));
+    let inject = by("inject").ms / burn.ms;
     let time = ours.ms / burn.ms;
     let memory = ours
         .peak_mib
@@ -729,7 +737,7 @@ pub fn lora_layer(
         .map(|(a, b)| a / b.max(1e-9));
     let over_plain = ours.ms / plain.ms;
     println!(
-        "factored / burn apply_lora: time {time:.3} (target ≤ 0.5), memory {} (≤ 0.5); factored / plain {over_plain:.3} (≤ 1.15)",
+        "factored / burn apply_lora: time {time:.3} (target ≤ 0.5), memory {} (≤ 0.5); factored / plain {over_plain:.3} (≤ 1.15); inject / burn apply_lora {inject:.3}",
         memory.map_or("n/a".into(), |m| format!("{m:.3}"))
     );
     let report = serde_json::json!({
@@ -738,7 +746,7 @@ pub fn lora_layer(
         "machine": machine(),
         "shape": {"tokens": tokens, "d_in": 768, "d_out": 2304, "rank": 8, "what": "forward + backward (input and trainable grads)", "peak_mib": "process peak RSS above a process with no layer"},
         "rows": rows,
-        "ratios": {"factored_over_burn_native": time, "factored_memory_over_burn_native": memory, "factored_over_plain": over_plain},
+        "ratios": {"factored_over_burn_native": time, "factored_memory_over_burn_native": memory, "factored_over_plain": over_plain, "inject_over_burn_native": inject},
     });
     write_report(out, report)
 }
