@@ -132,9 +132,14 @@ pub fn read_rows(
             }
             Ok(count)
         }
-        Some(_) => Err(fail(
-            "not JSON: expected a JSON array or JSON Lines of {instruction, input, output}".into(),
-        )),
+        Some(b) => Err(fail(format!(
+            "{}: expected a JSON array or JSON Lines of {{instruction, input, output}}",
+            if b"\"-0123456789tfn".contains(&b) {
+                "not an array of rows"
+            } else {
+                "not JSON"
+            }
+        ))),
     }
 }
 

@@ -203,8 +203,8 @@ impl Gpt2Folder {
 pub fn load_gpt2_weights(model: Gpt, bytes: &[u8], path: &Path) -> Result<Gpt, Gpt2Error> {
     let shown = path.display().to_string();
     let device = model.ln_f.gamma.lazy_device();
-    let probe =
-        TensorReader::new(bytes, &shown, "", &device).map_err(|e| err(path, e.to_string()))?;
+    let probe = TensorReader::new(bytes, &shown, "", &device)
+        .map_err(|e| err(path, TensorReader::reason(e)))?;
     let prefix = if probe.has("transformer.wte.weight") {
         "transformer."
     } else if probe.has("wte.weight") {
@@ -216,8 +216,8 @@ pub fn load_gpt2_weights(model: Gpt, bytes: &[u8], path: &Path) -> Result<Gpt, G
         ));
     };
     let has_head = probe.has("lm_head.weight");
-    let mut r =
-        TensorReader::new(bytes, &shown, prefix, &device).map_err(|e| err(path, e.to_string()))?;
+    let mut r = TensorReader::new(bytes, &shown, prefix, &device)
+        .map_err(|e| err(path, TensorReader::reason(e)))?;
     let conv1d = LayerKeys {
         transpose: false,
         lora_a: "",
@@ -239,8 +239,8 @@ pub fn load_gpt2_weights(model: Gpt, bytes: &[u8], path: &Path) -> Result<Gpt, G
                 "missing tensor 'lm_head.weight' (tie_word_embeddings is false)",
             ));
         }
-        let mut r =
-            TensorReader::new(bytes, &shown, "", &device).map_err(|e| err(path, e.to_string()))?;
+        let mut r = TensorReader::new(bytes, &shown, "", &device)
+            .map_err(|e| err(path, TensorReader::reason(e)))?;
         let mut head = head;
         head.weight = r.load(head.weight, "lm_head.weight", true);
         r.problems().map_err(|m| err(path, m))?;
@@ -369,7 +369,7 @@ pub fn load_peft_adapter(model: Gpt, dir: &Path) -> Result<(Gpt, PeftLoraConfig)
     let shown = path.display().to_string();
     let device = model.ln_f.gamma.lazy_device();
     let mut r = TensorReader::new(&bytes, &shown, "base_model.model.transformer.", &device)
-        .map_err(|e| err(&path, e.to_string()))?;
+        .map_err(|e| err(&path, TensorReader::reason(e)))?;
     let peft = LayerKeys {
         transpose: false,
         lora_a: "lora_A.weight",

@@ -135,11 +135,26 @@ impl<'a> TensorReader<'a> {
     }
 
     /// Every recorded problem, `; `-joined, if any.
+    /// The first five, then how many more (one readable line).
     pub fn problems(self) -> Result<(), String> {
         if self.problems.is_empty() {
-            Ok(())
-        } else {
-            Err(self.problems.join("; "))
+            return Ok(());
+        }
+        let n = self.problems.len();
+        let mut msg = self.problems[..n.min(5)].join("; ");
+        if n > 5 {
+            msg.push_str(&format!("; and {} more", n - 5));
+        }
+        Err(msg)
+    }
+
+    /// The message of a [`LoadError`] from [`TensorReader::new`] without its path (for callers
+    /// that name the file themselves).
+    pub fn reason(e: LoadError) -> String {
+        match e {
+            LoadError::Format { source, .. } => format!("not a valid safetensors file: {source}"),
+            LoadError::Tensors { problems, .. } => problems.join("; "),
+            LoadError::Io { source, .. } => source.to_string(),
         }
     }
 

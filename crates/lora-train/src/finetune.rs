@@ -319,6 +319,7 @@ fn base_model(
                 .unwrap_or_else(|| dir.join("tokenizer.json"));
             let tok = Tokenizer::from_file(&tok_path)?;
             let gcfg = folder.config.gpt_config();
+            crate::lm::check_vocab(&tok, &tok_path, gcfg.vocab_size)?;
             Ok((folder.load(|c| c, device)?, gcfg, tok))
         }
         (None, Some(name)) => {

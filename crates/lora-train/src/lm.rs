@@ -15,13 +15,26 @@ pub fn load(
     device: &Device,
 ) -> anyhow::Result<(Gpt, Tokenizer)> {
     let folder = Gpt2Folder::open(dir)?;
-    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path)?;
+    check_vocab(&tokenizer, &tok_path, folder.config.gpt_config().vocab_size)?;
     let model = folder.load(|c| c, device)?;
     let model = match adapter {
         Some(a) => load_peft_adapter(model, a)?.0,
         None => model,
     };
     Ok((model.eval(), tokenizer))
+}
+
+/// Fail when the tokenizer can produce ids the model has no embedding row for.
+pub fn check_vocab(tok: &Tokenizer, tok_path: &Path, model_vocab: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        tok.vocab_size() <= model_vocab,
+        "{}: the tokenizer has {} tokens, more than the model's vocab_size {model_vocab}",
+        tok_path.display(),
+        tok.vocab_size()
+    );
+    Ok(())
 }
 
 /// Sampling settings of `generate`.
