@@ -100,8 +100,12 @@ pub struct Gpt2HfConfig {
 impl Gpt2HfConfig {
     /// Read and check `config.json`: unsupported settings are refused, naming the field.
     pub fn from_file(path: &Path) -> Result<Self, Gpt2Error> {
-        let bytes = read(path)?;
-        let cfg: Self = serde_json::from_slice(&bytes)
+        Self::from_bytes(&read(path)?, path)
+    }
+
+    /// [`from_file`](Self::from_file) on the file's bytes (`path` names it in errors).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, Gpt2Error> {
+        let cfg: Self = serde_json::from_slice(bytes)
             .map_err(|e| err(path, format!("not a GPT-2 config: {e}")))?;
         let bad = |m: String| Err(err(path, m));
         if !matches!(
@@ -284,8 +288,12 @@ fn bias_none() -> String {
 impl PeftLoraConfig {
     /// Read and check `adapter_config.json`.
     pub fn from_file(path: &Path) -> Result<Self, Gpt2Error> {
-        let bytes = read(path)?;
-        let c: Self = serde_json::from_slice(&bytes)
+        Self::from_bytes(&read(path)?, path)
+    }
+
+    /// [`from_file`](Self::from_file) on the file's bytes (`path` names it in errors).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, Gpt2Error> {
+        let c: Self = serde_json::from_slice(bytes)
             .map_err(|e| err(path, format!("not a PEFT adapter config: {e}")))?;
         if c.peft_type != "LORA" {
             return Err(err(
@@ -347,18 +355,51 @@ impl PeftLoraConfig {
 /// shape mismatches are errors naming the key and both shapes.
 pub fn load_peft_adapter(model: Gpt, dir: &Path) -> Result<(Gpt, PeftLoraConfig), Gpt2Error> {
     let cfg_path = dir.join("adapter_config.json");
-    let cfg = PeftLoraConfig::from_file(&cfg_path)?;
-    let targets = cfg.targets(&cfg_path)?;
-    if !cfg.fan_in_fan_out
-        && (targets.c_attn || targets.attn_c_proj || targets.c_fc || targets.mlp_c_proj)
-    {
+    let cfg_bytes = read(&cfg_path)?;
+    // The config's errors first: they are the more useful ones.
+    PeftLoraConfig::from_bytes(&cfg_bytes, &cfg_path)?;
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = read(&path)?;
+    load_peft_adapter_bytes(model, (&cfg_bytes, &cfg_path), (&bytes, &path))
+}
+
+/// [`load_peft_adapter`] on the bytes of `adapter_config.json` and `adapter_model.safetensors`
+/// (each with the path that names it in errors).
+pub fn load_peft_adapter_bytes(
+    model: Gpt,
+    (cfg_bytes, cfg_path): (&[u8], &Path),
+    (bytes, path): (&[u8], &Path),
+) -> Result<(Gpt, PeftLoraConfig), Gpt2Error> {
+    let cfg = PeftLoraConfig::from_bytes(cfg_bytes, cfg_path)?;
+    let targets = cfg.targets(cfg_path)?;
+    if !cfg.fan_in_fan_out && targets.any_block() {
         return Err(err(
-            &cfg_path,
+            cfg_path,
             "fan_in_fan_out is false, but GPT-2's Conv1D layers need it true",
         ));
     }
-    let path = dir.join("adapter_model.safetensors");
-    let bytes = read(&path)?;
+    // The smallest side of a targeted weight bounds the rank (and the memory A and B take).
+    let [vocab, n_embd] = model.wte.weight.lazy_shape().dims::<2>();
+    let n_pos = model.wpe.weight.lazy_shape().dims::<2>()[0];
+    let side = [
+        (targets.wte, vocab.min(n_embd)),
+        (targets.wpe, n_pos.min(n_embd)),
+        (targets.any_block(), n_embd),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, s)| s)
+    .min()
+    .unwrap_or(n_embd);
+    if cfg.r > side {
+        return Err(err(
+            cfg_path,
+            format!(
+                "r {} is larger than min(in, out) = {side} of the targeted layers",
+                cfg.r
+            ),
+        ));
+    }
     let model = model.add_lora(
         targets,
         cfg.r,
@@ -368,8 +409,8 @@ pub fn load_peft_adapter(model: Gpt, dir: &Path) -> Result<(Gpt, PeftLoraConfig)
     );
     let shown = path.display().to_string();
     let device = model.ln_f.gamma.lazy_device();
-    let mut r = TensorReader::new(&bytes, &shown, "base_model.model.transformer.", &device)
-        .map_err(|e| err(&path, TensorReader::reason(e)))?;
+    let mut r = TensorReader::new(bytes, &shown, "base_model.model.transformer.", &device)
+        .map_err(|e| err(path, TensorReader::reason(e)))?;
     let peft = LayerKeys {
         transpose: false,
         lora_a: "lora_A.weight",
@@ -408,6 +449,6 @@ pub fn load_peft_adapter(model: Gpt, dir: &Path) -> Result<(Gpt, PeftLoraConfig)
     m.wte = load_embedding(&mut r, m.wte, "wte", false, true);
     m.wpe = load_embedding(&mut r, m.wpe, "wpe", false, true);
     m.h = load_blocks(&mut r, m.h, "", &peft);
-    r.problems().map_err(|m| err(&path, m))?;
+    r.problems().map_err(|m| err(path, m))?;
     Ok((m, cfg))
 }

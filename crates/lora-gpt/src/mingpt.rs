@@ -34,6 +34,11 @@ pub struct LoraTargets {
 }
 
 impl LoraTargets {
+    /// Whether any layer inside the blocks (`c_attn`, `c_proj`, `c_fc`) is targeted.
+    pub fn any_block(&self) -> bool {
+        self.c_attn || self.attn_c_proj || self.c_fc || self.mlp_c_proj
+    }
+
     /// `attn.c_attn` and `attn.c_proj`: the exercise's targets.
     pub const ATTN: Self = Self {
         c_attn: true,

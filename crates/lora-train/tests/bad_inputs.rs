@@ -316,6 +316,13 @@ fn catalogue() -> Vec<Case> {
         ),
         case(
             "adapter",
+            "r larger than min(in, out) of the targeted layers",
+            edit_json("adapter/adapter_config.json", |v| v["r"] = 4096.into()),
+            MERGE,
+            &["adapter/adapter_config.json", "r 4096 is larger than min(in, out) = 32"],
+        ),
+        case(
+            "adapter",
             "negative lora_alpha",
             edit_json("adapter/adapter_config.json", |v| {
                 v["lora_alpha"] = (-8.0).into()
