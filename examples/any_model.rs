@@ -157,6 +157,17 @@ fn accuracy(forward: impl Fn(Tensor<2>) -> Tensor<2>, data: &Data, device: &Devi
     right as f64 / data.y.len() as f64
 }
 
+/// Largest |a(x) − b(x)| over the first 256 inputs of `data` (merged against un-merged).
+fn max_gap(
+    a: impl Fn(Tensor<2>) -> Tensor<2>,
+    b: impl Fn(Tensor<2>) -> Tensor<2>,
+    data: &Data,
+    device: &Device,
+) -> f32 {
+    let x = tensors(data, 0..256, device).0;
+    (a(x.clone()) - b(x)).abs().max().into_scalar::<f32>()
+}
+
 /// AdamW on cross-entropy, batches of 128 in order, `steps` steps.
 fn train<M: Module>(
     mut model: M,
@@ -255,11 +266,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let tuned = train(lora.clone(), LoraMlp::forward, &train_b, steps, lr, &device);
     let merged = tuned.clone().merge();
-    let x = tensors(&test_b, 0..256, &device).0;
-    let diff = (tuned.forward(x.clone()) - merged.forward(x))
-        .abs()
-        .max()
-        .into_scalar::<f32>();
+    let diff = max_gap(
+        |x| tuned.forward(x),
+        |x| merged.forward(x),
+        &test_b,
+        &device,
+    );
     println!(
         "   after {steps} LoRA steps on B: accuracy B {:.2}% (merged {:.2}%, max |merged − unmerged| {diff:.1e}), A {:.2}%; base weights moved by {:e}",
         100.0 * acc1(&tuned, &test_b),
@@ -280,11 +292,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let adapter_file = dir.join("adapter.safetensors");
     save_adapter(&tuned, &cfg, &adapter_file)?;
     let merged = merge(tuned.clone());
-    let x = tensors(&test_b, 0..256, &device).0;
-    let diff = (tuned.forward(x.clone()) - merged.forward(x))
-        .abs()
-        .max()
-        .into_scalar::<f32>();
+    let diff = max_gap(
+        |x| tuned.forward(x),
+        |x| merged.forward(x),
+        &test_b,
+        &device,
+    );
     println!(
         "   after {steps} LoRA steps on B: accuracy B {:.2}% (merged {:.2}%, max |merged − unmerged| {diff:.1e}), A {:.2}%; base weights moved by {:e}",
         100.0 * acc(&tuned, &test_b),

@@ -206,7 +206,8 @@ struct Weights {
     path: PathStack,
     containers: Vec<String>,
     out: Vec<Weight>,
-    injected: Option<String>,
+    /// Factors already attached: path (`fc1.weight.lora.a`) and shape.
+    adapters: Vec<(String, Vec<usize>)>,
 }
 
 impl ModuleVisitor for Weights {
@@ -221,7 +222,8 @@ impl ModuleVisitor for Weights {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.path.0.join(".");
         if is_adapter_path(&self.path.0) {
-            self.injected.get_or_insert(path);
+            self.adapters
+                .push((path, param.lazy_shape().dims::<D>().to_vec()));
             return;
         }
         if D == 2 {
@@ -299,7 +301,7 @@ pub fn inject<M: Module>(model: M, cfg: &InjectConfig) -> Result<M, InjectError>
     }
     let mut seen = Weights::default();
     model.visit(&mut seen);
-    if let Some(path) = seen.injected {
+    if let Some((path, _)) = seen.adapters.into_iter().next() {
         return Err(InjectError::AlreadyInjected(path));
     }
     let mut chosen = BTreeSet::new();
@@ -342,10 +344,21 @@ pub fn inject<M: Module>(model: M, cfg: &InjectConfig) -> Result<M, InjectError>
 
 /// Module paths that carry an adapter (`layers.0.fc1`), in model order.
 pub fn adapted_modules<M: Module>(model: &M) -> Vec<String> {
-    adapter_tensors(model)
+    adapters(model)
         .into_iter()
-        .filter_map(|(k, _, _)| k.strip_suffix(".lora_A.weight").map(str::to_string))
+        .filter_map(|(p, _)| {
+            peft_key(&p)?
+                .strip_suffix(".lora_A.weight")
+                .map(str::to_string)
+        })
         .collect()
+}
+
+/// The attached factors' paths and shapes (no values read).
+fn adapters<M: Module>(model: &M) -> Vec<(String, Vec<usize>)> {
+    let mut seen = Weights::default();
+    model.visit(&mut seen);
+    seen.adapters
 }
 
 /// Fold every adapter into its weight (`W ← W + s·A B`) and drop the adapters.
@@ -444,7 +457,7 @@ pub fn load_adapter<M: Module>(
     let mut values = ValuesByPath::new();
     let mut problems = vec![];
     let mut wanted = BTreeSet::new();
-    for (path, shape, _) in params_by_path(&model, |p, _| peft_key(p).is_some()) {
+    for (path, shape) in adapters(&model) {
         let key = peft_key(&path).expect("filtered");
         wanted.insert(key.clone());
         let view = match st.tensor(&key) {

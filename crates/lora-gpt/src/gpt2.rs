@@ -355,12 +355,11 @@ impl PeftLoraConfig {
 /// shape mismatches are errors naming the key and both shapes.
 pub fn load_peft_adapter(model: Gpt, dir: &Path) -> Result<(Gpt, PeftLoraConfig), Gpt2Error> {
     let cfg_path = dir.join("adapter_config.json");
-    let cfg_bytes = read(&cfg_path)?;
     // The config's errors first: they are the more useful ones.
-    PeftLoraConfig::from_bytes(&cfg_bytes, &cfg_path)?;
+    let cfg = PeftLoraConfig::from_file(&cfg_path)?;
     let path = dir.join("adapter_model.safetensors");
     let bytes = read(&path)?;
-    load_peft_adapter_bytes(model, (&cfg_bytes, &cfg_path), (&bytes, &path))
+    add_peft_adapter(model, cfg, &cfg_path, (&bytes, &path))
 }
 
 /// [`load_peft_adapter`] on the bytes of `adapter_config.json` and `adapter_model.safetensors`
@@ -368,9 +367,19 @@ pub fn load_peft_adapter(model: Gpt, dir: &Path) -> Result<(Gpt, PeftLoraConfig)
 pub fn load_peft_adapter_bytes(
     model: Gpt,
     (cfg_bytes, cfg_path): (&[u8], &Path),
-    (bytes, path): (&[u8], &Path),
+    weights: (&[u8], &Path),
 ) -> Result<(Gpt, PeftLoraConfig), Gpt2Error> {
     let cfg = PeftLoraConfig::from_bytes(cfg_bytes, cfg_path)?;
+    add_peft_adapter(model, cfg, cfg_path, weights)
+}
+
+/// Add the adapter `cfg` describes (read from `cfg_path`) with the factors in `bytes` (`path`).
+fn add_peft_adapter(
+    model: Gpt,
+    cfg: PeftLoraConfig,
+    cfg_path: &Path,
+    (bytes, path): (&[u8], &Path),
+) -> Result<(Gpt, PeftLoraConfig), Gpt2Error> {
     let targets = cfg.targets(cfg_path)?;
     if !cfg.fan_in_fan_out && targets.any_block() {
         return Err(err(

@@ -6,15 +6,8 @@ use libfuzzer_sys::fuzz_target;
 use lora_gpt::gpt2::{Gpt2HfConfig, load_gpt2_weights};
 use std::path::Path;
 
-/// gpt2-micro's configuration, as `Gpt2Folder::load` builds it (no adapters yet).
-fn micro() -> lora_gpt::GptConfig {
-    let bytes = include_bytes!("../../../crates/lora-gpt/tests/fixtures/gpt2-micro/model/config.json");
-    let mut cfg = Gpt2HfConfig::from_bytes(bytes, Path::new("config.json"))
-        .unwrap()
-        .gpt_config();
-    cfg.lora_rank = 0;
-    cfg
-}
+mod micro;
+use micro::micro;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(c) = Gpt2HfConfig::from_bytes(data, Path::new("config.json")) {

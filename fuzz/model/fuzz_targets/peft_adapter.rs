@@ -4,18 +4,11 @@
 #![no_main]
 use burn::tensor::Device;
 use libfuzzer_sys::fuzz_target;
-use lora_gpt::gpt2::{Gpt2HfConfig, load_peft_adapter_bytes};
+use lora_gpt::gpt2::load_peft_adapter_bytes;
 use std::path::Path;
 
-/// gpt2-micro's configuration, as `Gpt2Folder::load` builds it (no adapters yet).
-fn micro() -> lora_gpt::GptConfig {
-    let bytes = include_bytes!("../../../crates/lora-gpt/tests/fixtures/gpt2-micro/model/config.json");
-    let mut cfg = Gpt2HfConfig::from_bytes(bytes, Path::new("config.json"))
-        .unwrap()
-        .gpt_config();
-    cfg.lora_rank = 0;
-    cfg
-}
+mod micro;
+use micro::micro;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {

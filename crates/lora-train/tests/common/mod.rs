@@ -20,31 +20,11 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Run the binary; (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lora-train"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Expect failure with a single `error: ` line containing each of `parts`.
-pub fn fails(args: &[&str], parts: &[&str]) {
-    let (code, _, err) = run(args);
-    assert_ne!(code, 0, "{args:?} succeeded");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert!(err.starts_with("error: "), "{args:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
-    for p in parts {
-        assert!(err.contains(p), "{args:?}: {err:?} lacks {p:?}");
-    }
+    run_in(Path::new("."), args)
 }
 
 /// Run the binary in `dir`; (exit code, stdout, stderr).
-pub fn run_in(dir: &Path, args: &[String]) -> (i32, String, String) {
+pub fn run_in<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lora-train"))
         .args(args)
         .current_dir(dir)
