@@ -15,12 +15,10 @@ case $target in
   gpt2_loader)
     cp $micro/model/config.json $micro/model/model.safetensors "$seeds/" ;;
   peft_adapter)
-    python3 - "$micro/adapter" "$seeds/micro" <<'PY'
-import struct, sys
-cfg = open(sys.argv[1] + "/adapter_config.json", "rb").read()
-st = open(sys.argv[1] + "/adapter_model.safetensors", "rb").read()
-open(sys.argv[2], "wb").write(struct.pack("<H", len(cfg)) + cfg + st)
-PY
+    # u16 little-endian config length, the config, then the safetensors bytes.
+    cfg=$micro/adapter/adapter_config.json n=$(stat -c %s "$cfg")
+    { printf "\\x$(printf %02x $((n & 255)))\\x$(printf %02x $((n >> 8)))"; cat "$cfg" \
+        "$micro/adapter/adapter_model.safetensors"; } > "$seeds/micro"
     ;;
 esac
 cargo +nightly fuzz run --fuzz-dir "$dir" "$target" "$dir/corpus/$target" "$seeds" -- \

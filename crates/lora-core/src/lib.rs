@@ -12,7 +12,7 @@ pub mod inject;
 pub mod layers;
 pub mod utils;
 
-pub use dropout::dropout;
+pub use dropout::{dropout, dropout_folded};
 pub use inject::{InjectConfig, InjectError, Target, inject};
 pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,

@@ -410,3 +410,33 @@ fn host_dropout_keeps_the_law_the_seed_and_the_gradient() {
     let frozen = drop.clone().valid();
     assert_eq!(vals(dropout(&frozen, x.clone())), vals(x));
 }
+
+#[test]
+fn folded_dropout_is_burns_dropout_bit_for_bit() {
+    let d = dev().autodiff();
+    let drop = burn::nn::DropoutConfig::new(0.1).init();
+    let x = Tensor::<2>::random([64, 300], burn::tensor::Distribution::Default, &d).require_grad();
+    let w = Tensor::<2>::random([64, 300], burn::tensor::Distribution::Default, &d);
+    let run = |f: &dyn Fn(Tensor<2>) -> Tensor<2>| {
+        d.seed(11);
+        let y = f(x.clone());
+        let g = x.grad(&(y.clone() * w.clone()).sum().backward()).unwrap();
+        let bits = |t: Tensor<2>| vals(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        (bits(y), bits(g))
+    };
+    let burn = run(&|x| drop.forward(x));
+    let folded = run(&|x| crate::dropout::dropout_folded(&drop, x));
+    assert_eq!(burn, folded);
+    assert!(burn.0.contains(&0) && burn.0.iter().any(|&b| b != 0));
+    // Identity in eval mode, off the autodiff device, and at p = 0.
+    let frozen = drop.clone().valid();
+    assert_eq!(
+        vals(crate::dropout::dropout_folded(&frozen, x.clone())),
+        vals(x.clone())
+    );
+    let plain = Tensor::<2>::ones([3, 3], &dev());
+    assert_eq!(
+        vals(crate::dropout::dropout_folded(&drop, plain.clone())),
+        vals(plain)
+    );
+}

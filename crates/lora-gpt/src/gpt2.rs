@@ -310,6 +310,12 @@ impl PeftLoraConfig {
                 format!("lora_alpha {} must be positive", c.lora_alpha),
             ));
         }
+        if !(0.0..1.0).contains(&c.lora_dropout) {
+            return Err(err(
+                path,
+                format!("lora_dropout {} must be in [0, 1)", c.lora_dropout),
+            ));
+        }
         if c.bias != "none" {
             return Err(err(
                 path,

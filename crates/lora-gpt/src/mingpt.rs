@@ -13,7 +13,7 @@ use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::module::{attention, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling};
+use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling, dropout_folded};
 use serde::{Deserialize, Serialize};
 
 /// Which layers carry LoRA adapters, by module name (PEFT's `target_modules` for GPT-2).
@@ -335,9 +335,7 @@ impl CausalSelfAttention {
             let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &att.device())
                 .unsqueeze::<4>()
                 .expand([b, nh, t, t]);
-            let att = self
-                .attn_dropout
-                .forward(softmax(att.mask_fill(mask, MASKED), 3));
+            let att = dropout_folded(&self.attn_dropout, softmax(att.mask_fill(mask, MASKED), 3));
             att.matmul(v)
         } else {
             // Inference: the backend's fused causal attention, same function.
@@ -349,7 +347,7 @@ impl CausalSelfAttention {
             attention(q, k, v, None, None, options)
         };
         let y = y.swap_dims(1, 2).reshape([b, t, c]);
-        self.resid_dropout.forward(self.c_proj.forward(y))
+        dropout_folded(&self.resid_dropout, self.c_proj.forward(y))
     }
 }
 
@@ -379,8 +377,8 @@ pub fn new_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 impl Mlp {
     /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.dropout
-            .forward(self.c_proj.forward(new_gelu(self.c_fc.forward(x))))
+        let x = self.c_proj.forward(new_gelu(self.c_fc.forward(x)));
+        dropout_folded(&self.dropout, x)
     }
 }
 
@@ -442,6 +440,12 @@ pub fn cross_entropy_ignore(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tenso
 impl Gpt {
     /// `idx [batch, seq]` -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
+        self.head(self.hidden(idx))
+    }
+
+    /// `idx [batch, seq]` -> the final norm's output `[batch, seq, n_embd]` (what [`head`](Self::head)
+    /// turns into logits).
+    pub fn hidden(&self, idx: Tensor<2, Int>) -> Tensor<3> {
         let [_, t] = idx.dims();
         assert!(
             t <= self.block_size,
@@ -449,11 +453,9 @@ impl Gpt {
             self.block_size
         );
         let pos = Tensor::<1, Int>::arange(0..t as i64, &idx.device()).unsqueeze::<2>();
-        let x = self
-            .drop
-            .forward(self.wte.forward(idx) + self.wpe.forward(pos));
+        let x = dropout_folded(&self.drop, self.wte.forward(idx) + self.wpe.forward(pos));
         let x = self.h.iter().fold(x, |x, block| block.forward(x));
-        self.head(self.ln_f.forward(x))
+        self.ln_f.forward(x)
     }
 
     /// Output head: `[batch, seq, n_embd] -> [batch, seq, vocab]`. A tied head uses `wte`'s base
@@ -559,9 +561,12 @@ impl Gpt {
             } else {
                 idx.clone().narrow(1, t - self.block_size, self.block_size)
             };
-            let logits = self.forward(cond);
-            let [_, tc, vocab] = logits.dims();
-            let logits = logits.narrow(1, tc - 1, 1).reshape([b, vocab]);
+            // Only the last position's logits are needed: the head runs on that row alone.
+            let x = self.hidden(cond);
+            let [_, tc, _] = x.dims();
+            let logits = self.head(x.narrow(1, tc - 1, 1));
+            let vocab = logits.dims()[2];
+            let logits = logits.reshape([b, vocab]);
             let next = if sample {
                 let mut logits = logits.div_scalar(temperature);
                 if let Some(k) = top_k {

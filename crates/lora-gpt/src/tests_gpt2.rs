@@ -326,3 +326,34 @@ impl burn::module::ModuleMapper for RandomB {
         })
     }
 }
+
+/// Inputs the fuzz targets (`fuzz/`) crashed on, run through the same entry points: each must now
+/// be an error naming the file, not a panic. Files: `tests/fixtures/fuzz/<target>-<what>`.
+#[test]
+fn fuzz_crashes_are_errors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    let device = Device::flex();
+    let model = base(&micro(), "model", &device);
+    // peft_adapter: u16 LE config length, the config, the safetensors bytes.
+    let cases = [(
+        "peft_adapter-lora-dropout-5",
+        "lora_dropout 5 must be in [0, 1)",
+    )];
+    for (file, want) in cases {
+        let data = std::fs::read(dir.join(file)).unwrap();
+        let n = u16::from_le_bytes([data[0], data[1]]) as usize;
+        let (cfg, st) = data[2..].split_at(n);
+        let e = crate::gpt2::load_peft_adapter_bytes(
+            model.clone(),
+            (cfg, Path::new("adapter_config.json")),
+            (st, Path::new("adapter_model.safetensors")),
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("adapter_config.json") && e.contains(want),
+            "{file}: {e}"
+        );
+    }
+}

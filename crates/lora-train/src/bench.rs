@@ -27,10 +27,16 @@ pub struct Row {
 
 /// `reps` forward passes queued back to back, the last one read back so all the work is done
 /// (one device sync per `reps` passes, as a serving loop would have).
-fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize) {
+fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize, all_logits: bool) {
     let mut last = None;
     for _ in 0..reps {
-        last = Some(model.forward(idx.clone()));
+        last = Some(if all_logits {
+            model.forward(idx.clone())
+        } else {
+            let x = model.hidden(idx.clone());
+            let t = x.dims()[1];
+            model.head(x.narrow(1, t - 1, 1))
+        });
     }
     let logits = last.expect("reps >= 1");
     let [b, t, v] = logits.dims();
@@ -38,37 +44,68 @@ fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize) {
 }
 
 /// Median ms per forward pass of each model: `warmup` rounds of all (autotuning happens there),
-/// then `iters` rounds, interleaved so drifts (clocks, other load) hit every variant alike.
+/// then `iters` rounds, interleaved so drifts (clocks, other load) hit every variant alike, each
+/// round starting at the next model so none always pays for what the round before left behind
+/// (freed buffers, a cold cache).
 fn time_forward(
     models: &[&Gpt],
     idx: &Tensor<2, Int>,
     warmup: usize,
     iters: usize,
     reps: usize,
-) -> Vec<f64> {
+    all_logits: bool,
+) -> Vec<Vec<f64>> {
     for _ in 0..warmup {
-        models.iter().for_each(|m| forward_reps(m, idx, reps));
+        models
+            .iter()
+            .for_each(|m| forward_reps(m, idx, reps, all_logits));
     }
     let mut ms = vec![vec![]; models.len()];
-    for _ in 0..iters {
-        for (m, out) in models.iter().zip(ms.iter_mut()) {
+    for round in 0..iters {
+        for k in 0..models.len() {
+            let i = (round + k) % models.len();
             let t0 = Instant::now();
-            forward_reps(m, idx, reps);
-            out.push(1000.0 * t0.elapsed().as_secs_f64() / reps as f64);
+            forward_reps(models[i], idx, reps, all_logits);
+            ms[i].push(1000.0 * t0.elapsed().as_secs_f64() / reps as f64);
         }
     }
-    ms.into_iter().map(median).collect()
+    ms
+}
+
+/// Settings of the `infer` suite.
+#[derive(Debug, Clone)]
+pub struct InferBench {
+    /// Backend.
+    pub backend: Backend,
+    /// Tokens per pass (batch 1).
+    pub seq: usize,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Adapted layers (block layers only).
+    pub targets: LoraTargets,
+    /// Timed rounds.
+    pub iters: usize,
+    /// Passes per round, read back once.
+    pub reps: usize,
+    /// Logits of every position (else only the last one's).
+    pub all_logits: bool,
 }
 
 /// Run the `infer` suite.
-pub fn infer(
-    backend: Backend,
-    seq: usize,
-    rank: usize,
-    iters: usize,
-    reps: usize,
-    out: &Path,
-) -> anyhow::Result<serde_json::Value> {
+pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
+    let InferBench {
+        backend,
+        seq,
+        rank,
+        targets,
+        iters,
+        reps,
+        all_logits,
+    } = b.clone();
+    anyhow::ensure!(
+        !targets.wte && !targets.wpe,
+        "--lora-targets: the infer bench adapts block layers only (attn, mlp)"
+    );
     let device: Device = backend.device()?;
     device.seed(0);
     let cfg = GptConfig::from_model_type("gpt2", 50257, 1024)
@@ -79,29 +116,36 @@ pub fn infer(
     let base = cfg.init(&device).valid();
     let ids: Tensor<2, Int> =
         Tensor::<2>::random([1, seq], Distribution::Uniform(0.0, 50257.0), &device).int();
-    let mut lora = base.clone().add_lora(
-        LoraTargets {
-            c_attn: true,
-            ..Default::default()
-        },
-        rank,
-        16.0,
-        0.0,
-        Scaling::AlphaOverRank,
-    );
+    let mut lora = base
+        .clone()
+        .add_lora(targets, rank, 16.0, 0.0, Scaling::AlphaOverRank);
+    // Non-zero B, so the merge changes the weights.
     for b in lora.h.iter_mut() {
-        b.attn.c_attn.lora_b = b
-            .attn
-            .c_attn
-            .lora_b
-            .take()
-            .map(|p| p.map(|t| t.random_like(Distribution::Normal(0.0, 0.02))));
+        let layers = [
+            &mut b.attn.c_attn,
+            &mut b.attn.c_proj,
+            &mut b.mlp.c_fc,
+            &mut b.mlp.c_proj,
+        ];
+        for l in layers {
+            l.lora_b = l
+                .lora_b
+                .take()
+                .map(|p| p.map(|t| t.random_like(Distribution::Normal(0.0, 0.02))));
+        }
     }
     let merged = lora.clone().merge();
     let names = ["base", "lora_unmerged", "lora_merged"];
-    let times = time_forward(&[&base, &lora, &merged], &ids, 5, iters, reps.max(1));
+    let samples = time_forward(
+        &[&base, &lora, &merged],
+        &ids,
+        5,
+        iters,
+        reps.max(1),
+        all_logits,
+    );
     let mut rows = vec![];
-    for (name, ms) in names.into_iter().zip(times) {
+    for (name, ms) in names.into_iter().zip(samples.iter().cloned().map(median)) {
         println!(
             "{name:>14}: {ms:9.2} ms  {:10.0} tokens/s",
             seq as f64 / (ms / 1000.0)
@@ -118,9 +162,10 @@ pub fn infer(
         "suite": "infer",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"batch": 1, "seq": seq, "passes_per_sync": reps, "model": "gpt2 (124M, random weights)", "lora": format!("c_attn r{rank}")},
+        "shape": {"batch": 1, "seq": seq, "passes_per_sync": reps, "logits": if all_logits { "all positions" } else { "last position" }, "model": "gpt2 (124M, random weights)", "lora": format!("{targets} r{rank}")},
         "rows": rows,
         "ratios": {"merged_over_base": ratio(2), "unmerged_over_base": ratio(1)},
+        "samples_ms": names.iter().zip(&samples).map(|(n, v)| (n.to_string(), v.clone().into())).collect::<serde_json::Map<_, _>>(),
     });
     println!(
         "merged / base = {:.3}   unmerged / base = {:.3}",

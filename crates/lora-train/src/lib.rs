@@ -10,7 +10,7 @@ pub mod merge;
 pub mod plot;
 pub mod sort_demo;
 
-pub use backend::Backend;
+pub use backend::{Backend, on_worker_pool};
 
 #[cfg(test)]
 mod tests;

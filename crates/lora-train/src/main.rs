@@ -261,6 +261,15 @@ struct BenchFinetuneArgs {
     out: PathBuf,
 }
 
+/// Which positions' logits the infer bench computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Logits {
+    /// Every position.
+    All,
+    /// The last position only.
+    Last,
+}
+
 #[derive(clap::Args)]
 struct InferArgs {
     /// Compute backend.
@@ -269,15 +278,23 @@ struct InferArgs {
     /// Tokens per forward pass (batch 1).
     #[arg(long, default_value_t = 1024)]
     seq: usize,
-    /// LoRA rank on c_attn.
+    /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     rank: usize,
+    /// Layers with LoRA: attn (c_attn, attn c_proj) plus any of mlp (c_fc, mlp c_proj); the
+    /// default is the PEFT anchor's `target_modules=["c_attn", "c_proj", "c_fc"]`.
+    #[arg(long, default_value = "attn,mlp")]
+    lora_targets: LoraTargets,
     /// Timed rounds (median reported).
     #[arg(long, default_value_t = 10)]
     iters: usize,
     /// Forward passes per round, read back once (wgpu: >1 was 10x slower per pass on an H100, under study).
     #[arg(long, default_value_t = 1)]
     reps: usize,
+    /// Logits of every position (a scoring pass, as transformers' forward) or only of the last
+    /// (a generation step's prefill).
+    #[arg(long, value_enum, default_value = "all")]
+    logits: Logits,
     /// Report path.
     #[arg(long, default_value = "target/bench/infer.json")]
     out: PathBuf,
@@ -305,7 +322,16 @@ struct BenchDataArgs {
 fn bench(c: BenchCommand) -> anyhow::Result<()> {
     match c {
         BenchCommand::Infer(a) => {
-            lora_train::bench::infer(a.backend, a.seq, a.rank, a.iters.max(1), a.reps, &a.out)?;
+            let b = lora_train::bench::InferBench {
+                backend: a.backend,
+                seq: a.seq,
+                rank: a.rank,
+                targets: a.lora_targets,
+                iters: a.iters.max(1),
+                reps: a.reps,
+                all_logits: a.logits == Logits::All,
+            };
+            lora_train::bench::infer(&b, &a.out)?;
         }
         BenchCommand::Finetune(a) => {
             let shape = lora_train::bench::FinetuneShape {
@@ -700,7 +726,7 @@ fn sort_demo(args: SortDemoArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = lora_train::on_worker_pool(move || match cli.command {
         Command::SortDemo(args) => sort_demo(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
@@ -710,7 +736,7 @@ fn main() -> ExitCode {
             .map(|_| println!("wrote {}", a.out.display())),
         Command::Data(a) => data(a),
         Command::Bench(c) => bench(c),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -332,6 +332,15 @@ fn catalogue() -> Vec<Case> {
         ),
         case(
             "adapter",
+            "lora_dropout outside [0, 1) (found by fuzzing)",
+            edit_json("adapter/adapter_config.json", |v| {
+                v["lora_dropout"] = 5.0.into()
+            }),
+            MERGE,
+            &["adapter/adapter_config.json", "lora_dropout 5 must be in [0, 1)"],
+        ),
+        case(
+            "adapter",
             "unknown peft_type",
             edit_json("adapter/adapter_config.json", |v| {
                 v["peft_type"] = "IA3".into()
