@@ -157,15 +157,36 @@ fn accuracy(forward: impl Fn(Tensor<2>) -> Tensor<2>, data: &Data, device: &Devi
     right as f64 / data.y.len() as f64
 }
 
-/// Largest |a(x) − b(x)| over the first 256 inputs of `data` (merged against un-merged).
-fn max_gap(
-    a: impl Fn(Tensor<2>) -> Tensor<2>,
-    b: impl Fn(Tensor<2>) -> Tensor<2>,
-    data: &Data,
-    device: &Device,
-) -> f32 {
-    let x = tensors(data, 0..256, device).0;
-    (a(x.clone()) - b(x)).abs().max().into_scalar::<f32>()
+/// The test sets of tasks A and B.
+struct Tests<'a> {
+    a: &'a Data,
+    b: &'a Data,
+    device: &'a Device,
+}
+
+impl Tests<'_> {
+    /// Print what LoRA training on B gave: accuracies of the tuned and merged model, the largest
+    /// |merged − unmerged| logit over the first 256 inputs of B, and how far the base moved.
+    fn report<M: Module>(
+        &self,
+        forward: impl Fn(&M, Tensor<2>) -> Tensor<2>,
+        [before, tuned, merged]: [&M; 3],
+        steps: usize,
+    ) {
+        let acc = |m: &M, d: &Data| accuracy(|x| forward(m, x), d, self.device);
+        let x = tensors(self.b, 0..256, self.device).0;
+        let gap = (forward(tuned, x.clone()) - forward(merged, x))
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        println!(
+            "   after {steps} LoRA steps on B: accuracy B {:.2}% (merged {:.2}%, max |merged − unmerged| {gap:.1e}), A {:.2}%; base weights moved by {:e}",
+            100.0 * acc(tuned, self.b),
+            100.0 * acc(merged, self.b),
+            100.0 * acc(tuned, self.a),
+            base_moved(before, tuned)
+        );
+    }
 }
 
 /// AdamW on cross-entropy, batches of 128 in order, `steps` steps.
@@ -248,6 +269,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         100.0 * acc(&mlp, &test_b)
     );
     let (rank, alpha, steps, lr) = (4, 8.0, 600, 3e-3);
+    let tests = Tests {
+        a: &test_a,
+        b: &test_b,
+        device: &device,
+    };
 
     // Route 1: drop-in types. Save the plain model, load its record into the LoRA struct.
     println!("\n1. drop-in: LoraLinear fields, the plain model's record loaded unchanged");
@@ -266,19 +292,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let tuned = train(lora.clone(), LoraMlp::forward, &train_b, steps, lr, &device);
     let merged = tuned.clone().merge();
-    let diff = max_gap(
-        |x| tuned.forward(x),
-        |x| merged.forward(x),
-        &test_b,
-        &device,
-    );
-    println!(
-        "   after {steps} LoRA steps on B: accuracy B {:.2}% (merged {:.2}%, max |merged − unmerged| {diff:.1e}), A {:.2}%; base weights moved by {:e}",
-        100.0 * acc1(&tuned, &test_b),
-        100.0 * acc1(&merged, &test_b),
-        100.0 * acc1(&tuned, &test_a),
-        base_moved(&lora, &tuned)
-    );
+    tests.report(LoraMlp::forward, [&lora, &tuned, &merged], steps);
 
     // Route 2: no code change. Inject adapters into the user's own `Mlp`.
     println!(
@@ -292,19 +306,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let adapter_file = dir.join("adapter.safetensors");
     save_adapter(&tuned, &cfg, &adapter_file)?;
     let merged = merge(tuned.clone());
-    let diff = max_gap(
-        |x| tuned.forward(x),
-        |x| merged.forward(x),
-        &test_b,
-        &device,
-    );
-    println!(
-        "   after {steps} LoRA steps on B: accuracy B {:.2}% (merged {:.2}%, max |merged − unmerged| {diff:.1e}), A {:.2}%; base weights moved by {:e}",
-        100.0 * acc(&tuned, &test_b),
-        100.0 * acc(&merged, &test_b),
-        100.0 * acc(&tuned, &test_a),
-        base_moved(&injected, &tuned)
-    );
+    tests.report(Mlp::forward, [&injected, &tuned, &merged], steps);
     println!(
         "   adapter file: {} bytes (A / B only, PEFT names)",
         std::fs::metadata(&adapter_file)?.len()

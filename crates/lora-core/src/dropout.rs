@@ -10,10 +10,15 @@ use burn::nn::Dropout;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
 
+/// Whether `d` drops anything of `x`: training, `prob > 0`, on an autodiff device (Burn's rule).
+fn active<const D: usize>(d: &Dropout, x: &Tensor<D>) -> bool {
+    d.training.is_enabled() && d.prob != 0.0 && x.device().is_autodiff()
+}
+
 /// Burn's `Dropout::forward` with the same draws and the same values (forward and gradient),
 /// the `1/keep` scale folded into the mask: one differentiable multiply instead of two.
 pub fn dropout_folded<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    if !d.training.is_enabled() || !x.device().is_autodiff() || d.prob == 0.0 {
+    if !active(d, &x) {
         return x;
     }
     let keep = 1.0 - d.prob;
@@ -26,13 +31,10 @@ pub fn dropout_folded<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
 
 /// `d` applied to `x` (identity unless `d` is training on an autodiff device with `prob > 0`).
 pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    if !d.training.is_enabled() || d.prob == 0.0 {
+    if !active(d, &x) {
         return x;
     }
     let device = x.device();
-    if !device.is_autodiff() {
-        return x;
-    }
     if device.identity().is_some() {
         return d.forward(x);
     }

@@ -458,6 +458,16 @@ impl Gpt {
         self.ln_f.forward(x)
     }
 
+    /// `idx [batch, seq]` -> the last position's logits `[batch, vocab]`, the head run on that row
+    /// alone (what a generation step needs).
+    pub fn last_logits(&self, idx: Tensor<2, Int>) -> Tensor<2> {
+        let x = self.hidden(idx);
+        let [b, t, _] = x.dims();
+        let logits = self.head(x.narrow(1, t - 1, 1));
+        let vocab = logits.dims()[2];
+        logits.reshape([b, vocab])
+    }
+
     /// Output head: `[batch, seq, n_embd] -> [batch, seq, vocab]`. A tied head uses `wte`'s base
     /// table, without its LoRA delta, as PEFT's unmerged model does.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
@@ -555,18 +565,13 @@ impl Gpt {
     ) -> Tensor<2, Int> {
         let mut idx = idx;
         for _ in 0..max_new_tokens {
-            let [b, t] = idx.dims();
+            let t = idx.dims()[1];
             let cond = if t <= self.block_size {
                 idx.clone()
             } else {
                 idx.clone().narrow(1, t - self.block_size, self.block_size)
             };
-            // Only the last position's logits are needed: the head runs on that row alone.
-            let x = self.hidden(cond);
-            let [_, tc, _] = x.dims();
-            let logits = self.head(x.narrow(1, tc - 1, 1));
-            let vocab = logits.dims()[2];
-            let logits = logits.reshape([b, vocab]);
+            let logits = self.last_logits(cond);
             let next = if sample {
                 let mut logits = logits.div_scalar(temperature);
                 if let Some(k) = top_k {

@@ -31,16 +31,14 @@ fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize, all_logits: bool
     let mut last = None;
     for _ in 0..reps {
         last = Some(if all_logits {
-            model.forward(idx.clone())
+            let logits = model.forward(idx.clone());
+            let [b, t, v] = logits.dims();
+            logits.narrow(1, t - 1, 1).reshape([b, v])
         } else {
-            let x = model.hidden(idx.clone());
-            let t = x.dims()[1];
-            model.head(x.narrow(1, t - 1, 1))
+            model.last_logits(idx.clone())
         });
     }
-    let logits = last.expect("reps >= 1");
-    let [b, t, v] = logits.dims();
-    let _ = logits.narrow(1, t - 1, 1).reshape([b, v]).into_data();
+    let _ = last.expect("reps >= 1").into_data();
 }
 
 /// Median ms per forward pass of each model: `warmup` rounds of all (autotuning happens there),
@@ -73,7 +71,7 @@ fn time_forward(
 }
 
 /// Settings of the `infer` suite.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct InferBench {
     /// Backend.
     pub backend: Backend,
@@ -101,7 +99,7 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         iters,
         reps,
         all_logits,
-    } = b.clone();
+    } = *b;
     anyhow::ensure!(
         !targets.wte && !targets.wpe,
         "--lora-targets: the infer bench adapts block layers only (attn, mlp)"
