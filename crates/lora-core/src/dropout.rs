@@ -7,12 +7,31 @@
 //! a function of `device.seed(..)`. Devices with their own RNG kernels (GPUs) use Burn's.
 
 use burn::nn::Dropout;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Shape, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
 
 /// Whether `d` drops anything of `x`: training, `prob > 0`, on an autodiff device (Burn's rule).
 fn active<const D: usize>(d: &Dropout, x: &Tensor<D>) -> bool {
-    d.training.is_enabled() && d.prob != 0.0 && x.device().is_autodiff()
+    active_on(d, &x.device())
+}
+
+fn active_on(d: &Dropout, device: &Device) -> bool {
+    d.training.is_enabled() && d.prob != 0.0 && device.is_autodiff()
+}
+
+/// The `{0, 1/keep}` mask of shape `shape` that [`dropout_folded`] would multiply a tensor of that
+/// shape on `device` by (the same draws), or `None` where `d` drops nothing. For ops that take
+/// the mask as an input (fused attention).
+pub fn dropout_mask<const D: usize>(
+    d: &Dropout,
+    shape: impl Into<Shape>,
+    device: &Device,
+) -> Option<Tensor<D>> {
+    if !active_on(d, device) {
+        return None;
+    }
+    let keep = 1.0 - d.prob;
+    Some(Tensor::random(shape, Distribution::Bernoulli(keep), device).mul_scalar(1.0 / keep))
 }
 
 /// Burn's `Dropout::forward` with the same draws and the same values (forward and gradient),

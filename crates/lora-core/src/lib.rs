@@ -12,7 +12,7 @@ pub mod inject;
 pub mod layers;
 pub mod utils;
 
-pub use dropout::{dropout, dropout_folded};
+pub use dropout::{dropout, dropout_folded, dropout_mask};
 pub use inject::{InjectConfig, InjectError, Target, inject};
 pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,

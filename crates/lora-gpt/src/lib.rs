@@ -1,6 +1,7 @@
 //! GPT models with LoRA: minGPT (karpathy/minGPT, the LoRA exercise's `GPT_LoRA`).
 
 pub mod export;
+pub mod fused;
 pub mod gpt2;
 pub mod mingpt;
 pub mod optim;
@@ -13,3 +14,6 @@ mod tests;
 
 #[cfg(test)]
 mod tests_gpt2;
+
+#[cfg(test)]
+mod tests_fused;

@@ -4,16 +4,17 @@
 //! `h[i].mlp.c_proj`, `ln_f`, `lm_head`. Every Linear but `lm_head` is a [`LoraLinear`] and both
 //! embeddings are [`LoraEmbedding`]s; layers not in [`LoraTargets`] get rank 0 (plain layers).
 
+use crate::fused;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::module::{attention, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling, dropout_folded};
+use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling, dropout_folded, dropout_mask};
 use serde::{Deserialize, Serialize};
 
 /// Which layers carry LoRA adapters, by module name (PEFT's `target_modules` for GPT-2).
@@ -327,16 +328,15 @@ impl CausalSelfAttention {
             qkv.next().unwrap(),
             qkv.next().unwrap(),
         );
-        let training = self.attn_dropout.training.is_enabled() && q.device().is_autodiff();
+        let device = q.device();
+        let training = self.attn_dropout.training.is_enabled() && device.is_autodiff();
         let y = if training {
-            let att = q
-                .matmul(k.swap_dims(2, 3))
-                .mul_scalar(1.0 / (hs as f64).sqrt());
-            let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &att.device())
-                .unsqueeze::<4>()
-                .expand([b, nh, t, t]);
-            let att = dropout_folded(&self.attn_dropout, softmax(att.mask_fill(mask, MASKED), 3));
-            att.matmul(v)
+            // One autodiff node that keeps q, k, v (and the dropout mask), not the scores.
+            let keep = dropout_mask(&self.attn_dropout, [b, nh, t, t], &device);
+            let bias = Tensor::<2>::zeros([t, t], &device)
+                .mask_fill(Tensor::<2, Bool>::tril_mask([t, t], 0, &device), MASKED)
+                .reshape([1, 1, t, t]);
+            fused::causal_attention(q, k, v, bias, keep, 1.0 / (hs as f64).sqrt())
         } else {
             // Inference: the backend's fused causal attention, same function.
             let options = AttentionModuleOptions {
@@ -366,12 +366,10 @@ pub struct Mlp {
 /// `0.5·x·(1 + tanh(u)) = x·sigmoid(2u)`, `u = √(2/π)·(x + 0.044715·x³)`.
 ///
 /// Written with `sigmoid` because it is the same function and CPU backends evaluate it several
-/// times faster than `tanh`.
+/// times faster than `tanh`; one fused op ([`fused::gelu_tanh`]) that keeps only `x` for the
+/// backward pass.
 pub fn new_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
-    let x3 = x.clone() * x.clone() * x.clone();
-    let u2 = (x.clone() + x3.mul_scalar(0.044715)).mul_scalar(c);
-    x * sigmoid(u2)
+    fused::gelu_tanh(x)
 }
 
 impl Mlp {
@@ -428,13 +426,11 @@ pub struct Gpt {
 /// targets < 0 (PyTorch's `ignore_index=-1`).
 pub fn cross_entropy_ignore(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     let [b, t, v] = logits.dims();
-    let targets = targets.reshape([b * t]);
+    let targets = targets.reshape([b * t, 1]);
     let keep = targets.clone().greater_equal_elem(0).float();
-    let logp = log_softmax(logits.reshape([b * t, v]), 1);
-    let picked = logp
-        .gather(1, targets.clamp_min(0).reshape([b * t, 1]))
-        .reshape([b * t]);
-    (picked * keep.clone()).sum().neg() / keep.sum()
+    // One autodiff node: keeps the logits, not log-softmax's `[b·t, vocab]` intermediates.
+    let nll = fused::nll(logits.reshape([b * t, v]), targets.clamp_min(0));
+    (nll * keep.clone()).sum() / keep.sum()
 }
 
 impl Gpt {

@@ -222,7 +222,11 @@ fn child_row(suite: &str, name: &str, flags: &[(&str, String)]) -> anyhow::Resul
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["bench", suite, "--only", name]);
     for (flag, value) in flags {
-        cmd.args([flag, value.as_str()]);
+        cmd.arg(flag);
+        // An empty value: a switch.
+        if !value.is_empty() {
+            cmd.arg(value);
+        }
     }
     let (stdout, err, ok, _) = run_measured(&mut cmd)?;
     anyhow::ensure!(ok, "bench {suite} {name}: {}", err.trim());
@@ -360,6 +364,8 @@ pub struct FinetuneShape {
     pub n_layer: usize,
     /// Timed steps (after one warm-up step).
     pub steps: usize,
+    /// Recompute memory-bound activations in the backward pass (Burn's balanced checkpointing).
+    pub checkpointing: bool,
 }
 
 /// One variant in this process: median ms per optimizer step (forward, backward, AdamW).
@@ -370,6 +376,11 @@ fn finetune_variant(
 ) -> anyhow::Result<Row> {
     use burn::optim::AdamWConfig;
     let device = backend.device()?.autodiff();
+    let device = if shape.checkpointing {
+        device.gradient_checkpointing()
+    } else {
+        device
+    };
     device.seed(0);
     let mut cfg = GptConfig::from_model_type("gpt2", 50257, 1024)
         .map_err(anyhow::Error::msg)?
@@ -438,13 +449,16 @@ pub fn finetune(
         println!("{}", serde_json::to_string(&row)?);
         return Ok(serde_json::to_value(row)?);
     }
-    let flags = [
+    let mut flags = vec![
         ("--backend", backend.name().to_string()),
         ("--batch", shape.batch.to_string()),
         ("--seq", shape.seq.to_string()),
         ("--n-layer", shape.n_layer.to_string()),
         ("--steps", shape.steps.to_string()),
     ];
+    if shape.checkpointing {
+        flags.push(("--gradient-checkpointing", String::new()));
+    }
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
         let row = child_row("finetune", name, &flags)?;
@@ -467,7 +481,7 @@ pub fn finetune(
         "suite": "finetune",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
+        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "gradient_checkpointing": shape.checkpointing, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
         "rows": rows,
         "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory},
     });

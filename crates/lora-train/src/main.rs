@@ -253,6 +253,9 @@ struct BenchFinetuneArgs {
     /// Timed steps per variant (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Run one variant in this process (used by the suite itself).
     #[arg(long, hide = true)]
     only: Option<String>,
@@ -339,6 +342,7 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 seq: a.seq,
                 n_layer: a.n_layer,
                 steps: a.steps.max(1),
+                checkpointing: a.gradient_checkpointing,
             };
             lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), &a.out)?;
         }

@@ -1,0 +1,386 @@
+//! Training attention, cross-entropy and GELU as one autodiff node each.
+//!
+//! Written with Burn's tensor ops, Burn's autodiff keeps every intermediate of causal attention
+//! (scores, the mask fill, softmax's pieces, the dropout product: several `[batch, head, seq, seq]`
+//! tensors per layer), of log-softmax over the vocabulary and of GELU's polynomial until the
+//! backward pass. These ops keep only their inputs and recompute the rest in their hand-written backward passes, as
+//! PyTorch's fused kernels do: the same functions, a fraction of the memory and of the graph.
+//!
+//! They are a [`backend_extension`]: plain backend ops on flex, ndarray and the cubecl backends
+//! (wgpu, vulkan), and the hand-written backward on their autodiff devices.
+
+#![allow(deprecated)] // `NdArray`: deprecated upstream, still one of our backends.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
+use burn::tensor::IndexingUpdateOp;
+use burn::tensor::{Int, Tensor};
+
+/// The fused ops, per backend.
+#[backend_extension(Cube, Flex, NdArray, Autodiff)]
+pub trait GptKernels: Backend {
+    /// Causal attention `(softmax(q·kᵀ·scale + bias)·keep)·v`: q, k, v `[batch, head, seq, d]`,
+    /// bias `[1, 1, seq, seq]` (0 on and below the diagonal, −∞ above), keep `[batch, head, seq,
+    /// seq]` the dropout mask `{0, 1/keep}` -> `[batch, head, seq, d]`.
+    fn causal_attention_dropout(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        keep: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+
+    /// [`causal_attention_dropout`](Self::causal_attention_dropout) without dropout.
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+
+    /// Negative log-likelihood of each row: logits `[n, vocab]`, targets `[n, 1]` in `0..vocab`
+    /// -> `[n, 1]` `= −log_softmax(logits)[target]`.
+    fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self>;
+
+    /// GELU, tanh approximation (GPT-2's `gelu_new`), any shape: `x·sigmoid(2u)`,
+    /// `u = √(2/π)·(x + 0.044715·x³)`.
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// `2·√(2/π)`.
+fn gelu_c() -> f64 {
+    2.0 * (2.0 / std::f64::consts::PI).sqrt()
+}
+
+/// `sigmoid(2u)` of [`GptKernels::gelu_tanh`].
+fn gelu_gate<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let x3 = B::float_mul(B::float_mul(x.clone(), x.clone()), x.clone());
+    let u2 = B::float_add(x, B::float_mul_scalar(x3, 0.044715f64.into()));
+    B::sigmoid(B::float_mul_scalar(u2, gelu_c().into()))
+}
+
+fn gelu_forward<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(x.clone(), gelu_gate::<B>(x))
+}
+
+/// Attention probabilities `softmax(q·kᵀ·scale + bias)`, `[batch, head, seq, seq]`.
+fn probs<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let scores = B::float_mul_scalar(
+        B::float_matmul(q, B::float_swap_dims(k, 2, 3)),
+        scale.into(),
+    );
+    B::softmax(B::float_add(scores, bias), 3)
+}
+
+fn attention_forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    keep: Option<FloatTensor<B>>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let p = probs::<B>(q, k, bias, scale);
+    let p = match keep {
+        Some(m) => B::float_mul(p, m),
+        None => p,
+    };
+    B::float_matmul(p, v)
+}
+
+/// `−log_softmax(x)[target] = log Σ exp(x − max) − (x[target] − max)` per row of `x [n, vocab]`,
+/// and `max + log Σ exp(x − max)` (what the gradient needs).
+fn nll_forward<B: Backend>(
+    x: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let max = B::float_max_dim(x.clone(), 1);
+    let shifted = B::float_sub(x, max.clone());
+    let lse = B::float_log(B::float_sum_dim(B::float_exp(shifted.clone()), 1));
+    let out = B::float_sub(lse.clone(), B::float_gather(1, shifted, targets));
+    (out, B::float_add(max, lse))
+}
+
+macro_rules! plain_backend {
+    ($($b:ty),*) => {$(
+        impl GptKernels for $b {
+            fn causal_attention_dropout(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+                keep: FloatTensor<Self>,
+                scale: f64,
+            ) -> FloatTensor<Self> {
+                attention_forward::<Self>(q, k, v, bias, Some(keep), scale)
+            }
+
+            fn causal_attention(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+                scale: f64,
+            ) -> FloatTensor<Self> {
+                attention_forward::<Self>(q, k, v, bias, None, scale)
+            }
+
+            fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+                nll_forward::<Self>(logits, targets).0
+            }
+
+            fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+                gelu_forward::<Self>(x)
+            }
+        }
+    )*};
+}
+
+plain_backend!(Cube, Flex, NdArray);
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+type AttentionState<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+    f64,
+);
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (q, k, v, bias, keep, scale) = ops.state;
+        // Recompute the probabilities; the dropped ones are `p·keep`.
+        let p = probs::<B>(q.clone(), k.clone(), bias, scale);
+        if let Some(node) = node_v {
+            let pd = match &keep {
+                Some(m) => B::float_mul(p.clone(), m.clone()),
+                None => p.clone(),
+            };
+            grads.register::<B>(
+                node.id,
+                B::float_matmul(B::float_swap_dims(pd, 2, 3), dy.clone()),
+            );
+        }
+        if node_q.is_none() && node_k.is_none() {
+            return;
+        }
+        let dp = B::float_matmul(dy, B::float_swap_dims(v, 2, 3));
+        let dp = match keep {
+            Some(m) => B::float_mul(dp, m),
+            None => dp,
+        };
+        // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
+        let rows = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
+        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, rows)), scale.into());
+        if let Some(node) = node_q {
+            grads.register::<B>(node.id, B::float_matmul(ds.clone(), k));
+        }
+        if let Some(node) = node_k {
+            grads.register::<B>(node.id, B::float_matmul(B::float_swap_dims(ds, 2, 3), q));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NllBackward;
+
+impl<B: Backend> Backward<B, 1> for NllBackward {
+    /// Logits, targets, `max + log Σ exp(x − max)` per row.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        let Some(node) = node else { return };
+        let (x, targets, lse) = ops.state;
+        // d/dx = (softmax(x) − onehot(target))·g.
+        let softmax = B::float_exp(B::float_sub(x, lse));
+        let minus_one = B::float_full(g.shape(), (-1.0f64).into(), &g.device(), g.dtype().into());
+        let d = B::float_scatter(1, softmax, targets, minus_one, IndexingUpdateOp::Add);
+        grads.register::<B>(node.id, B::float_mul(d, g));
+    }
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl<B: Backend> Backward<B, 1> for GeluBackward {
+    /// The input.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        let Some(node) = node else { return };
+        let x = ops.state;
+        // d/dx x·s(2u) = s + x·s·(1 − s)·c·(1 + 3·0.044715·x²), s = sigmoid(2u).
+        let s = gelu_gate::<B>(x.clone());
+        let slope = B::float_mul_scalar(
+            B::float_add_scalar(
+                B::float_mul_scalar(
+                    B::float_mul(x.clone(), x.clone()),
+                    (3.0 * 0.044715f64).into(),
+                ),
+                1.0f64.into(),
+            ),
+            gelu_c().into(),
+        );
+        let ds = B::float_sub(s.clone(), B::float_mul(s.clone(), s.clone()));
+        let d = B::float_add(s, B::float_mul(B::float_mul(x, ds), slope));
+        grads.register::<B>(node.id, B::float_mul(g, d));
+    }
+}
+
+/// The autodiff side of both attention ops.
+fn autodiff_attention<B: Backend, C: CheckpointStrategy>(
+    q: FloatTensor<Autodiff<B, C>>,
+    k: FloatTensor<Autodiff<B, C>>,
+    v: FloatTensor<Autodiff<B, C>>,
+    bias: FloatTensor<Autodiff<B, C>>,
+    keep: Option<FloatTensor<Autodiff<B, C>>>,
+    scale: f64,
+) -> FloatTensor<Autodiff<B, C>> {
+    let bias = bias.into_primitive();
+    let keep = keep.map(|m| m.into_primitive());
+    match AttentionBackward
+        .prepare::<C>([q.node(), k.node(), v.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+            let out = attention_forward::<B>(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                bias.clone(),
+                keep.clone(),
+                scale,
+            );
+            prep.finish((q, k, v, bias, keep, scale), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(attention_forward::<B>(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            bias,
+            keep,
+            scale,
+        )),
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
+    fn causal_attention_dropout(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        keep: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        autodiff_attention::<B, C>(q, k, v, bias, Some(keep), scale)
+    }
+
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        autodiff_attention::<B, C>(q, k, v, bias, None, scale)
+    }
+
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive();
+                prep.finish(x.clone(), gelu_forward::<B>(x))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(gelu_forward::<B>(x.into_primitive())),
+        }
+    }
+
+    fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        match NllBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = logits.into_primitive();
+                let (out, lse) = nll_forward::<B>(x.clone(), targets.clone());
+                prep.finish((x, targets, lse), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(nll_forward::<B>(logits.into_primitive(), targets).0)
+            }
+        }
+    }
+}
+
+/// [`GptKernels::causal_attention`] on tensors.
+pub fn causal_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Tensor<4>,
+    keep: Option<Tensor<4>>,
+    scale: f64,
+) -> Tensor<4> {
+    let (q, k, v, bias) = (
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias.into_dispatch(),
+    );
+    Tensor::from_dispatch(match keep {
+        Some(m) => <Dispatch as GptKernels>::causal_attention_dropout(
+            q,
+            k,
+            v,
+            bias,
+            m.into_dispatch(),
+            scale,
+        ),
+        None => <Dispatch as GptKernels>::causal_attention(q, k, v, bias, scale),
+    })
+}
+
+/// [`GptKernels::nll`] on tensors: logits `[n, vocab]`, targets `[n, 1]` -> `[n, 1]`.
+pub fn nll(logits: Tensor<2>, targets: Tensor<2, Int>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as GptKernels>::nll(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    ))
+}
+
+/// [`GptKernels::gelu_tanh`] on tensors.
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as GptKernels>::gelu_tanh(x.into_dispatch()))
+}

@@ -1,0 +1,194 @@
+//! The fused ops against the composed Burn ops they replace: values and gradients.
+
+use crate::fused::{causal_attention, gelu_tanh};
+use crate::mingpt::cross_entropy_ignore;
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+/// Attention as `CausalSelfAttention` wrote it before the fused op.
+fn composed(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    keep: Option<Tensor<4>>,
+    s: f64,
+) -> Tensor<4> {
+    let [b, h, t, _] = q.dims();
+    let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &q.device())
+        .unsqueeze::<4>()
+        .expand([b, h, t, t]);
+    let att = softmax(
+        q.matmul(k.swap_dims(2, 3))
+            .mul_scalar(s)
+            .mask_fill(mask, f32::NEG_INFINITY),
+        3,
+    );
+    let att = match keep {
+        Some(m) => att * m,
+        None => att,
+    };
+    att.matmul(v)
+}
+
+fn attention_case(device: &Device, dropout: bool, tol: f32) {
+    device.seed(7);
+    let (b, h, t, d) = (2, 3, 6, 4);
+    let rand = || Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), device);
+    let (q, k, v, w) = (rand(), rand(), rand(), rand());
+    let keep = dropout.then(|| {
+        Tensor::<4>::random([b, h, t, t], Distribution::Bernoulli(0.7), device)
+            .mul_scalar(1.0 / 0.7)
+    });
+    let bias = Tensor::<2>::zeros([t, t], device)
+        .mask_fill(
+            Tensor::<2, Bool>::tril_mask([t, t], 0, device),
+            f32::NEG_INFINITY,
+        )
+        .reshape([1, 1, t, t]);
+    let s = 0.5;
+    let run = |fused: bool| {
+        let (q, k, v) = (
+            q.clone().require_grad(),
+            k.clone().require_grad(),
+            v.clone().require_grad(),
+        );
+        let y = if fused {
+            causal_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                bias.clone(),
+                keep.clone(),
+                s,
+            )
+        } else {
+            composed(q.clone(), k.clone(), v.clone(), keep.clone(), s)
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let g = |x: &Tensor<4>| x.grad(&grads).expect("a gradient");
+        (y, g(&q), g(&k), g(&v))
+    };
+    let (y0, q0, k0, v0) = run(false);
+    let (y1, q1, k1, v1) = run(true);
+    let what = format!("{device:?}, dropout {dropout}");
+    assert!(max_diff(y0, y1) < tol, "output, {what}");
+    for (name, a, b) in [("q", q0, q1), ("k", k0, k1), ("v", v0, v1)] {
+        let scale = a.clone().abs().max().into_scalar::<f32>();
+        let diff = max_diff(a, b);
+        assert!(diff <= tol * scale.max(1.0), "grad {name}: {diff}, {what}");
+    }
+    // Without autodiff: the plain backend op, same values.
+    let plain = device.clone().without_autodiff();
+    let to = |x: &Tensor<4>| Tensor::<4>::from_data(x.to_data(), &plain);
+    let y2 = causal_attention(
+        to(&q),
+        to(&k),
+        to(&v),
+        Tensor::from_data(bias.to_data(), &plain),
+        keep.as_ref().map(to),
+        s,
+    );
+    let y3 = composed(to(&q), to(&k), to(&v), keep.as_ref().map(to), s);
+    assert!(max_diff(y2, y3) < tol, "plain output, {what}");
+}
+
+fn nll_case(device: &Device, tol: f32) {
+    device.seed(3);
+    let (b, t, v) = (2, 5, 11);
+    let logits = Tensor::<3>::random([b, t, v], Distribution::Normal(0.0, 3.0), device);
+    let targets = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![0i64, 3, -1, 10, 7, -1, 2, 2, 9, 1], [b, t]),
+        device,
+    );
+    let run = |fused: bool| {
+        let x = logits.clone().require_grad();
+        let loss = if fused {
+            cross_entropy_ignore(x.clone(), targets.clone())
+        } else {
+            // As `cross_entropy_ignore` wrote it before the fused op.
+            let tg = targets.clone().reshape([b * t]);
+            let keep = tg.clone().greater_equal_elem(0).float();
+            let logp = log_softmax(x.clone().reshape([b * t, v]), 1);
+            let picked = logp
+                .gather(1, tg.clamp_min(0).reshape([b * t, 1]))
+                .reshape([b * t]);
+            (picked * keep.clone()).sum().neg() / keep.sum()
+        };
+        let grads = loss.clone().backward();
+        (loss, x.grad(&grads).expect("a gradient"))
+    };
+    let (l0, g0) = run(false);
+    let (l1, g1) = run(true);
+    assert!(max_diff(l0, l1) < tol, "loss, {device:?}");
+    assert!(max_diff(g0, g1) < tol, "logit grads, {device:?}");
+}
+
+fn gelu_case(device: &Device, tol: f32) {
+    device.seed(5);
+    let x = Tensor::<3>::random([2, 3, 50], Distribution::Normal(0.0, 3.0), device);
+    let w = Tensor::<3>::random([2, 3, 50], Distribution::Normal(0.0, 1.0), device);
+    let run = |fused: bool| {
+        let x = x.clone().require_grad();
+        let y = if fused {
+            gelu_tanh(x.clone())
+        } else {
+            // As `new_gelu` wrote it before the fused op.
+            let c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
+            let x3 = x.clone() * x.clone() * x.clone();
+            x.clone() * sigmoid((x.clone() + x3.mul_scalar(0.044715)).mul_scalar(c))
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        (y, x.grad(&grads).expect("a gradient"))
+    };
+    let (y0, g0) = run(false);
+    let (y1, g1) = run(true);
+    // The same ops on the CPU backends: identical values.
+    let exact = device.identity().is_none();
+    let diff = max_diff(y0, y1);
+    assert!(
+        if exact { diff == 0.0 } else { diff < tol },
+        "gelu values {diff}, {device:?}"
+    );
+    assert!(max_diff(g0, g1) < tol, "gelu grads, {device:?}");
+}
+
+fn devices() -> Vec<Device> {
+    #[allow(deprecated)]
+    let ndarray = Device::ndarray();
+    vec![Device::flex(), ndarray]
+}
+
+#[test]
+fn fused_attention_is_the_composed_attention() {
+    for d in devices() {
+        attention_case(&d.clone().autodiff(), true, 1e-5);
+        attention_case(&d.autodiff(), false, 1e-5);
+    }
+}
+
+#[test]
+fn fused_nll_is_log_softmax_cross_entropy() {
+    for d in devices() {
+        nll_case(&d.autodiff(), 1e-6);
+    }
+}
+
+#[test]
+fn fused_gelu_is_the_composed_gelu() {
+    for d in devices() {
+        gelu_case(&d.autodiff(), 1e-5);
+    }
+}
+
+#[test]
+fn fused_ops_on_wgpu() {
+    // CPU-only machines run this through Mesa's llvmpipe.
+    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    attention_case(&d, true, 1e-4);
+    nll_case(&d, 1e-4);
+    gelu_case(&d, 1e-4);
+}
