@@ -77,5 +77,7 @@ pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
         }
     }
     mask.truncate(n);
-    x * Tensor::<D>::from_data(TensorData::new(mask, shape), &device)
+    let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &device);
+    let dtype = x.dtype();
+    x * crate::cast_to(mask, dtype)
 }

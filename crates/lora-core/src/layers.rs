@@ -1,6 +1,7 @@
 //! LoRA layers: `y = x W + b + s · (dropout(x) Aᵀ) Bᵀ`, with `A [rank, in]`, `B [out, rank]` as PEFT
 //! and loralib store them, and `W [in, out]` as `burn::nn::Linear` stores it.
 
+use crate::cast_to;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer};
@@ -275,10 +276,12 @@ impl LoraLinear {
 
     /// `[..., d_input] -> [..., d_output]`. Factored: `B·A` is never formed.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        // Weights are used in the input's dtype (half-precision compute, f32 master weights).
+        let dt = x.dtype();
         let base = linear(
             x.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
+            cast_to(self.weight.val(), dt),
+            self.bias.as_ref().map(|b| cast_to(b.val(), dt)),
         );
         match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) if !self.merged => {
@@ -286,10 +289,14 @@ impl LoraLinear {
                 // of the work.
                 let xa = linear(
                     crate::dropout(&self.lora_dropout, x),
-                    a.val().transpose(),
+                    cast_to(a.val(), dt).transpose(),
                     None,
                 );
-                base + linear(xa.mul_scalar(self.scaling), b.val().transpose(), None)
+                base + linear(
+                    xa.mul_scalar(self.scaling),
+                    cast_to(b.val(), dt).transpose(),
+                    None,
+                )
             }
             _ => base,
         }

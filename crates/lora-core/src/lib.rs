@@ -18,8 +18,8 @@ pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
 };
 pub use utils::{
-    ParamReport, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable, param_report,
-    params_by_path, path_param_ids,
+    ParamReport, cast_to, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable,
+    param_report, params_by_path, path_param_ids,
 };
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 /// Whether a parameter path (`["h", "0", "attn", "c_attn", "lora_a"]`) is a LoRA factor.
 /// Also true for the factors [`inject`](crate::inject) attaches (`["fc1", "weight", "lora", "a"]`).
@@ -184,6 +184,12 @@ pub fn clip_grad_norm<M: Module>(
         .clamp_max(1.0);
     model.visit(&mut Scale { grads, coef });
     Some(norm)
+}
+
+/// `t` in `dtype` (`t` itself when it already is): f32 weights meet half-precision activations
+/// this way, their gradient flowing back in f32.
+pub fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 /// 64-bit FNV-1a of `bytes`: stable across runs, platforms and Rust versions.

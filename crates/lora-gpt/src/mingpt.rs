@@ -13,8 +13,10 @@ use burn::nn::{
 use burn::tensor::activation::softmax;
 use burn::tensor::module::{attention, linear};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling, dropout_folded, dropout_mask};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use lora_core::{
+    LoraEmbedding, LoraLinear, LoraMerge, Scaling, cast_to, dropout_folded, dropout_mask,
+};
 use serde::{Deserialize, Serialize};
 
 /// Which layers carry LoRA adapters, by module name (PEFT's `target_modules` for GPT-2).
@@ -293,6 +295,7 @@ impl GptConfig {
                 .init(device),
             lm_head,
             head_untied_by_merge: false,
+            f16: false,
             block_size: self.block_size,
         }
     }
@@ -332,10 +335,13 @@ impl CausalSelfAttention {
         let training = self.attn_dropout.training.is_enabled() && device.is_autodiff();
         let y = if training {
             // One autodiff node that keeps q, k, v (and the dropout mask), not the scores.
-            let keep = dropout_mask(&self.attn_dropout, [b, nh, t, t], &device);
+            let dt = q.dtype();
+            let keep =
+                dropout_mask(&self.attn_dropout, [b, nh, t, t], &device).map(|m| cast_to(m, dt));
             let bias = Tensor::<2>::zeros([t, t], &device)
                 .mask_fill(Tensor::<2, Bool>::tril_mask([t, t], 0, &device), MASKED)
                 .reshape([1, 1, t, t]);
+            let bias = cast_to(bias, dt);
             fused::causal_attention(q, k, v, bias, keep, 1.0 / (hs as f64).sqrt())
         } else {
             // Inference: the backend's fused causal attention, same function.
@@ -396,9 +402,15 @@ pub struct Block {
 impl Block {
     /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(self.ln_1.forward(x));
-        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+        let x = x.clone() + self.attn.forward(norm(&self.ln_1, x));
+        x.clone() + self.mlp.forward(norm(&self.ln_2, x))
     }
+}
+
+/// `ln(x)` computed in f32, returned in `x`'s dtype.
+fn norm(ln: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    cast_to(ln.forward(cast_to(x, DType::F32)), dtype)
 }
 
 /// minGPT's GPT with LoRA layers.
@@ -418,6 +430,9 @@ pub struct Gpt {
     pub lm_head: Option<Linear>,
     /// `merge` gave a tied head its own copy of the base table (`wte` has LoRA); `unmerge` re-ties.
     pub head_untied_by_merge: bool,
+    /// Half-precision compute: the blocks and the head run in f16 (weights stay f32 and are cast
+    /// on use, so gradients and optimizer state stay f32); norms and the loss in f32.
+    pub f16: bool,
     /// Longest sequence.
     pub block_size: usize,
 }
@@ -429,7 +444,8 @@ pub fn cross_entropy_ignore(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tenso
     let targets = targets.reshape([b * t, 1]);
     let keep = targets.clone().greater_equal_elem(0).float();
     // One autodiff node: keeps the logits, not log-softmax's `[b·t, vocab]` intermediates.
-    let nll = fused::nll(logits.reshape([b * t, v]), targets.clamp_min(0));
+    let logits = cast_to(logits.reshape([b * t, v]), DType::F32);
+    let nll = fused::nll(logits, targets.clamp_min(0));
     (nll * keep.clone()).sum() / keep.sum()
 }
 
@@ -450,8 +466,9 @@ impl Gpt {
         );
         let pos = Tensor::<1, Int>::arange(0..t as i64, &idx.device()).unsqueeze::<2>();
         let x = dropout_folded(&self.drop, self.wte.forward(idx) + self.wpe.forward(pos));
+        let x = if self.f16 { x.cast(DType::F16) } else { x };
         let x = self.h.iter().fold(x, |x, block| block.forward(x));
-        self.ln_f.forward(x)
+        norm(&self.ln_f, x)
     }
 
     /// `idx [batch, seq]` -> the last position's logits `[batch, vocab]`, the head run on that row
@@ -467,9 +484,14 @@ impl Gpt {
     /// Output head: `[batch, seq, n_embd] -> [batch, seq, vocab]`. A tied head uses `wte`'s base
     /// table, without its LoRA delta, as PEFT's unmerged model does.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        let dt = x.dtype();
         match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => linear(x, self.wte.weight.val().transpose(), None),
+            Some(head) => linear(
+                x,
+                cast_to(head.weight.val(), dt),
+                head.bias.as_ref().map(|b| cast_to(b.val(), dt)),
+            ),
+            None => linear(x, cast_to(self.wte.weight.val(), dt).transpose(), None),
         }
     }
 

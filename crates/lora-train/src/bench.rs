@@ -366,6 +366,8 @@ pub struct FinetuneShape {
     pub steps: usize,
     /// Recompute memory-bound activations in the backward pass (Burn's balanced checkpointing).
     pub checkpointing: bool,
+    /// Half-precision compute (f32 master weights).
+    pub f16: bool,
 }
 
 /// One variant in this process: median ms per optimizer step (forward, backward, AdamW).
@@ -399,6 +401,7 @@ fn finetune_variant(
             Scaling::AlphaOverRank,
         ));
     }
+    model.f16 = shape.f16;
     let mut optim = AdamWConfig::new().init();
     let ids: Tensor<2, Int> = Tensor::<2>::random(
         [shape.batch, shape.seq],
@@ -459,6 +462,9 @@ pub fn finetune(
     if shape.checkpointing {
         flags.push(("--gradient-checkpointing", String::new()));
     }
+    if shape.f16 {
+        flags.push(("--precision", "f16".into()));
+    }
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
         let row = child_row("finetune", name, &flags)?;
@@ -481,7 +487,7 @@ pub fn finetune(
         "suite": "finetune",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "gradient_checkpointing": shape.checkpointing, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
+        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "gradient_checkpointing": shape.checkpointing, "precision": if shape.f16 { "f16" } else { "f32" }, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
         "rows": rows,
         "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory},
     });

@@ -40,6 +40,18 @@ pub enum Schedule {
     Constant,
 }
 
+/// Compute precision of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Blocks and head in f16, weights, gradients and optimizer state in f32 (norms and the loss
+    /// in f32): mixed precision as `torch.autocast(dtype=float16)` does it.
+    F16,
+}
+
 /// Everything a run is made of (written to `run.json`; a resume must match it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FinetuneConfig {
@@ -99,6 +111,12 @@ pub struct FinetuneConfig {
     pub log_every: usize,
     /// Seed of the model init, data order and dropout.
     pub seed: u64,
+    /// Compute precision.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Recompute memory-bound activations in the backward pass (Burn's balanced checkpointing).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl FinetuneConfig {
@@ -483,6 +501,11 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
     }
     let scaling = parse_scaling(&cfg.scaling)?;
     let device = backend.device()?.autodiff();
+    let device = if cfg.gradient_checkpointing {
+        device.gradient_checkpointing()
+    } else {
+        device
+    };
     let (model, gcfg, tok) = base_model(cfg, &device)?;
     validate(cfg, &gcfg)?;
     let targets: LoraTargets = if cfg.full {
@@ -530,6 +553,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
         ))
     };
     model = path_param_ids(model.train());
+    model.f16 = cfg.precision == Precision::F16;
     let params = param_report(&model);
     println!("{params}");
     let mut optim: ModuleOptimizer = AdamWConfig::new()

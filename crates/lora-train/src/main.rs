@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use lora_gpt::LoraTargets;
 use lora_train::data::{self, Cleaning, DataOptions, Dataset};
-use lora_train::finetune::{self, FinetuneConfig, Schedule};
+use lora_train::finetune::{self, FinetuneConfig, Precision, Schedule};
 use lora_train::fsutil::write_json_atomic;
 use lora_train::sort_demo::{self, SortDemoConfig};
 use lora_train::{Backend, lm};
@@ -256,6 +256,9 @@ struct BenchFinetuneArgs {
     /// Recompute memory-bound activations in the backward pass instead of keeping them.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Compute precision (f16: half-precision compute, f32 master weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
     /// Run one variant in this process (used by the suite itself).
     #[arg(long, hide = true)]
     only: Option<String>,
@@ -343,6 +346,7 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 n_layer: a.n_layer,
                 steps: a.steps.max(1),
                 checkpointing: a.gradient_checkpointing,
+                f16: a.precision == Precision::F16,
             };
             lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), &a.out)?;
         }
@@ -558,6 +562,12 @@ struct FinetuneArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Compute precision: f16 runs the blocks and head in half precision with f32 master weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Continue from OUT/checkpoint (same flags).
     #[arg(long)]
     resume: bool,
@@ -598,6 +608,8 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         log_every: a.log_every,
         seed: a.seed,
+        precision: a.precision,
+        gradient_checkpointing: a.gradient_checkpointing,
     };
     let r = finetune::run(&cfg, a.backend, a.resume)?;
     println!(

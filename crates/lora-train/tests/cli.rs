@@ -130,3 +130,35 @@ fn finetune_resumes_bit_identically_after_sigkill() {
     assert!(adapter("killed24") == reference);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn finetune_in_f16_lowers_the_loss_like_f32() {
+    let d = scratch("f16");
+    let losses = |name: &str, extra: &[&str]| {
+        let mut args = tiny_run(&d, name);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (code, _, err) = run(&strs(&args));
+        assert_eq!(code, 0, "{err}");
+        let m = metrics(&d.join(name));
+        let train: Vec<f64> = m.iter().filter(|r| r.1 == "train").map(|r| r.2).collect();
+        let val: Vec<f64> = m.iter().filter(|r| r.1 == "val").map(|r| r.2).collect();
+        (train, val)
+    };
+    let (t32, v32) = losses("f32", &[]);
+    let (t16, v16) = losses("f16", &["--precision", "f16"]);
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("f16/run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["config"]["precision"], "f16", "{run_json}");
+    for (t, v) in [(&t32, &v32), (&t16, &v16)] {
+        assert!(t.last() < t.first(), "train loss did not go down: {t:?}");
+        assert!(v.last() < v.first(), "val loss did not go down: {v:?}");
+    }
+    // Half precision really ran (other roundings) and follows the f32 curve.
+    assert_ne!(t16, t32);
+    let gap = (v16.last().unwrap() - v32.last().unwrap()).abs();
+    assert!(
+        gap < 0.05 * v32.last().unwrap(),
+        "f16 {v16:?} vs f32 {v32:?}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
