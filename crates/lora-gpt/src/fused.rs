@@ -81,7 +81,13 @@ fn probs<B: Backend>(
         B::float_matmul(q, B::float_swap_dims(k, 2, 3)),
         scale.into(),
     );
-    B::softmax(B::float_add(scores, bias), 3)
+    // Softmax as Burn's autodiff composes it (max, exp, sum, divide): the values of the unfused
+    // training path, bit for bit.
+    let scores = B::float_add(scores, bias);
+    let max = B::float_max_dim(scores.clone(), 3);
+    let exp = B::float_exp(B::float_sub(scores, max));
+    let sum = B::float_sum_dim(exp.clone(), 3);
+    B::float_div(exp, sum)
 }
 
 fn attention_forward<B: Backend>(

@@ -75,7 +75,14 @@ fn attention_case(device: &Device, dropout: bool, tol: f32) {
     let (y0, q0, k0, v0) = run(false);
     let (y1, q1, k1, v1) = run(true);
     let what = format!("{device:?}, dropout {dropout}");
-    assert!(max_diff(y0, y1) < tol, "output, {what}");
+    // The CPU backends run the same ops as the composed forward: identical values (so training
+    // follows the unfused path's numbers, as the sort demo's accuracies need).
+    let diff = max_diff(y0, y1);
+    let exact = device.identity().is_none();
+    assert!(
+        if exact { diff == 0.0 } else { diff < tol },
+        "output {diff}, {what}"
+    );
     for (name, a, b) in [("q", q0, q1), ("k", k0, k1), ("v", v0, v1)] {
         let scale = a.clone().abs().max().into_scalar::<f32>();
         let diff = max_diff(a, b);
