@@ -7,53 +7,47 @@
 //! a function of `device.seed(..)`. Devices with their own RNG kernels (GPUs) use Burn's.
 
 use burn::nn::Dropout;
-use burn::tensor::{Device, Distribution, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Shape, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
 
-/// Whether `d` drops anything of `x`: training, `prob > 0`, on an autodiff device (Burn's rule).
-fn active<const D: usize>(d: &Dropout, x: &Tensor<D>) -> bool {
-    active_on(d, &x.device())
-}
-
-fn active_on(d: &Dropout, device: &Device) -> bool {
+/// Whether `d` drops anything on `device`: training, `prob > 0`, an autodiff device (Burn's rule).
+fn active(d: &Dropout, device: &Device) -> bool {
     d.training.is_enabled() && d.prob != 0.0 && device.is_autodiff()
 }
 
-/// The `{0, 1/keep}` mask of shape `shape` that [`dropout_folded`] would multiply a tensor of that
-/// shape on `device` by (the same draws), or `None` where `d` drops nothing. For ops that take
-/// the mask as an input (fused attention).
+/// The `{0, 1/keep}` mask [`dropout_folded`] multiplies a `shape`, `dtype` tensor on `device` by
+/// (Burn's draws), or `None` where `d` drops nothing. For ops that take the mask as an input
+/// (fused attention).
 pub fn dropout_mask<const D: usize>(
     d: &Dropout,
     shape: impl Into<Shape>,
     device: &Device,
+    dtype: DType,
 ) -> Option<Tensor<D>> {
-    if !active_on(d, device) {
+    if !active(d, device) {
         return None;
     }
     let keep = 1.0 - d.prob;
-    Some(Tensor::random(shape, Distribution::Bernoulli(keep), device).mul_scalar(1.0 / keep))
+    // The mask is {0, 1}: x·(m/keep) rounds exactly as Burn's (x·m)·(1/keep).
+    let mask = Tensor::random(shape, Distribution::Bernoulli(keep), (device, dtype));
+    Some(mask.mul_scalar(1.0 / keep))
 }
 
 /// Burn's `Dropout::forward` with the same draws and the same values (forward and gradient),
 /// the `1/keep` scale folded into the mask: one differentiable multiply instead of two.
 pub fn dropout_folded<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    if !active(d, &x) {
-        return x;
+    match dropout_mask(d, x.shape(), &x.device(), x.dtype()) {
+        Some(mask) => x * mask,
+        None => x,
     }
-    let keep = 1.0 - d.prob;
-    // The mask is {0, 1}: x·(m/keep) rounds exactly as Burn's (x·m)·(1/keep).
-    let mask = x
-        .random_like(Distribution::Bernoulli(keep))
-        .mul_scalar(1.0 / keep);
-    x * mask
 }
 
 /// `d` applied to `x` (identity unless `d` is training on an autodiff device with `prob > 0`).
 pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    if !active(d, &x) {
+    let device = x.device();
+    if !active(d, &device) {
         return x;
     }
-    let device = x.device();
     if device.identity().is_some() {
         return d.forward(x);
     }

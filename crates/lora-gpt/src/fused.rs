@@ -17,31 +17,42 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
+use burn::backend::{
+    Autodiff, Backend, Cube, Dispatch, ExtensionType, Flex, NdArray, backend_extension,
+};
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::{Int, Tensor};
+
+/// The dropout mask of [`GptKernels::causal_attention`].
+#[derive(ExtensionType)]
+pub enum Keep<B: Backend> {
+    /// `{0, 1/keep}`, `[batch, head, seq, seq]`.
+    Mask(FloatTensor<B>),
+    /// No dropout.
+    All,
+}
+
+impl<B: Backend> Keep<B> {
+    fn into_option(self) -> Option<FloatTensor<B>> {
+        match self {
+            Keep::Mask(m) => Some(m),
+            Keep::All => None,
+        }
+    }
+}
 
 /// The fused ops, per backend.
 #[backend_extension(Cube, Flex, NdArray, Autodiff)]
 pub trait GptKernels: Backend {
     /// Causal attention `(softmax(q·kᵀ·scale + bias)·keep)·v`: q, k, v `[batch, head, seq, d]`,
-    /// bias `[1, 1, seq, seq]` (0 on and below the diagonal, −∞ above), keep `[batch, head, seq,
-    /// seq]` the dropout mask `{0, 1/keep}` -> `[batch, head, seq, d]`.
-    fn causal_attention_dropout(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        keep: FloatTensor<Self>,
-        scale: f64,
-    ) -> FloatTensor<Self>;
-
-    /// [`causal_attention_dropout`](Self::causal_attention_dropout) without dropout.
+    /// bias `[1, 1, seq, seq]` (0 on and below the diagonal, −∞ above), keep the dropout mask
+    /// `{0, 1/keep}` `[batch, head, seq, seq]` or none -> `[batch, head, seq, d]`.
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        #[extension_type] keep: Keep<Self>,
         scale: f64,
     ) -> FloatTensor<Self>;
 
@@ -122,25 +133,15 @@ fn nll_forward<B: Backend>(
 macro_rules! plain_backend {
     ($($b:ty),*) => {$(
         impl GptKernels for $b {
-            fn causal_attention_dropout(
-                q: FloatTensor<Self>,
-                k: FloatTensor<Self>,
-                v: FloatTensor<Self>,
-                bias: FloatTensor<Self>,
-                keep: FloatTensor<Self>,
-                scale: f64,
-            ) -> FloatTensor<Self> {
-                attention_forward::<Self>(q, k, v, bias, Some(keep), scale)
-            }
-
             fn causal_attention(
                 q: FloatTensor<Self>,
                 k: FloatTensor<Self>,
                 v: FloatTensor<Self>,
                 bias: FloatTensor<Self>,
+                keep: Keep<Self>,
                 scale: f64,
             ) -> FloatTensor<Self> {
-                attention_forward::<Self>(q, k, v, bias, None, scale)
+                attention_forward::<Self>(q, k, v, bias, keep.into_option(), scale)
             }
 
             fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
@@ -257,95 +258,59 @@ impl<B: Backend> Backward<B, 1> for GeluBackward {
     }
 }
 
-/// The autodiff side of both attention ops.
-fn autodiff_attention<B: Backend, C: CheckpointStrategy>(
-    q: FloatTensor<Autodiff<B, C>>,
-    k: FloatTensor<Autodiff<B, C>>,
-    v: FloatTensor<Autodiff<B, C>>,
-    bias: FloatTensor<Autodiff<B, C>>,
-    keep: Option<FloatTensor<Autodiff<B, C>>>,
-    scale: f64,
-) -> FloatTensor<Autodiff<B, C>> {
-    let bias = bias.into_primitive();
-    let keep = keep.map(|m| m.into_primitive());
-    match AttentionBackward
-        .prepare::<C>([q.node(), k.node(), v.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-            let out = attention_forward::<B>(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                bias.clone(),
-                keep.clone(),
-                scale,
-            );
-            prep.finish((q, k, v, bias, keep, scale), out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(attention_forward::<B>(
-            q.into_primitive(),
-            k.into_primitive(),
-            v.into_primitive(),
-            bias,
-            keep,
-            scale,
-        )),
-    }
-}
-
 impl<B: Backend, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
-    fn causal_attention_dropout(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        keep: FloatTensor<Self>,
-        scale: f64,
-    ) -> FloatTensor<Self> {
-        autodiff_attention::<B, C>(q, k, v, bias, Some(keep), scale)
-    }
-
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        keep: Keep<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        autodiff_attention::<B, C>(q, k, v, bias, None, scale)
+        let prep = AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful();
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let bias = bias.into_primitive();
+        let keep = keep.into_option().map(|m| m.into_primitive());
+        let out = attention_forward::<B>(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            bias.clone(),
+            keep.clone(),
+            scale,
+        );
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((q, k, v, bias, keep, scale), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
     }
 
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match GeluBackward
+        let prep = GeluBackward
             .prepare::<C>([x.node()])
             .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let x = x.into_primitive();
-                prep.finish(x.clone(), gelu_forward::<B>(x))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(gelu_forward::<B>(x.into_primitive())),
+            .stateful();
+        let x = x.into_primitive();
+        let out = gelu_forward::<B>(x.clone());
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(x, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 
     fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        match NllBackward
+        let prep = NllBackward
             .prepare::<C>([logits.node()])
             .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let x = logits.into_primitive();
-                let (out, lse) = nll_forward::<B>(x.clone(), targets.clone());
-                prep.finish((x, targets, lse), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(nll_forward::<B>(logits.into_primitive(), targets).0)
-            }
+            .stateful();
+        let x = logits.into_primitive();
+        let (out, lse) = nll_forward::<B>(x.clone(), targets.clone());
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((x, targets, lse), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 }
@@ -359,23 +324,14 @@ pub fn causal_attention(
     keep: Option<Tensor<4>>,
     scale: f64,
 ) -> Tensor<4> {
-    let (q, k, v, bias) = (
+    Tensor::from_dispatch(<Dispatch as GptKernels>::causal_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
         bias.into_dispatch(),
-    );
-    Tensor::from_dispatch(match keep {
-        Some(m) => <Dispatch as GptKernels>::causal_attention_dropout(
-            q,
-            k,
-            v,
-            bias,
-            m.into_dispatch(),
-            scale,
-        ),
-        None => <Dispatch as GptKernels>::causal_attention(q, k, v, bias, scale),
-    })
+        keep.map_or(Keep::All, |m| Keep::Mask(m.into_dispatch())),
+        scale,
+    ))
 }
 
 /// [`GptKernels::nll`] on tensors: logits `[n, vocab]`, targets `[n, 1]` -> `[n, 1]`.

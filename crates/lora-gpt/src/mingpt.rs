@@ -336,12 +336,10 @@ impl CausalSelfAttention {
         let y = if training {
             // One autodiff node that keeps q, k, v (and the dropout mask), not the scores.
             let dt = q.dtype();
-            let keep =
-                dropout_mask(&self.attn_dropout, [b, nh, t, t], &device).map(|m| cast_to(m, dt));
-            let bias = Tensor::<2>::zeros([t, t], &device)
+            let keep = dropout_mask(&self.attn_dropout, [b, nh, t, t], &device, dt);
+            let bias = Tensor::<2>::zeros([t, t], (&device, dt))
                 .mask_fill(Tensor::<2, Bool>::tril_mask([t, t], 0, &device), MASKED)
                 .reshape([1, 1, t, t]);
-            let bias = cast_to(bias, dt);
             fused::causal_attention(q, k, v, bias, keep, 1.0 / (hs as f64).sqrt())
         } else {
             // Inference: the backend's fused causal attention, same function.

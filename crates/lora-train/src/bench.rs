@@ -2,6 +2,7 @@
 //! and `data` (dataset loading). Each prints a table and writes `target/bench/<suite>.json`.
 
 use crate::Backend;
+use crate::finetune::Compute;
 use crate::fsutil::write_json_atomic;
 use anyhow::Context;
 use burn::module::Module;
@@ -364,10 +365,8 @@ pub struct FinetuneShape {
     pub n_layer: usize,
     /// Timed steps (after one warm-up step).
     pub steps: usize,
-    /// Recompute memory-bound activations in the backward pass (Burn's balanced checkpointing).
-    pub checkpointing: bool,
-    /// Half-precision compute (f32 master weights).
-    pub f16: bool,
+    /// Precision and checkpointing.
+    pub compute: Compute,
 }
 
 /// One variant in this process: median ms per optimizer step (forward, backward, AdamW).
@@ -377,12 +376,7 @@ fn finetune_variant(
     targets: Option<&str>,
 ) -> anyhow::Result<Row> {
     use burn::optim::AdamWConfig;
-    let device = backend.device()?.autodiff();
-    let device = if shape.checkpointing {
-        device.gradient_checkpointing()
-    } else {
-        device
-    };
+    let device = shape.compute.device(backend)?;
     device.seed(0);
     let mut cfg = GptConfig::from_model_type("gpt2", 50257, 1024)
         .map_err(anyhow::Error::msg)?
@@ -401,7 +395,7 @@ fn finetune_variant(
             Scaling::AlphaOverRank,
         ));
     }
-    model.f16 = shape.f16;
+    model = shape.compute.apply(model);
     let mut optim = AdamWConfig::new().init();
     let ids: Tensor<2, Int> = Tensor::<2>::random(
         [shape.batch, shape.seq],
@@ -459,12 +453,7 @@ pub fn finetune(
         ("--n-layer", shape.n_layer.to_string()),
         ("--steps", shape.steps.to_string()),
     ];
-    if shape.checkpointing {
-        flags.push(("--gradient-checkpointing", String::new()));
-    }
-    if shape.f16 {
-        flags.push(("--precision", "f16".into()));
-    }
+    flags.extend(shape.compute.flags());
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
         let row = child_row("finetune", name, &flags)?;
@@ -487,7 +476,7 @@ pub fn finetune(
         "suite": "finetune",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "gradient_checkpointing": shape.checkpointing, "precision": if shape.f16 { "f16" } else { "f32" }, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
+        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "compute": shape.compute, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
         "rows": rows,
         "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory},
     });

@@ -52,6 +52,50 @@ pub enum Precision {
     F16,
 }
 
+/// How a training step computes (`finetune` and `bench finetune`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::Args, Serialize, Deserialize)]
+pub struct Compute {
+    /// Compute precision: f16 runs the blocks and head in half precision with f32 master weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    #[serde(default)]
+    pub precision: Precision,
+    /// Recompute memory-bound activations in the backward pass (Burn's balanced checkpointing)
+    /// instead of keeping them.
+    #[arg(long)]
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+}
+
+impl Compute {
+    /// `backend`'s autodiff device, with gradient checkpointing if asked.
+    pub fn device(self, backend: Backend) -> anyhow::Result<Device> {
+        let device = backend.device()?.autodiff();
+        Ok(if self.gradient_checkpointing {
+            device.gradient_checkpointing()
+        } else {
+            device
+        })
+    }
+
+    /// `model` computing in this precision.
+    pub fn apply(self, mut model: Gpt) -> Gpt {
+        model.f16 = self.precision == Precision::F16;
+        model
+    }
+
+    /// The command-line flags that give these settings (the defaults give none).
+    pub fn flags(self) -> Vec<(&'static str, String)> {
+        let mut flags = vec![];
+        if self.precision == Precision::F16 {
+            flags.push(("--precision", "f16".to_string()));
+        }
+        if self.gradient_checkpointing {
+            flags.push(("--gradient-checkpointing", String::new()));
+        }
+        flags
+    }
+}
+
 /// Everything a run is made of (written to `run.json`; a resume must match it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FinetuneConfig {
@@ -111,12 +155,9 @@ pub struct FinetuneConfig {
     pub log_every: usize,
     /// Seed of the model init, data order and dropout.
     pub seed: u64,
-    /// Compute precision.
-    #[serde(default)]
-    pub precision: Precision,
-    /// Recompute memory-bound activations in the backward pass (Burn's balanced checkpointing).
-    #[serde(default)]
-    pub gradient_checkpointing: bool,
+    /// Precision and checkpointing (`precision`, `gradient_checkpointing` in `run.json`).
+    #[serde(flatten)]
+    pub compute: Compute,
 }
 
 impl FinetuneConfig {
@@ -500,12 +541,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
         bail!("{}: --out is a file, not a folder", cfg.out.display());
     }
     let scaling = parse_scaling(&cfg.scaling)?;
-    let device = backend.device()?.autodiff();
-    let device = if cfg.gradient_checkpointing {
-        device.gradient_checkpointing()
-    } else {
-        device
-    };
+    let device = cfg.compute.device(backend)?;
     let (model, gcfg, tok) = base_model(cfg, &device)?;
     validate(cfg, &gcfg)?;
     let targets: LoraTargets = if cfg.full {
@@ -552,8 +588,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             scaling,
         ))
     };
-    model = path_param_ids(model.train());
-    model.f16 = cfg.precision == Precision::F16;
+    model = cfg.compute.apply(path_param_ids(model.train()));
     let params = param_report(&model);
     println!("{params}");
     let mut optim: ModuleOptimizer = AdamWConfig::new()

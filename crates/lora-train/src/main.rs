@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use lora_gpt::LoraTargets;
 use lora_train::data::{self, Cleaning, DataOptions, Dataset};
-use lora_train::finetune::{self, FinetuneConfig, Precision, Schedule};
+use lora_train::finetune::{self, Compute, FinetuneConfig, Schedule};
 use lora_train::fsutil::write_json_atomic;
 use lora_train::sort_demo::{self, SortDemoConfig};
 use lora_train::{Backend, lm};
@@ -253,12 +253,8 @@ struct BenchFinetuneArgs {
     /// Timed steps per variant (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
-    /// Recompute memory-bound activations in the backward pass instead of keeping them.
-    #[arg(long)]
-    gradient_checkpointing: bool,
-    /// Compute precision (f16: half-precision compute, f32 master weights).
-    #[arg(long, value_enum, default_value = "f32")]
-    precision: Precision,
+    #[command(flatten)]
+    compute: Compute,
     /// Run one variant in this process (used by the suite itself).
     #[arg(long, hide = true)]
     only: Option<String>,
@@ -345,8 +341,7 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 seq: a.seq,
                 n_layer: a.n_layer,
                 steps: a.steps.max(1),
-                checkpointing: a.gradient_checkpointing,
-                f16: a.precision == Precision::F16,
+                compute: a.compute,
             };
             lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), &a.out)?;
         }
@@ -562,12 +557,8 @@ struct FinetuneArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute precision: f16 runs the blocks and head in half precision with f32 master weights.
-    #[arg(long, value_enum, default_value = "f32")]
-    precision: Precision,
-    /// Recompute memory-bound activations in the backward pass instead of keeping them.
-    #[arg(long)]
-    gradient_checkpointing: bool,
+    #[command(flatten)]
+    compute: Compute,
     /// Continue from OUT/checkpoint (same flags).
     #[arg(long)]
     resume: bool,
@@ -608,8 +599,7 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         log_every: a.log_every,
         seed: a.seed,
-        precision: a.precision,
-        gradient_checkpointing: a.gradient_checkpointing,
+        compute: a.compute,
     };
     let r = finetune::run(&cfg, a.backend, a.resume)?;
     println!(
