@@ -7,7 +7,7 @@
 //! a function of `device.seed(..)`. Devices with their own RNG kernels (GPUs) use Burn's.
 
 use burn::nn::Dropout;
-use burn::tensor::{DType, Device, Distribution, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Int, Shape, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
 
 /// Whether `d` drops anything on `device`: training, `prob > 0`, an autodiff device (Burn's rule).
@@ -28,9 +28,41 @@ pub fn dropout_mask<const D: usize>(
         return None;
     }
     let keep = 1.0 - d.prob;
+    if dtype == DType::F32 && *device == Device::flex() {
+        return Some(flex_mask(shape.into(), keep, device));
+    }
     // The mask is {0, 1}: x·(m/keep) rounds exactly as Burn's (x·m)·(1/keep).
     let mask = Tensor::random(shape, Distribution::Bernoulli(keep), (device, dtype));
     Some(mask.mul_scalar(1.0 / keep))
+}
+
+/// Flex's `Bernoulli(keep)` mask times `1/keep`, from the same draws at a third of the cost.
+///
+/// Flex samples `Bernoulli(keep)` per element through a sampler built per element (rand's rule:
+/// `next_u64() < ⌊keep·2⁶⁴⌋`); its `i64` uniform draws are those `next_u64()` values, one per
+/// element from the same generator, so thresholding them here gives Burn's mask bit for bit
+/// (a test compares the two).
+fn flex_mask<const D: usize>(shape: Shape, keep: f64, device: &Device) -> Tensor<D> {
+    let draws =
+        Tensor::<D, Int>::random(shape.clone(), Distribution::Default, (device, DType::I64))
+            .into_data();
+    // rand's `Bernoulli::new`: `p == 1` always keeps, else `p_int = (p·2⁶⁴) as u64`.
+    let always = keep >= 1.0;
+    let p_int = (keep * 18_446_744_073_709_551_616.0) as u64;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = draws
+        .as_slice::<i64>()
+        .expect("i64 draws")
+        .iter()
+        .map(|&v| {
+            if always || (v as u64) < p_int {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(mask, shape), device)
 }
 
 /// Burn's `Dropout::forward` with the same draws and the same values (forward and gradient),

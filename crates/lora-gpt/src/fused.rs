@@ -16,11 +16,12 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{
     Autodiff, Backend, Cube, Dispatch, ExtensionType, Flex, NdArray, backend_extension,
 };
-use burn::tensor::IndexingUpdateOp;
+use burn::tensor::{DType, IndexingUpdateOp, TensorData};
 use burn::tensor::{Int, Tensor};
 
 /// The dropout mask of [`GptKernels::causal_attention`].
@@ -65,9 +66,96 @@ pub trait GptKernels: Backend {
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
-/// `2·√(2/π)`.
-fn gelu_c() -> f64 {
-    2.0 * (2.0 / std::f64::consts::PI).sqrt()
+use crate::host::gelu_c;
+
+/// The element-wise kernels of the fused ops: Burn's ops, or (Flex, f32) the kernels of
+/// [`crate::host`], equal to them bit for bit.
+pub trait Pointwise: Backend {
+    /// `exp(x)`.
+    fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_exp(x)
+    }
+
+    /// [`GptKernels::gelu_tanh`]'s forward values.
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        gelu_composed::<Self>(x)
+    }
+
+    /// `g · d gelu(x) / dx`.
+    fn fused_gelu_grad(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
+        gelu_grad_composed::<Self>(x, g)
+    }
+}
+
+fn gelu_composed<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(x.clone(), gelu_gate::<B>(x))
+}
+
+fn gelu_grad_composed<B: Backend>(x: FloatTensor<B>, g: FloatTensor<B>) -> FloatTensor<B> {
+    // d/dx x·s(2u) = s + x·s·(1 − s)·c·(1 + 3·0.044715·x²), s = sigmoid(2u).
+    let s = gelu_gate::<B>(x.clone());
+    let slope = B::float_mul_scalar(
+        B::float_add_scalar(
+            B::float_mul_scalar(
+                B::float_mul(x.clone(), x.clone()),
+                (3.0 * 0.044715f64).into(),
+            ),
+            1.0f64.into(),
+        ),
+        gelu_c().into(),
+    );
+    let ds = B::float_sub(s.clone(), B::float_mul(s.clone(), s.clone()));
+    let d = B::float_add(s, B::float_mul(B::float_mul(x, ds), slope));
+    B::float_mul(g, d)
+}
+
+impl Pointwise for Cube {}
+impl Pointwise for NdArray {}
+
+impl Pointwise for Flex {
+    fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 {
+            return Self::float_exp(x);
+        }
+        let mut x = if x.is_contiguous() {
+            x
+        } else {
+            x.to_contiguous()
+        };
+        let (a, b) = x.layout().contiguous_offsets().expect("contiguous");
+        crate::host::exp(&mut x.storage_mut::<f32>()[a..b]);
+        x
+    }
+
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 {
+            return gelu_composed::<Self>(x);
+        }
+        let shape = x.shape();
+        let x = flex_f32(&x);
+        let mut out = vec![0.0; x.len()];
+        crate::host::gelu(&x, &mut out);
+        Self::float_from_data(TensorData::new(out, shape), &Default::default())
+    }
+
+    fn fused_gelu_grad(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 || g.dtype() != DType::F32 || x.shape() != g.shape() {
+            return gelu_grad_composed::<Self>(x, g);
+        }
+        let shape = x.shape();
+        let (x, g) = (flex_f32(&x), flex_f32(&g));
+        let mut out = vec![0.0; x.len()];
+        crate::host::gelu_grad(&x, &g, &mut out);
+        Self::float_from_data(TensorData::new(out, shape), &Default::default())
+    }
+}
+
+/// The f32 values of a Flex tensor in row-major order (borrowed where contiguous).
+fn flex_f32(t: &FloatTensor<Flex>) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()),
+    }
 }
 
 /// `sigmoid(2u)` of [`GptKernels::gelu_tanh`].
@@ -77,12 +165,8 @@ fn gelu_gate<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     B::sigmoid(B::float_mul_scalar(u2, gelu_c().into()))
 }
 
-fn gelu_forward<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    B::float_mul(x.clone(), gelu_gate::<B>(x))
-}
-
 /// Attention probabilities `softmax(q·kᵀ·scale + bias)`, `[batch, head, seq, seq]`.
-fn probs<B: Backend>(
+fn probs<B: Pointwise>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     bias: FloatTensor<B>,
@@ -96,12 +180,12 @@ fn probs<B: Backend>(
     // training path, bit for bit.
     let scores = B::float_add(scores, bias);
     let max = B::float_max_dim(scores.clone(), 3);
-    let exp = B::float_exp(B::float_sub(scores, max));
+    let exp = B::fused_exp(B::float_sub(scores, max));
     let sum = B::float_sum_dim(exp.clone(), 3);
     B::float_div(exp, sum)
 }
 
-fn attention_forward<B: Backend>(
+fn attention_forward<B: Pointwise>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -149,7 +233,7 @@ macro_rules! plain_backend {
             }
 
             fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
-                gelu_forward::<Self>(x)
+                Self::fused_gelu(x)
             }
         }
     )*};
@@ -169,7 +253,7 @@ type AttentionState<B> = (
     f64,
 );
 
-impl<B: Backend> Backward<B, 3> for AttentionBackward {
+impl<B: Pointwise> Backward<B, 3> for AttentionBackward {
     type State = AttentionState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -231,7 +315,7 @@ impl<B: Backend> Backward<B, 1> for NllBackward {
 #[derive(Debug)]
 struct GeluBackward;
 
-impl<B: Backend> Backward<B, 1> for GeluBackward {
+impl<B: Pointwise> Backward<B, 1> for GeluBackward {
     /// The input.
     type State = FloatTensor<B>;
 
@@ -239,26 +323,11 @@ impl<B: Backend> Backward<B, 1> for GeluBackward {
         let [node] = ops.parents;
         let g = grads.consume::<B>(&ops.node);
         let Some(node) = node else { return };
-        let x = ops.state;
-        // d/dx x·s(2u) = s + x·s·(1 − s)·c·(1 + 3·0.044715·x²), s = sigmoid(2u).
-        let s = gelu_gate::<B>(x.clone());
-        let slope = B::float_mul_scalar(
-            B::float_add_scalar(
-                B::float_mul_scalar(
-                    B::float_mul(x.clone(), x.clone()),
-                    (3.0 * 0.044715f64).into(),
-                ),
-                1.0f64.into(),
-            ),
-            gelu_c().into(),
-        );
-        let ds = B::float_sub(s.clone(), B::float_mul(s.clone(), s.clone()));
-        let d = B::float_add(s, B::float_mul(B::float_mul(x, ds), slope));
-        grads.register::<B>(node.id, B::float_mul(g, d));
+        grads.register::<B>(node.id, B::fused_gelu_grad(ops.state, g));
     }
 }
 
-impl<B: Backend, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
+impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -294,7 +363,7 @@ impl<B: Backend, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
             .compute_bound()
             .stateful();
         let x = x.into_primitive();
-        let out = gelu_forward::<B>(x.clone());
+        let out = B::fused_gelu(x.clone());
         match prep {
             OpsKind::Tracked(prep) => prep.finish(x, out),
             OpsKind::UnTracked(prep) => prep.finish(out),

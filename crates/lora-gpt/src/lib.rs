@@ -3,6 +3,7 @@
 pub mod export;
 pub mod fused;
 pub mod gpt2;
+mod host;
 pub mod mingpt;
 pub mod optim;
 pub mod pytorch;

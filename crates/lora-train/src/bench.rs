@@ -46,29 +46,57 @@ fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize, all_logits: bool
 /// then `iters` rounds, interleaved so drifts (clocks, other load) hit every variant alike, each
 /// round starting at the next model so none always pays for what the round before left behind
 /// (freed buffers, a cold cache).
+#[allow(clippy::too_many_arguments)]
 fn time_forward(
     models: &[&Gpt],
+    names: &[&str],
     idx: &Tensor<2, Int>,
     warmup: usize,
     iters: usize,
     reps: usize,
     all_logits: bool,
-) -> Vec<Vec<f64>> {
+    trace: bool,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     for _ in 0..warmup {
         models
             .iter()
             .for_each(|m| forward_reps(m, idx, reps, all_logits));
     }
     let mut ms = vec![vec![]; models.len()];
+    let mut cpu = vec![vec![]; models.len()];
     for round in 0..iters {
         for k in 0..models.len() {
             let i = (round + k) % models.len();
-            let t0 = Instant::now();
+            let (t0, c0) = (Instant::now(), process_cpu_ms());
             forward_reps(models[i], idx, reps, all_logits);
             ms[i].push(1000.0 * t0.elapsed().as_secs_f64() / reps as f64);
+            if let (Some(c0), Some(c1)) = (c0, process_cpu_ms()) {
+                cpu[i].push((c1 - c0) / reps as f64);
+            }
+            if trace {
+                let c = cpu[i]
+                    .last()
+                    .map_or(String::new(), |c| format!(", {c:.0} ms CPU"));
+                eprintln!(
+                    "round {round} {}: {:.2} ms{c}",
+                    names[i],
+                    ms[i][ms[i].len() - 1]
+                );
+            }
         }
     }
-    ms
+    (ms, cpu)
+}
+
+/// CPU time of this process (all threads, user + system) in ms, from `/proc/self/stat` (10 ms
+/// ticks; `None` off Linux): with the wall time of a pass, it tells host work from waiting.
+fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace().skip(11);
+    let (u, s): (f64, f64) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    Some((u + s) * 10.0)
 }
 
 /// Settings of the `infer` suite.
@@ -88,6 +116,8 @@ pub struct InferBench {
     pub reps: usize,
     /// Logits of every position (else only the last one's).
     pub all_logits: bool,
+    /// Print every timed pass to stderr.
+    pub trace: bool,
 }
 
 /// Run the `infer` suite.
@@ -100,6 +130,7 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         iters,
         reps,
         all_logits,
+        trace,
     } = *b;
     anyhow::ensure!(
         !targets.wte && !targets.wpe,
@@ -135,13 +166,15 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
     }
     let merged = lora.clone().merge();
     let names = ["base", "lora_unmerged", "lora_merged"];
-    let samples = time_forward(
+    let (samples, cpu) = time_forward(
         &[&base, &lora, &merged],
+        &names,
         &ids,
         5,
         iters,
         reps.max(1),
         all_logits,
+        trace,
     );
     let mut rows = vec![];
     for (name, ms) in names.into_iter().zip(samples.iter().cloned().map(median)) {
@@ -165,6 +198,7 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         "rows": rows,
         "ratios": {"merged_over_base": ratio(2), "unmerged_over_base": ratio(1)},
         "samples_ms": names.iter().zip(&samples).map(|(n, v)| (n.to_string(), v.clone().into())).collect::<serde_json::Map<_, _>>(),
+        "samples_cpu_ms": names.iter().zip(&cpu).map(|(n, v)| (n.to_string(), v.clone().into())).collect::<serde_json::Map<_, _>>(),
     });
     println!(
         "merged / base = {:.3}   unmerged / base = {:.3}",

@@ -297,6 +297,9 @@ struct InferArgs {
     /// (a generation step's prefill).
     #[arg(long, value_enum, default_value = "all")]
     logits: Logits,
+    /// Print every timed pass (wall and process CPU ms) to stderr as it ends.
+    #[arg(long)]
+    trace: bool,
     /// Report path.
     #[arg(long, default_value = "target/bench/infer.json")]
     out: PathBuf,
@@ -332,6 +335,7 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 iters: a.iters.max(1),
                 reps: a.reps,
                 all_logits: a.logits == Logits::All,
+                trace: a.trace,
             };
             lora_train::bench::infer(&b, &a.out)?;
         }

@@ -1,0 +1,394 @@
+//! Flex (CPU) kernels of the fused ops: `exp` and GELU forward / backward, with the values of
+//! Flex's own ops bit for bit, eight lanes at a time.
+//!
+//! Flex runs `exp` and `sigmoid` one element at a time through libm's `expf`, a ninth of a minGPT
+//! training step. glibc (2.27 on) computes `expf` in double precision as `2^(k/32) · p(r)` (a
+//! 32-entry table and a cubic); on x86-64 CPUs with AVX2 and FMA it runs `__expf_fma`, repeated
+//! here four doubles at a time with the same fused multiply-adds and roundings. The rest of GELU
+//! is the same f32 operations, in the same order, as the composed ops of `fused.rs`. So training
+//! is unchanged to the bit: the first call checks `exp` against the platform's `expf` on a sweep
+//! of inputs and, where they differ (another libm, no AVX2 / FMA), every kernel here runs the
+//! scalar libm form instead.
+
+use rayon::prelude::*;
+
+/// `0.044715` of GELU's cubic, as Flex rounds the scalar.
+const A: f32 = 0.044715f64 as f32;
+/// `3 · 0.044715`, the cubic's derivative.
+const A3: f32 = (3.0 * 0.044715f64) as f32;
+
+/// `2·√(2/π)`: `sigmoid(2u) = (1 + tanh u) / 2`.
+pub(crate) fn gelu_c() -> f64 {
+    2.0 * (2.0 / std::f64::consts::PI).sqrt()
+}
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
+
+/// Flex's `sigmoid`, scalar.
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+fn gate(x: f32, c: f32) -> f32 {
+    let x3 = x * x * x;
+    sigmoid((x + x3 * A) * c)
+}
+
+fn gelu1(x: f32, c: f32) -> f32 {
+    x * gate(x, c)
+}
+
+fn gelu_grad1(x: f32, g: f32, c: f32) -> f32 {
+    let s = gate(x, c);
+    let slope = ((x * x) * A3 + 1.0) * c;
+    let ds = s - s * s;
+    g * (s + (x * ds) * slope)
+}
+
+/// `x ← exp(x)`.
+pub(crate) fn exp(x: &mut [f32]) {
+    x.par_chunks_mut(CHUNK).with_min_len(4).for_each(|x| {
+        #[cfg(target_arch = "x86_64")]
+        if simd::enabled() {
+            // SAFETY: `enabled` checked AVX2 and FMA.
+            return unsafe { simd::exp(x) };
+        }
+        x.iter_mut().for_each(|v| *v = v.exp());
+    });
+}
+
+/// `out = x · sigmoid(c·(x + 0.044715·x³))`, `c = 2·√(2/π)`.
+pub(crate) fn gelu(x: &[f32], out: &mut [f32]) {
+    let c = gelu_c() as f32;
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .with_min_len(4)
+        .for_each(|(out, x)| {
+            #[cfg(target_arch = "x86_64")]
+            if simd::enabled() {
+                // SAFETY: as in `exp`.
+                return unsafe { simd::gelu(x, out, c) };
+            }
+            out.iter_mut().zip(x).for_each(|(o, &x)| *o = gelu1(x, c));
+        });
+}
+
+/// `out = g · d gelu(x) / dx`.
+pub(crate) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32]) {
+    let c = gelu_c() as f32;
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .with_min_len(4)
+        .for_each(|(out, (x, g))| {
+            #[cfg(target_arch = "x86_64")]
+            if simd::enabled() {
+                // SAFETY: as in `exp`.
+                return unsafe { simd::gelu_grad(x, g, out, c) };
+            }
+            for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+                *o = gelu_grad1(x, g, c);
+            }
+        });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{A, A3, gelu_grad1, gelu1};
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    /// glibc's `__exp2f_data`: `tab[i] = bits(2^(i/32)) − (i << 47)`.
+    static TAB: [u64; 32] = [
+        0x3ff0000000000000,
+        0x3fefd9b0d3158574,
+        0x3fefb5586cf9890f,
+        0x3fef9301d0125b51,
+        0x3fef72b83c7d517b,
+        0x3fef54873168b9aa,
+        0x3fef387a6e756238,
+        0x3fef1e9df51fdee1,
+        0x3fef06fe0a31b715,
+        0x3feef1a7373aa9cb,
+        0x3feedea64c123422,
+        0x3feece086061892d,
+        0x3feebfdad5362a27,
+        0x3feeb42b569d4f82,
+        0x3feeab07dd485429,
+        0x3feea47eb03a5585,
+        0x3feea09e667f3bcd,
+        0x3fee9f75e8ec5f74,
+        0x3feea11473eb0187,
+        0x3feea589994cce13,
+        0x3feeace5422aa0db,
+        0x3feeb737b0cdc5e5,
+        0x3feec49182a3f090,
+        0x3feed503b23e255d,
+        0x3feee89f995ad3ad,
+        0x3feeff76f2fb5e47,
+        0x3fef199bdd85529c,
+        0x3fef3720dcef9069,
+        0x3fef5818dcfba487,
+        0x3fef7c97337b9b5f,
+        0x3fefa4afa2a490da,
+        0x3fefd0765b6e4540,
+    ];
+    /// `32 / ln 2`.
+    const INV_LN2_N: u64 = 0x40471547652b82fe;
+    /// The cubic in `r`, scaled for `r` in units of `ln 2 / 32`.
+    const C0: u64 = 0x3ebc6af84b912394;
+    const C1: u64 = 0x3f2ebfce50fac4f3;
+    const C2: u64 = 0x3f962e42ff0c52d6;
+    /// `1.5 · 2⁵²`: adding it rounds to an integer held in the low mantissa bits.
+    const SHIFT: u64 = 0x4338000000000000;
+
+    /// Whether the vector kernels run: AVX2 and FMA present and `exp` equal to libm's `expf` on
+    /// the check's sweep.
+    pub(super) fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                // SAFETY: features checked on the line above.
+                && unsafe { agrees_with_libm() }
+        })
+    }
+
+    /// The check: `exp`, `gelu` and `gelu_grad` against their scalar libm forms on every
+    /// 4099th f32 bit pattern (about a million inputs: all magnitudes, both signs, the specials).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn agrees_with_libm() -> bool {
+        let x: Vec<f32> = (0..=u32::MAX)
+            .step_by(4099)
+            .map(f32::from_bits)
+            .chain([f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 88.0, -88.0])
+            .collect();
+        let n = x.len() / 8 * 8;
+        let (x, g) = (&x[..n], &x[..n]);
+        let c = super::gelu_c() as f32;
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let mut y = x.to_vec();
+        exp(&mut y);
+        if !x.iter().zip(&y).all(|(a, b)| same(a.exp(), *b)) {
+            return false;
+        }
+        gelu(x, &mut y, c);
+        if !x.iter().zip(&y).all(|(&a, b)| same(gelu1(a, c), *b)) {
+            return false;
+        }
+        // Gradients at moderate inputs (a large g times a tiny slope is an underflow either way).
+        let xs: Vec<f32> = x.iter().map(|v| v.clamp(-20.0, 20.0)).collect();
+        gelu_grad(&xs, g, &mut y, c);
+        xs.iter()
+            .zip(g)
+            .zip(&y)
+            .all(|((&a, &g), b)| same(gelu_grad1(a, g, c), *b))
+    }
+
+    /// glibc `__expf_fma`'s main path on four doubles (inputs converted from f32, |x| < 88).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp4(xd: __m256d) -> __m256d {
+        let inv = _mm256_set1_pd(f64::from_bits(INV_LN2_N));
+        let shift = _mm256_set1_pd(f64::from_bits(SHIFT));
+        // k = round(x·32/ln 2), r = x·32/ln 2 − k (one rounding each, as glibc's FMAs).
+        let kd = _mm256_fmadd_pd(inv, xd, shift);
+        let ki = _mm256_castpd_si256(kd);
+        let kd = _mm256_sub_pd(kd, shift);
+        let r = _mm256_fmsub_pd(inv, xd, kd);
+        // s = 2^(k/32): the table entry plus k in the exponent bits.
+        let i = _mm256_and_si256(ki, _mm256_set1_epi64x(31));
+        // SAFETY: every index is in 0..32.
+        let t = unsafe { _mm256_i64gather_epi64::<8>(TAB.as_ptr() as *const i64, i) };
+        let s = _mm256_castsi256_pd(_mm256_add_epi64(t, _mm256_slli_epi64::<47>(ki)));
+        let z = _mm256_fmadd_pd(
+            _mm256_set1_pd(f64::from_bits(C0)),
+            r,
+            _mm256_set1_pd(f64::from_bits(C1)),
+        );
+        let r2 = _mm256_mul_pd(r, r);
+        let y = _mm256_fmadd_pd(_mm256_set1_pd(f64::from_bits(C2)), r, _mm256_set1_pd(1.0));
+        _mm256_mul_pd(_mm256_fmadd_pd(z, r2, y), s)
+    }
+
+    /// `expf` of eight lanes. `−∞` gives 0; other lanes outside glibc's main path (|x| ≥ 88, NaN)
+    /// are handed to libm.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let lo = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        let hi = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)));
+        let y = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+        let bits = _mm256_castps_si256(x);
+        let abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fff_ffff));
+        let outside = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x42af_ffff));
+        let neg_inf = _mm256_cmpeq_epi32(bits, _mm256_set1_epi32(0xff80_0000u32 as i32));
+        let y = _mm256_andnot_ps(_mm256_castsi256_ps(neg_inf), y);
+        let rest = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(neg_inf, outside)));
+        if rest == 0 {
+            return y;
+        }
+        let (mut xs, mut ys) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: both arrays hold eight f32.
+        unsafe {
+            _mm256_storeu_ps(xs.as_mut_ptr(), x);
+            _mm256_storeu_ps(ys.as_mut_ptr(), y);
+        }
+        for (i, (y, x)) in ys.iter_mut().zip(xs).enumerate() {
+            if rest >> i & 1 == 1 {
+                *y = x.exp();
+            }
+        }
+        // SAFETY: as above.
+        unsafe { _mm256_loadu_ps(ys.as_ptr()) }
+    }
+
+    /// Flex's sigmoid: `1 / (1 + exp(−v))` for `v ≥ 0`, else `e / (1 + e)` with `e = exp(v)`;
+    /// both exponents are `−|v|`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn sigmoid8(v: __m256) -> __m256 {
+        let e = exp8(_mm256_or_ps(v, _mm256_set1_ps(-0.0)));
+        let one = _mm256_set1_ps(1.0);
+        let den = _mm256_add_ps(one, e);
+        let ge = _mm256_cmp_ps::<_CMP_GE_OQ>(v, _mm256_setzero_ps());
+        _mm256_blendv_ps(_mm256_div_ps(e, den), _mm256_div_ps(one, den), ge)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn gate8(x: __m256, c: __m256) -> __m256 {
+        let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        let u2 = _mm256_add_ps(x, _mm256_mul_ps(x3, _mm256_set1_ps(A)));
+        sigmoid8(_mm256_mul_ps(u2, c))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp(x: &mut [f32]) {
+        let mut it = x.chunks_exact_mut(8);
+        for v in &mut it {
+            // SAFETY: eight f32 in and out.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), exp8(_mm256_loadu_ps(v.as_ptr()))) };
+        }
+        it.into_remainder().iter_mut().for_each(|v| *v = v.exp());
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn gelu(x: &[f32], out: &mut [f32], c: f32) {
+        let cv = _mm256_set1_ps(c);
+        let n = x.len() / 8 * 8;
+        for (o, x) in out[..n].chunks_exact_mut(8).zip(x[..n].chunks_exact(8)) {
+            // SAFETY: eight f32 in and out.
+            unsafe {
+                let x = _mm256_loadu_ps(x.as_ptr());
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(x, gate8(x, cv)));
+            }
+        }
+        for (o, &x) in out[n..].iter_mut().zip(&x[n..]) {
+            *o = gelu1(x, c);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32], c: f32) {
+        let cv = _mm256_set1_ps(c);
+        let one = _mm256_set1_ps(1.0);
+        let n = x.len() / 8 * 8;
+        let chunks = out[..n]
+            .chunks_exact_mut(8)
+            .zip(x[..n].chunks_exact(8).zip(g[..n].chunks_exact(8)));
+        for (o, (x, g)) in chunks {
+            // SAFETY: eight f32 in and out.
+            unsafe {
+                let x = _mm256_loadu_ps(x.as_ptr());
+                let g = _mm256_loadu_ps(g.as_ptr());
+                let s = gate8(x, cv);
+                let xx = _mm256_mul_ps(x, x);
+                let slope = _mm256_mul_ps(
+                    _mm256_add_ps(_mm256_mul_ps(xx, _mm256_set1_ps(A3)), one),
+                    cv,
+                );
+                let ds = _mm256_sub_ps(s, _mm256_mul_ps(s, s));
+                let d = _mm256_add_ps(s, _mm256_mul_ps(_mm256_mul_ps(x, ds), slope));
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(g, d));
+            }
+        }
+        for ((o, &x), &g) in out[n..].iter_mut().zip(&x[n..]).zip(&g[n..]) {
+            *o = gelu_grad1(x, g, c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 257th f32 bit pattern, plus the specials.
+    fn sweep() -> Vec<f32> {
+        (0..=u32::MAX)
+            .step_by(257)
+            .map(f32::from_bits)
+            .chain([f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0, -0.0])
+            .collect()
+    }
+
+    fn same(a: &[f32], b: &[f32]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                "{x:e} vs {y:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn exp_is_libm_expf_bit_for_bit() {
+        let x = sweep();
+        let mut y = x.clone();
+        exp(&mut y);
+        same(&y, &x.iter().map(|v| v.exp()).collect::<Vec<_>>());
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            assert!(
+                simd::enabled(),
+                "the vector expf disagrees with this libm's expf"
+            );
+        }
+    }
+
+    /// All 2³² inputs (about 30 s on two cores): `cargo test --release -p lora-gpt -- --ignored`.
+    #[test]
+    #[ignore]
+    fn exp_is_libm_expf_on_every_f32() {
+        (0..4096u32).into_par_iter().for_each(|block| {
+            let x: Vec<f32> = (0..1 << 20)
+                .map(|i| f32::from_bits(block << 20 | i))
+                .collect();
+            let mut y = x.clone();
+            exp(&mut y);
+            same(&y, &x.iter().map(|v| v.exp()).collect::<Vec<_>>());
+        });
+    }
+
+    #[test]
+    fn gelu_kernels_are_the_scalar_forms_bit_for_bit() {
+        let c = gelu_c() as f32;
+        let x: Vec<f32> = sweep().into_iter().map(|v| v.clamp(-30.0, 30.0)).collect();
+        let g: Vec<f32> = x.iter().rev().copied().collect();
+        let mut y = vec![0.0; x.len()];
+        gelu(&x, &mut y);
+        same(&y, &x.iter().map(|&v| gelu1(v, c)).collect::<Vec<_>>());
+        gelu_grad(&x, &g, &mut y);
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&g)
+            .map(|(&v, &g)| gelu_grad1(v, g, c))
+            .collect();
+        same(&y, &want);
+    }
+}
