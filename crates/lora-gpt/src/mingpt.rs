@@ -506,6 +506,31 @@ impl Gpt {
         (logits, loss)
     }
 
+    /// The mean cross-entropy of [`forward_loss`](Self::forward_loss) without the
+    /// `[batch, seq, vocab]` logits: the head and the loss run as one op a few hundred rows at a
+    /// time ([`fused::linear_cross_entropy`]), which is what training and validation need.
+    pub fn loss(&self, idx: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
+        let x = self.hidden(idx);
+        let [b, t, d] = x.dims();
+        let dt = x.dtype();
+        let targets = targets.reshape([b * t]);
+        match &self.lm_head {
+            Some(head) if head.bias.is_some() => {
+                cross_entropy_ignore(self.head(x), targets.reshape([b, t]))
+            }
+            Some(head) => fused::linear_cross_entropy(
+                x.reshape([b * t, d]),
+                cast_to(head.weight.val(), dt),
+                targets,
+            ),
+            None => fused::linear_cross_entropy(
+                x.reshape([b * t, d]),
+                cast_to(self.wte.weight.val(), dt).transpose(),
+                targets,
+            ),
+        }
+    }
+
     /// Hugging Face's causal-LM loss (`labels = input_ids`): logits at `t` predict token `t + 1`;
     /// label < 0 is ignored.
     pub fn causal_lm_loss(

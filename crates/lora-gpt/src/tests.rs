@@ -65,14 +65,17 @@ fn parity_on(device: &Device, tol: f32) {
     let model = load_mingpt(cfg.init(device), FIXTURE, "fixture", "finetuned/").unwrap();
     let (x, shape) = fixture_i64("batch/x");
     let (y, _) = fixture_i64("batch/y");
-    let (logits, loss) =
-        model.forward_loss(ids_tensor(x, shape, device), ids_tensor(y, shape, device));
+    let (idx, targets) = (ids_tensor(x, shape, device), ids_tensor(y, shape, device));
+    let (logits, loss) = model.forward_loss(idx.clone(), targets.clone());
     let got: Vec<f32> = logits.into_data().iter::<f32>().collect();
     let d = max_diff(&got, &fixture_f32("finetuned_unmerged_nodropout/logits").0);
     assert!(d <= tol, "logits differ by {d}");
     let l = loss.into_scalar::<f32>();
     let expect = fixture_f32("finetuned_unmerged_nodropout/loss").0[0];
     assert!((l - expect).abs() <= tol, "loss {l} vs {expect}");
+    // The training loss: head and loss in one op (minGPT's own `lm_head`).
+    let l = model.loss(idx, targets).into_scalar::<f32>();
+    assert!((l - expect).abs() <= tol, "Gpt::loss {l} vs {expect}");
 }
 
 #[test]
@@ -89,6 +92,7 @@ fn parity_on_ndarray() {
 
 #[test]
 fn parity_on_wgpu() {
+    let _one = crate::WGPU.lock();
     // CPU-only machines run this through Mesa's llvmpipe.
     parity_on(&Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), 1e-4);
 }

@@ -1,6 +1,6 @@
 //! The fused ops against the composed Burn ops they replace: values and gradients.
 
-use crate::fused::{causal_attention, gelu_tanh};
+use crate::fused::{causal_attention, gelu_tanh, linear_cross_entropy_in_chunks};
 use crate::mingpt::cross_entropy_ignore;
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
@@ -134,6 +134,62 @@ fn nll_case(device: &Device, tol: f32) {
     assert!(max_diff(g0, g1) < tol, "logit grads, {device:?}");
 }
 
+/// The head + loss op against `cross_entropy_ignore(h·w)`: value and the gradients w.r.t. h and
+/// w (trained, as in full fine-tuning, or frozen, as with LoRA), in one chunk and in several.
+fn linear_ce_case(device: &Device, tol: f32) {
+    device.seed(4);
+    let (n, d, v) = (10, 6, 13);
+    let h = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<2>::random([d, v], Distribution::Normal(0.0, 1.0), device);
+    let tg = vec![0i64, 3, -1, 12, 7, -1, 2, 2, 9, 1];
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(tg, [n]), device);
+    for rows in [n, 3] {
+        for train_w in [true, false] {
+            let run = |fused: bool| {
+                let h = h.clone().require_grad();
+                let w = if train_w {
+                    w.clone().require_grad()
+                } else {
+                    w.clone()
+                };
+                let loss = if fused {
+                    linear_cross_entropy_in_chunks(h.clone(), w.clone(), targets.clone(), rows)
+                } else {
+                    let logits = h.clone().matmul(w.clone()).reshape([1, n, v]);
+                    cross_entropy_ignore(logits, targets.clone().reshape([1, n]))
+                };
+                // A scaled loss, as gradient accumulation divides it.
+                let grads = loss.clone().mul_scalar(0.5).backward();
+                let gw = train_w.then(|| w.grad(&grads).expect("w's gradient"));
+                (loss, h.grad(&grads).expect("h's gradient"), gw)
+            };
+            let (l0, h0, w0) = run(false);
+            let (l1, h1, w1) = run(true);
+            let what = format!("rows {rows}, train w {train_w}, {device:?}");
+            assert!(
+                max_diff(l0.clone(), l1.clone()) < tol,
+                "loss, {what}: {} vs {}",
+                l0,
+                l1
+            );
+            assert!(max_diff(h0, h1) < tol, "h grads, {what}");
+            if let (Some(a), Some(b)) = (w0, w1) {
+                assert!(max_diff(a, b) < tol, "w grads, {what}");
+            }
+        }
+    }
+    // Off the autodiff device: the value alone.
+    let plain = device.clone().inner();
+    let to = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &plain);
+    let tp = Tensor::<1, Int>::from_data(targets.to_data(), &plain);
+    let l0 = cross_entropy_ignore(
+        to(&h).matmul(to(&w)).reshape([1, n, v]),
+        tp.clone().reshape([1, n]),
+    );
+    let l1 = linear_cross_entropy_in_chunks(to(&h), to(&w), tp, 4);
+    assert!(max_diff(l0, l1) < tol, "plain loss, {device:?}");
+}
+
 fn gelu_case(device: &Device, tol: f32) {
     device.seed(5);
     let x = Tensor::<3>::random([2, 3, 50], Distribution::Normal(0.0, 3.0), device);
@@ -185,6 +241,20 @@ fn fused_nll_is_log_softmax_cross_entropy() {
 }
 
 #[test]
+fn fused_linear_cross_entropy_is_head_then_cross_entropy() {
+    for d in devices() {
+        linear_ce_case(&d.autodiff(), 1e-5);
+    }
+}
+
+#[test]
+fn fused_linear_cross_entropy_on_wgpu() {
+    let _one = crate::WGPU.lock();
+    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    linear_ce_case(&d, 1e-4);
+}
+
+#[test]
 fn fused_gelu_is_the_composed_gelu() {
     for d in devices() {
         gelu_case(&d.autodiff(), 1e-5);
@@ -193,6 +263,7 @@ fn fused_gelu_is_the_composed_gelu() {
 
 #[test]
 fn fused_ops_on_wgpu() {
+    let _one = crate::WGPU.lock();
     // CPU-only machines run this through Mesa's llvmpipe.
     let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
     attention_case(&d, true, 1e-4);

@@ -92,33 +92,45 @@ fn peft_adapter_logits_merge_and_grads() {
     let expect = losses(&micro())["lora"].as_f64().unwrap() as f32;
     assert!((loss.clone().into_scalar::<f32>() - expect).abs() <= 1e-5);
 
-    // Gradients of the loss w.r.t. every LoRA factor, PEFT's layout.
-    let grads = loss.backward();
-    let check = |p: &Option<Param<Tensor<2>>>, key: &str| {
-        let got = values(p.as_ref().unwrap().val().grad(&grads).expect(key));
-        let expect = g.f32(&format!("grad.{key}"));
-        let scale = expect.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let rel = max_diff(&got, &expect) / scale;
-        assert!(
-            rel <= 1e-4,
-            "{key}: grad differs by {rel} relative (max |g| {scale})"
-        );
-    };
-    for (i, b) in m.h.iter().enumerate() {
-        for (layer, name) in [
-            (&b.attn.c_attn, "attn.c_attn"),
-            (&b.attn.c_proj, "attn.c_proj"),
-            (&b.mlp.c_fc, "mlp.c_fc"),
-            (&b.mlp.c_proj, "mlp.c_proj"),
-        ] {
-            check(
-                &layer.lora_a,
-                &format!("transformer.h.{i}.{name}.lora_A.weight"),
+    // The training loss (head and loss as one chunked op, no logits) on the same next tokens.
+    let [b, t] = ids.dims();
+    let last = Tensor::<2, burn::tensor::Int>::full([b, 1], -1, &d);
+    let next = Tensor::cat(vec![ids.clone().narrow(1, 1, t - 1), last], 1);
+    let fused = m.loss(ids.clone(), next);
+    assert!(
+        (fused.clone().into_scalar::<f32>() - expect).abs() <= 1e-5,
+        "Gpt::loss"
+    );
+
+    // Gradients of both losses w.r.t. every LoRA factor, PEFT's layout.
+    for (what, loss) in [("causal_lm_loss", loss), ("loss", fused)] {
+        let grads = loss.backward();
+        let check = |p: &Option<Param<Tensor<2>>>, key: &str| {
+            let got = values(p.as_ref().unwrap().val().grad(&grads).expect(key));
+            let expect = g.f32(&format!("grad.{key}"));
+            let scale = expect.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let rel = max_diff(&got, &expect) / scale;
+            assert!(
+                rel <= 1e-4,
+                "{what}, {key}: grad differs by {rel} relative (max |g| {scale})"
             );
-            check(
-                &layer.lora_b,
-                &format!("transformer.h.{i}.{name}.lora_B.weight"),
-            );
+        };
+        for (i, b) in m.h.iter().enumerate() {
+            for (layer, name) in [
+                (&b.attn.c_attn, "attn.c_attn"),
+                (&b.attn.c_proj, "attn.c_proj"),
+                (&b.mlp.c_fc, "mlp.c_fc"),
+                (&b.mlp.c_proj, "mlp.c_proj"),
+            ] {
+                check(
+                    &layer.lora_a,
+                    &format!("transformer.h.{i}.{name}.lora_A.weight"),
+                );
+                check(
+                    &layer.lora_b,
+                    &format!("transformer.h.{i}.{name}.lora_B.weight"),
+                );
+            }
         }
     }
 

@@ -324,8 +324,7 @@ pub fn accumulate_grads(
     let mut accum = GradientsAccumulator::<Gpt>::new();
     let mut total = 0.0;
     for (x, y) in micro {
-        let (_, loss) = model.forward_loss(x, y);
-        let loss = loss.div_scalar(n as f64);
+        let loss = model.loss(x, y).div_scalar(n as f64);
         let grads = GradientsParams::from_grads(loss.backward(), model);
         total += loss.into_scalar::<f32>() as f64;
         accum.accumulate(model, grads);
@@ -357,7 +356,7 @@ fn evaluate(
         if counted == 0 {
             continue;
         }
-        let (_, loss) = model.forward_loss(x, y);
+        let loss = model.loss(x, y);
         sum += loss.into_scalar::<f32>() as f64 * counted as f64;
         n += counted;
     }
