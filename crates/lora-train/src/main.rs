@@ -290,7 +290,8 @@ struct InferArgs {
     /// Timed rounds (median reported).
     #[arg(long, default_value_t = 10)]
     iters: usize,
-    /// Forward passes per round, read back once (wgpu: >1 was 10x slower per pass on an H100, under study).
+    /// Forward passes per round, read back once (on a GPU, 10 measures the pipelined throughput:
+    /// single passes on wgpu were bimodal on an H100).
     #[arg(long, default_value_t = 1)]
     reps: usize,
     /// Logits of every position (a scoring pass, as transformers' forward) or only of the last
