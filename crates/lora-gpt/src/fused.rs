@@ -3,8 +3,10 @@
 //! Written with Burn's tensor ops, Burn's autodiff keeps every intermediate of causal attention
 //! (scores, the mask fill, softmax's pieces, the dropout product: several `[batch, head, seq, seq]`
 //! tensors per layer), of log-softmax over the vocabulary and of GELU's polynomial until the
-//! backward pass. These ops keep only their inputs and recompute the rest in their hand-written backward passes, as
-//! PyTorch's fused kernels do: the same functions, a fraction of the memory and of the graph.
+//! backward pass. These ops keep only their inputs and recompute the rest in their hand-written
+//! backward passes, as PyTorch's fused kernels do: the same functions, a fraction of the memory and
+//! of the graph. `linear_cross_entropy` goes further for the head: it never forms the
+//! `[tokens, vocab]` logits at all (chunks of rows, gradients computed with the value).
 //!
 //! They are a [`backend_extension`]: plain backend ops on flex, ndarray and the cubecl backends
 //! (wgpu, vulkan), and the hand-written backward on their autodiff devices.
@@ -23,6 +25,8 @@ use burn::backend::{
 };
 use burn::tensor::{DType, FloatDType, IndexingUpdateOp, TensorData};
 use burn::tensor::{Int, Tensor};
+
+use crate::host::gelu_c;
 
 /// The dropout mask of [`GptKernels::causal_attention`].
 #[derive(ExtensionType)]
@@ -78,8 +82,6 @@ pub trait GptKernels: Backend {
     /// `u = √(2/π)·(x + 0.044715·x³)`.
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
-
-use crate::host::gelu_c;
 
 /// The element-wise kernels of the fused ops: Burn's ops, or (Flex, f32) the kernels of
 /// [`crate::host`], equal to them bit for bit.
