@@ -437,6 +437,14 @@ pub struct Gpt {
     pub block_size: usize,
 }
 
+/// The targets of next-token prediction for `idx [batch, seq]`: `idx` shifted left by one, −1
+/// (ignored) at the last position.
+pub fn next_token_targets(idx: Tensor<2, Int>) -> Tensor<2, Int> {
+    let [b, t] = idx.dims();
+    let last = Tensor::<2, Int>::full([b, 1], -1, &idx.device());
+    Tensor::cat(vec![idx.narrow(1, 1, t - 1), last], 1)
+}
+
 /// Mean cross-entropy of `logits [batch, seq, vocab]` against `targets [batch, seq]`, ignoring
 /// targets < 0 (PyTorch's `ignore_index=-1`).
 pub fn cross_entropy_ignore(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
@@ -529,6 +537,12 @@ impl Gpt {
                 targets,
             ),
         }
+    }
+
+    /// [`causal_lm_loss`](Self::causal_lm_loss)'s value through [`loss`](Self::loss): no logits.
+    pub fn causal_loss(&self, idx: Tensor<2, Int>) -> Tensor<1> {
+        let targets = next_token_targets(idx.clone());
+        self.loss(idx, targets)
     }
 
     /// Hugging Face's causal-LM loss (`labels = input_ids`): logits at `t` predict token `t + 1`;
