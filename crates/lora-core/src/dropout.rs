@@ -1,10 +1,15 @@
-//! Dropout with a cheaper mask on host (CPU) backends.
+//! Dropout with cheaper masks on host (CPU) backends.
 //!
 //! Burn's `Dropout::forward` draws one Bernoulli sample per element from the backend's ChaCha
 //! generator (a sampler built per element) and scales in a second pass: on the CPU backends that
-//! was ~23 ns per element, a fifth of a minGPT training step. Here one draw from the device RNG
-//! seeds a xoshiro generator that fills a `{0, 1/keep}` mask, applied in one multiply; masks stay
-//! a function of `device.seed(..)`. Devices with their own RNG kernels (GPUs) use Burn's.
+//! was ~23 ns per element, a fifth of a minGPT training step. Two cheaper masks, both applied in
+//! one multiply and both a function of `device.seed(..)`:
+//! - [`dropout_mask`] / [`dropout_folded`] (the GPT's dropouts): Burn's own mask, bit for bit; on
+//!   flex from the same generator's raw draws, thresholded here (a third of the cost).
+//! - [`dropout`] (LoRA's input dropout): one draw from the device RNG seeds a xoshiro generator
+//!   that fills the mask (~12× cheaper; another stream than Burn's).
+//!
+//! Devices with their own RNG kernels (GPUs) use Burn's.
 
 use burn::nn::Dropout;
 use burn::tensor::{DType, Device, Distribution, Int, Shape, Tensor, TensorData};
@@ -46,21 +51,14 @@ fn flex_mask<const D: usize>(shape: Shape, keep: f64, device: &Device) -> Tensor
     let draws =
         Tensor::<D, Int>::random(shape.clone(), Distribution::Default, (device, DType::I64))
             .into_data();
-    // rand's `Bernoulli::new`: `p == 1` always keeps, else `p_int = (p·2⁶⁴) as u64`.
-    let always = keep >= 1.0;
+    // rand's `Bernoulli::new` for `0 < p < 1` (`active` and Burn's config bound `p`).
     let p_int = (keep * 18_446_744_073_709_551_616.0) as u64;
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = draws
         .as_slice::<i64>()
         .expect("i64 draws")
         .iter()
-        .map(|&v| {
-            if always || (v as u64) < p_int {
-                scale
-            } else {
-                0.0
-            }
-        })
+        .map(|&v| if (v as u64) < p_int { scale } else { 0.0 })
         .collect();
     Tensor::from_data(TensorData::new(mask, shape), device)
 }

@@ -26,7 +26,7 @@ use burn::backend::{
 use burn::tensor::{DType, FloatDType, IndexingUpdateOp, TensorData};
 use burn::tensor::{Int, Tensor};
 
-use crate::host::gelu_c;
+use crate::host::{GELU_A, gelu_c};
 
 /// The dropout mask of [`GptKernels::causal_attention`].
 #[derive(ExtensionType)]
@@ -111,10 +111,7 @@ fn gelu_grad_composed<B: Backend>(x: FloatTensor<B>, g: FloatTensor<B>) -> Float
     let s = gelu_gate::<B>(x.clone());
     let slope = B::float_mul_scalar(
         B::float_add_scalar(
-            B::float_mul_scalar(
-                B::float_mul(x.clone(), x.clone()),
-                (3.0 * 0.044715f64).into(),
-            ),
+            B::float_mul_scalar(B::float_mul(x.clone(), x.clone()), (3.0 * GELU_A).into()),
             1.0f64.into(),
         ),
         gelu_c().into(),
@@ -132,11 +129,7 @@ impl Pointwise for Flex {
         if x.dtype() != DType::F32 {
             return Self::float_exp(x);
         }
-        let mut x = if x.is_contiguous() {
-            x
-        } else {
-            x.to_contiguous()
-        };
+        let mut x = flex_contiguous(x);
         let (a, b) = x.layout().contiguous_offsets().expect("contiguous");
         crate::host::exp(&mut x.storage_mut::<f32>()[a..b]);
         x
@@ -147,9 +140,10 @@ impl Pointwise for Flex {
             return gelu_composed::<Self>(x);
         }
         let shape = x.shape();
+        let x = flex_contiguous(x);
         let x = flex_f32(&x);
         let mut out = vec![0.0; x.len()];
-        crate::host::gelu(&x, &mut out);
+        crate::host::gelu(x, &mut out);
         Self::float_from_data(TensorData::new(out, shape), &Default::default())
     }
 
@@ -158,25 +152,32 @@ impl Pointwise for Flex {
             return gelu_grad_composed::<Self>(x, g);
         }
         let shape = x.shape();
+        let (x, g) = (flex_contiguous(x), flex_contiguous(g));
         let (x, g) = (flex_f32(&x), flex_f32(&g));
         let mut out = vec![0.0; x.len()];
-        crate::host::gelu_grad(&x, &g, &mut out);
+        crate::host::gelu_grad(x, g, &mut out);
         Self::float_from_data(TensorData::new(out, shape), &Default::default())
     }
 }
 
-/// The f32 values of a Flex tensor in row-major order (borrowed where contiguous).
-fn flex_f32(t: &FloatTensor<Flex>) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()),
+/// `t` in row-major order (a copy only where it is a strided view).
+fn flex_contiguous(t: FloatTensor<Flex>) -> FloatTensor<Flex> {
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
     }
+}
+
+/// The f32 values of a contiguous Flex tensor.
+fn flex_f32(t: &FloatTensor<Flex>) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
 }
 
 /// `sigmoid(2u)` of [`GptKernels::gelu_tanh`].
 fn gelu_gate<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     let x3 = B::float_mul(B::float_mul(x.clone(), x.clone()), x.clone());
-    let u2 = B::float_add(x, B::float_mul_scalar(x3, 0.044715f64.into()));
+    let u2 = B::float_add(x, B::float_mul_scalar(x3, GELU_A.into()));
     B::sigmoid(B::float_mul_scalar(u2, gelu_c().into()))
 }
 
@@ -216,17 +217,51 @@ fn attention_forward<B: Pointwise>(
     B::float_matmul(p, v)
 }
 
-/// `−log_softmax(x)[target] = log Σ exp(x − max) − (x[target] − max)` per row of `x [n, vocab]`,
-/// and `max + log Σ exp(x − max)` (what the gradient needs).
-fn nll_forward<B: Backend>(
+/// Per row of `x [n, vocab]`: `−log_softmax(x)[target] = log Σ exp(x − max) − (x[target] − max)`,
+/// the row max, `exp(x − max)` and its row sum `Σ` (the pieces the gradients are made of).
+struct NllParts<B: Backend> {
+    nll: FloatTensor<B>,
+    max: FloatTensor<B>,
+    exp: FloatTensor<B>,
+    sum: FloatTensor<B>,
+}
+
+fn nll_parts<B: Pointwise>(x: FloatTensor<B>, targets: IntTensor<B>) -> NllParts<B> {
+    let max = B::float_max_dim(x.clone(), 1);
+    let shifted = B::float_sub(x, max.clone());
+    let exp = B::fused_exp(shifted.clone());
+    let sum = B::float_sum_dim(exp.clone(), 1);
+    let nll = B::float_sub(
+        B::float_log(sum.clone()),
+        B::float_gather(1, shifted, targets),
+    );
+    NllParts { nll, max, exp, sum }
+}
+
+/// `−log_softmax(x)[target]` per row of `x [n, vocab]`, and `max + log Σ exp(x − max)` (what
+/// the gradient needs).
+fn nll_forward<B: Pointwise>(
     x: FloatTensor<B>,
     targets: IntTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let max = B::float_max_dim(x.clone(), 1);
-    let shifted = B::float_sub(x, max.clone());
-    let lse = B::float_log(B::float_sum_dim(B::float_exp(shifted.clone()), 1));
-    let out = B::float_sub(lse.clone(), B::float_gather(1, shifted, targets));
-    (out, B::float_add(max, lse))
+    let p = nll_parts::<B>(x, targets);
+    (p.nll, B::float_add(p.max, B::float_log(p.sum)))
+}
+
+/// `softmax − onehot(target)`: the gradient of `−log_softmax(x)[target]` w.r.t. `x`, from the
+/// softmax `[n, vocab]` and targets `[n, 1]`.
+fn minus_onehot<B: Backend>(softmax: FloatTensor<B>, targets: IntTensor<B>) -> FloatTensor<B> {
+    let dtype = softmax.dtype().into();
+    let minus_one = B::float_full(targets.shape(), (-1.0f64).into(), &softmax.device(), dtype);
+    B::float_scatter(1, softmax, targets, minus_one, IndexingUpdateOp::Add)
+}
+
+/// `acc + x`, or `x` for the first term.
+fn accumulate<B: Backend>(acc: Option<FloatTensor<B>>, x: FloatTensor<B>) -> FloatTensor<B> {
+    match acc {
+        Some(a) => B::float_add(a, x),
+        None => x,
+    }
 }
 
 /// [`GptKernels::linear_cross_entropy`]'s value and, when asked, its gradients w.r.t. h and w.
@@ -257,38 +292,20 @@ fn linear_ce<B: Pointwise>(
         let tc = B::int_select(targets.clone(), 0, idx.clone());
         let wc = B::float_select(weights.clone(), 0, idx);
         let logits = B::float_cast(B::float_matmul(hc.clone(), w.clone()), FloatDType::F32);
-        let max = B::float_max_dim(logits.clone(), 1);
-        let shifted = B::float_sub(logits, max);
-        let e = B::fused_exp(shifted.clone());
-        let sum = B::float_sum_dim(e.clone(), 1);
-        let nll = B::float_sub(
-            B::float_log(sum.clone()),
-            B::float_gather(1, shifted, tc.clone()),
-        );
-        let part = B::float_sum(B::float_mul(nll, wc.clone()));
-        loss = Some(match loss {
-            Some(l) => B::float_add(l, part),
-            None => part,
-        });
+        let p = nll_parts::<B>(logits, tc.clone());
+        loss = Some(accumulate::<B>(
+            loss,
+            B::float_sum(B::float_mul(p.nll, wc.clone())),
+        ));
         if !(grad_h || grad_w) {
             continue;
         }
         // d/dlogits = weight·(softmax − onehot(target)).
-        let minus_one = B::float_full(tc.shape(), (-1.0f64).into(), &device, FloatDType::F32);
-        let d = B::float_scatter(
-            1,
-            B::float_div(e, sum),
-            tc,
-            minus_one,
-            IndexingUpdateOp::Add,
-        );
+        let d = minus_onehot::<B>(B::float_div(p.exp, p.sum), tc);
         let d = B::float_cast(B::float_mul(d, wc), dt.into());
         if grad_w {
             let g = B::float_matmul(B::float_transpose(hc), d.clone());
-            dw = Some(match dw {
-                Some(a) => B::float_add(a, g),
-                None => g,
-            });
+            dw = Some(accumulate::<B>(dw, g));
         }
         if grad_h {
             dh.push(B::float_matmul(d, B::float_transpose(w.clone())));
@@ -389,7 +406,7 @@ impl<B: Pointwise> Backward<B, 3> for AttentionBackward {
 #[derive(Debug)]
 struct NllBackward;
 
-impl<B: Backend> Backward<B, 1> for NllBackward {
+impl<B: Pointwise> Backward<B, 1> for NllBackward {
     /// Logits, targets, `max + log Σ exp(x − max)` per row.
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
 
@@ -399,10 +416,11 @@ impl<B: Backend> Backward<B, 1> for NllBackward {
         let Some(node) = node else { return };
         let (x, targets, lse) = ops.state;
         // d/dx = (softmax(x) − onehot(target))·g.
-        let softmax = B::float_exp(B::float_sub(x, lse));
-        let minus_one = B::float_full(g.shape(), (-1.0f64).into(), &g.device(), g.dtype().into());
-        let d = B::float_scatter(1, softmax, targets, minus_one, IndexingUpdateOp::Add);
-        grads.register::<B>(node.id, B::float_mul(d, g));
+        let softmax = B::fused_exp(B::float_sub(x, lse));
+        grads.register::<B>(
+            node.id,
+            B::float_mul(minus_onehot::<B>(softmax, targets), g),
+        );
     }
 }
 
@@ -506,14 +524,20 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
             w.into_primitive(),
             weights.into_primitive(),
         );
+        // Gradients only where a backward pass will ask for them.
+        let tracked = matches!(prep, OpsKind::Tracked(_));
+        let (loss, dh, dw) = linear_ce::<B>(
+            h,
+            w,
+            targets,
+            weights,
+            rows,
+            tracked && grad_h,
+            tracked && grad_w,
+        );
         match prep {
-            OpsKind::Tracked(prep) => {
-                let (loss, dh, dw) = linear_ce::<B>(h, w, targets, weights, rows, grad_h, grad_w);
-                prep.finish((dh, dw), loss)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(linear_ce::<B>(h, w, targets, weights, rows, false, false).0)
-            }
+            OpsKind::Tracked(prep) => prep.finish((dh, dw), loss),
+            OpsKind::UnTracked(prep) => prep.finish(loss),
         }
     }
 

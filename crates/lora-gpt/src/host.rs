@@ -12,10 +12,12 @@
 
 use rayon::prelude::*;
 
-/// `0.044715` of GELU's cubic, as Flex rounds the scalar.
-const A: f32 = 0.044715f64 as f32;
-/// `3 · 0.044715`, the cubic's derivative.
-const A3: f32 = (3.0 * 0.044715f64) as f32;
+/// `0.044715`, the cubic's coefficient in GELU's tanh approximation.
+pub(crate) const GELU_A: f64 = 0.044715;
+/// [`GELU_A`] as Flex rounds the scalar.
+const A: f32 = GELU_A as f32;
+/// `3 · 0.044715`, the cubic's derivative, as Flex rounds it.
+const A3: f32 = (3.0 * GELU_A) as f32;
 
 /// `2·√(2/π)`: `sigmoid(2u) = (1 + tanh u) / 2`.
 pub(crate) fn gelu_c() -> f64 {

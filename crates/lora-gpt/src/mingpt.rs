@@ -489,17 +489,21 @@ impl Gpt {
         logits.reshape([b, vocab])
     }
 
-    /// Output head: `[batch, seq, n_embd] -> [batch, seq, vocab]`. A tied head uses `wte`'s base
-    /// table, without its LoRA delta, as PEFT's unmerged model does.
+    /// Output head: `[batch, seq, n_embd] -> [batch, seq, vocab]`.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        let dt = x.dtype();
+        let (w, b) = self.head_params(x.dtype());
+        linear(x, w, b)
+    }
+
+    /// The head's weight `[n_embd, vocab]` and bias in `dt`. A tied head uses `wte`'s base table,
+    /// without its LoRA delta, as PEFT's unmerged model does.
+    fn head_params(&self, dt: DType) -> (Tensor<2>, Option<Tensor<1>>) {
         match &self.lm_head {
-            Some(head) => linear(
-                x,
+            Some(head) => (
                 cast_to(head.weight.val(), dt),
                 head.bias.as_ref().map(|b| cast_to(b.val(), dt)),
             ),
-            None => linear(x, cast_to(self.wte.weight.val(), dt).transpose(), None),
+            None => (cast_to(self.wte.weight.val(), dt).transpose(), None),
         }
     }
 
@@ -515,27 +519,17 @@ impl Gpt {
     }
 
     /// The mean cross-entropy of [`forward_loss`](Self::forward_loss) without the
-    /// `[batch, seq, vocab]` logits: the head and the loss run as one op a few hundred rows at a
-    /// time ([`fused::linear_cross_entropy`]), which is what training and validation need.
+    /// `[batch, seq, vocab]` logits: the head and the loss run as one op over at most four chunks
+    /// of rows ([`fused::linear_cross_entropy`]), which is what training and validation need.
     pub fn loss(&self, idx: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
         let x = self.hidden(idx);
         let [b, t, d] = x.dims();
-        let dt = x.dtype();
-        let targets = targets.reshape([b * t]);
-        match &self.lm_head {
-            Some(head) if head.bias.is_some() => {
-                cross_entropy_ignore(self.head(x), targets.reshape([b, t]))
+        match self.head_params(x.dtype()) {
+            // The op has no bias term: a biased head takes the logits route.
+            (w, Some(bias)) => cross_entropy_ignore(linear(x, w, Some(bias)), targets),
+            (w, None) => {
+                fused::linear_cross_entropy(x.reshape([b * t, d]), w, targets.reshape([b * t]))
             }
-            Some(head) => fused::linear_cross_entropy(
-                x.reshape([b * t, d]),
-                cast_to(head.weight.val(), dt),
-                targets,
-            ),
-            None => fused::linear_cross_entropy(
-                x.reshape([b * t, d]),
-                cast_to(self.wte.weight.val(), dt).transpose(),
-                targets,
-            ),
         }
     }
 

@@ -248,13 +248,6 @@ fn fused_linear_cross_entropy_is_head_then_cross_entropy() {
 }
 
 #[test]
-fn fused_linear_cross_entropy_on_wgpu() {
-    let _one = crate::WGPU.lock();
-    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
-    linear_ce_case(&d, 1e-4);
-}
-
-#[test]
 fn fused_gelu_is_the_composed_gelu() {
     for d in devices() {
         gelu_case(&d.autodiff(), 1e-5);
@@ -268,5 +261,6 @@ fn fused_ops_on_wgpu() {
     let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
     attention_case(&d, true, 1e-4);
     nll_case(&d, 1e-4);
+    linear_ce_case(&d, 1e-4);
     gelu_case(&d, 1e-4);
 }

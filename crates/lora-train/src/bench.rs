@@ -46,17 +46,14 @@ fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize, all_logits: bool
 /// then `iters` rounds, interleaved so drifts (clocks, other load) hit every variant alike, each
 /// round starting at the next model so none always pays for what the round before left behind
 /// (freed buffers, a cold cache).
-#[allow(clippy::too_many_arguments)]
 fn time_forward(
     models: &[&Gpt],
     names: &[&str],
     idx: &Tensor<2, Int>,
     warmup: usize,
-    iters: usize,
-    reps: usize,
-    all_logits: bool,
-    trace: bool,
+    b: &InferBench,
 ) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let (iters, reps, all_logits) = (b.iters, b.reps.max(1), b.all_logits);
     for _ in 0..warmup {
         models
             .iter()
@@ -73,7 +70,7 @@ fn time_forward(
             if let (Some(c0), Some(c1)) = (c0, process_cpu_ms()) {
                 cpu[i].push((c1 - c0) / reps as f64);
             }
-            if trace {
+            if b.trace {
                 let c = cpu[i]
                     .last()
                     .map_or(String::new(), |c| format!(", {c:.0} ms CPU"));
@@ -127,10 +124,9 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         seq,
         rank,
         targets,
-        iters,
         reps,
         all_logits,
-        trace,
+        ..
     } = *b;
     anyhow::ensure!(
         !targets.wte && !targets.wpe,
@@ -166,16 +162,7 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
     }
     let merged = lora.clone().merge();
     let names = ["base", "lora_unmerged", "lora_merged"];
-    let (samples, cpu) = time_forward(
-        &[&base, &lora, &merged],
-        &names,
-        &ids,
-        5,
-        iters,
-        reps.max(1),
-        all_logits,
-        trace,
-    );
+    let (samples, cpu) = time_forward(&[&base, &lora, &merged], &names, &ids, 5, b);
     let mut rows = vec![];
     for (name, ms) in names.into_iter().zip(samples.iter().cloned().map(median)) {
         println!(
