@@ -9,6 +9,9 @@ use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use lora_core::{LoraMerge, Scaling};
 use lora_gpt::{Gpt, GptConfig, LoraTargets};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -44,8 +47,10 @@ fn forward_reps(model: &Gpt, idx: &Tensor<2, Int>, reps: usize, all_logits: bool
 
 /// Median ms per forward pass of each model: `warmup` rounds of all (autotuning happens there),
 /// then `iters` rounds, interleaved so drifts (clocks, other load) hit every variant alike, each
-/// round starting at the next model so none always pays for what the round before left behind
-/// (freed buffers, a cold cache).
+/// round in its own shuffled order, and each timed batch after one untimed pass of the same
+/// model, so none always pays for what the model before it left behind. (A fixed cyclic order
+/// put the merged model straight after the unmerged one every round; on an H100 whichever model
+/// ran there was 0.5–1.2 % slower, merged and base alike.)
 fn time_forward(
     models: &[&Gpt],
     names: &[&str],
@@ -61,9 +66,13 @@ fn time_forward(
     }
     let mut ms = vec![vec![]; models.len()];
     let mut cpu = vec![vec![]; models.len()];
+    let mut order: Vec<usize> = (0..models.len()).collect();
     for round in 0..iters {
-        for k in 0..models.len() {
-            let i = (round + k) % models.len();
+        order.shuffle(&mut StdRng::seed_from_u64(round as u64));
+        for &i in &order {
+            let t_switch = Instant::now();
+            forward_reps(models[i], idx, 1, all_logits);
+            let switch_ms = 1000.0 * t_switch.elapsed().as_secs_f64();
             let (t0, c0) = (Instant::now(), process_cpu_ms());
             forward_reps(models[i], idx, reps, all_logits);
             ms[i].push(1000.0 * t0.elapsed().as_secs_f64() / reps as f64);
@@ -75,7 +84,7 @@ fn time_forward(
                     .last()
                     .map_or(String::new(), |c| format!(", {c:.0} ms CPU"));
                 eprintln!(
-                    "round {round} {}: {:.2} ms{c}",
+                    "round {round} {}: {:.2} ms{c} (untimed pass before: {switch_ms:.2} ms)",
                     names[i],
                     ms[i][ms[i].len() - 1]
                 );
