@@ -124,6 +124,35 @@ fn factored_forward_matches_formula() {
 }
 
 #[test]
+fn gpu_inference_path_matches_formula() {
+    // On a cubecl device without autodiff the unmerged forward runs `x · [W | Aᵀ]` (zero columns
+    // appended when `out + r` is not a multiple of 4): same function. CPU-only machines run
+    // this through Mesa's llvmpipe.
+    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    d.seed(7);
+    for rank in [8, 2, 1] {
+        let l = layer(&d, rank);
+        let x = Tensor::<3>::random([2, 16, 48], Distribution::Normal(0.0, 1.0), &d);
+        let (w, b) = (l.weight.val(), l.bias.as_ref().unwrap().val());
+        let (a, bb) = (
+            l.lora_a.as_ref().unwrap().val(),
+            l.lora_b.as_ref().unwrap().val(),
+        );
+        let scale = l.scaling;
+        let formula = x.clone().matmul(w.unsqueeze())
+            + b.unsqueeze::<3>()
+            + x.clone()
+                .matmul(a.transpose().unsqueeze())
+                .matmul(bb.transpose().unsqueeze())
+                .mul_scalar(scale);
+        let got = l.forward(x);
+        assert_eq!(got.dims(), [2, 16, 144]);
+        let diff = max_abs(got, formula);
+        assert!(diff < 1e-4, "rank {rank}: differs by {diff}");
+    }
+}
+
+#[test]
 fn merge_roundtrip_and_idempotence() {
     let d = dev();
     let l = layer(&d, 8);
