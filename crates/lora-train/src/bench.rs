@@ -124,6 +124,61 @@ pub struct InferBench {
     pub all_logits: bool,
     /// Print every timed pass to stderr.
     pub trace: bool,
+    /// Processes per variant (0: all variants in this process).
+    pub isolate: usize,
+    /// Time only this variant (index into [`INFER_VARIANTS`]) and print its row as JSON.
+    pub only: Option<usize>,
+}
+
+/// The `infer` suite's variants.
+pub const INFER_VARIANTS: [&str; 3] = ["base", "lora_unmerged", "lora_merged"];
+
+/// Index of an `infer` variant by name.
+pub fn infer_variant(name: &str) -> anyhow::Result<usize> {
+    INFER_VARIANTS
+        .iter()
+        .position(|v| *v == name)
+        .with_context(|| format!("--only {name}: not an infer variant ({INFER_VARIANTS:?})"))
+}
+
+/// `--isolate N`: every variant in its own processes, N each, rounds in a seeded shuffled order.
+fn infer_isolated(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
+    let flags = [
+        ("--backend", b.backend.name().to_string()),
+        ("--seq", b.seq.to_string()),
+        ("--rank", b.rank.to_string()),
+        ("--lora-targets", b.targets.to_string()),
+        ("--iters", b.iters.to_string()),
+        ("--reps", b.reps.to_string()),
+        (
+            "--logits",
+            if b.all_logits { "all" } else { "last" }.to_string(),
+        ),
+    ];
+    let mut per_process = vec![vec![]; INFER_VARIANTS.len()];
+    let mut order: Vec<usize> = (0..INFER_VARIANTS.len()).collect();
+    for round in 0..b.isolate {
+        order.shuffle(&mut StdRng::seed_from_u64(round as u64));
+        for &i in &order {
+            let row = child_row("infer", INFER_VARIANTS[i], &flags)?;
+            eprintln!("process {round} {}: {:.2} ms", INFER_VARIANTS[i], row.ms);
+            per_process[i].push(row.ms);
+        }
+    }
+    let rows: Vec<Row> = INFER_VARIANTS
+        .iter()
+        .zip(&per_process)
+        .map(|(name, v)| {
+            let ms = median(v.clone());
+            Row {
+                name: name.to_string(),
+                ms,
+                tokens_per_s: Some(b.seq as f64 / (ms / 1000.0)),
+                peak_mib: None,
+            }
+        })
+        .collect();
+    infer_report(b, rows, per_process, None, out)
 }
 
 /// Run the `infer` suite.
@@ -133,14 +188,15 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         seq,
         rank,
         targets,
-        reps,
-        all_logits,
         ..
     } = *b;
     anyhow::ensure!(
         !targets.wte && !targets.wpe,
         "--lora-targets: the infer bench adapts block layers only (attn, mlp)"
     );
+    if b.isolate > 0 && b.only.is_none() {
+        return infer_isolated(b, out);
+    }
     let device: Device = backend.device()?;
     device.seed(0);
     let cfg = GptConfig::from_model_type("gpt2", 50257, 1024)
@@ -170,31 +226,70 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         }
     }
     let merged = lora.clone().merge();
-    let names = ["base", "lora_unmerged", "lora_merged"];
-    let (samples, cpu) = time_forward(&[&base, &lora, &merged], &names, &ids, 5, b);
-    let mut rows = vec![];
-    for (name, ms) in names.into_iter().zip(samples.iter().cloned().map(median)) {
-        println!(
-            "{name:>14}: {ms:9.2} ms  {:10.0} tokens/s",
-            seq as f64 / (ms / 1000.0)
-        );
-        rows.push(Row {
-            name: name.into(),
+    let names = INFER_VARIANTS;
+    if let Some(i) = b.only {
+        // One variant alone (a child of `--isolate`): its row as JSON on the last line.
+        let model = vec![base, lora, merged].swap_remove(i);
+        let (samples, _) = time_forward(&[&model], &names[i..=i], &ids, 5, b);
+        let ms = median(samples[0].clone());
+        let row = Row {
+            name: names[i].into(),
             ms,
             tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
             peak_mib: None,
-        });
+        };
+        println!("{}", serde_json::to_string(&row)?);
+        return Ok(serde_json::Value::Null);
+    }
+    let (samples, cpu) = time_forward(&[&base, &lora, &merged], &names, &ids, 5, b);
+    let rows = names
+        .iter()
+        .zip(samples.iter().cloned().map(median))
+        .map(|(name, ms)| Row {
+            name: name.to_string(),
+            ms,
+            tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
+            peak_mib: None,
+        })
+        .collect();
+    infer_report(b, rows, samples, Some(cpu), out)
+}
+
+/// Print the `infer` table and write its report: `samples` are every pass (in-process) or every
+/// process's median (`--isolate`).
+fn infer_report(
+    b: &InferBench,
+    rows: Vec<Row>,
+    samples: Vec<Vec<f64>>,
+    cpu: Option<Vec<Vec<f64>>>,
+    out: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    for r in &rows {
+        println!(
+            "{:>14}: {:9.2} ms  {:10.0} tokens/s",
+            r.name,
+            r.ms,
+            r.tokens_per_s.unwrap_or(0.0)
+        );
     }
     let ratio = |i: usize| rows[i].ms / rows[0].ms;
+    let by_name = |v: &[Vec<f64>]| {
+        INFER_VARIANTS
+            .iter()
+            .zip(v)
+            .map(|(n, v)| (n.to_string(), v.clone().into()))
+            .collect::<serde_json::Map<_, _>>()
+    };
     let report = serde_json::json!({
         "suite": "infer",
-        "backend": backend.name(),
+        "backend": b.backend.name(),
         "machine": machine(),
-        "shape": {"batch": 1, "seq": seq, "passes_per_sync": reps, "logits": if all_logits { "all positions" } else { "last position" }, "model": "gpt2 (124M, random weights)", "lora": format!("{targets} r{rank}")},
+        "shape": {"batch": 1, "seq": b.seq, "passes_per_sync": b.reps.max(1), "logits": if b.all_logits { "all positions" } else { "last position" }, "model": "gpt2 (124M, random weights)", "lora": format!("{} r{}", b.targets, b.rank)},
+        "processes_per_variant": b.isolate,
         "rows": rows,
         "ratios": {"merged_over_base": ratio(2), "unmerged_over_base": ratio(1)},
-        "samples_ms": names.iter().zip(&samples).map(|(n, v)| (n.to_string(), v.clone().into())).collect::<serde_json::Map<_, _>>(),
-        "samples_cpu_ms": names.iter().zip(&cpu).map(|(n, v)| (n.to_string(), v.clone().into())).collect::<serde_json::Map<_, _>>(),
+        "samples_ms": by_name(&samples),
+        "samples_cpu_ms": cpu.as_deref().map(by_name),
     });
     println!(
         "merged / base = {:.3}   unmerged / base = {:.3}",

@@ -301,6 +301,13 @@ struct InferArgs {
     /// Print every timed pass (wall and process CPU ms) to stderr as it ends.
     #[arg(long)]
     trace: bool,
+    /// Time each variant in its own process, N processes per variant (rounds in shuffled order;
+    /// the median of the processes' medians is reported). 0: all variants in this process.
+    #[arg(long, default_value_t = 0)]
+    isolate: usize,
+    /// Run one variant in this process (used by `--isolate`).
+    #[arg(long, hide = true)]
+    only: Option<String>,
     /// Report path.
     #[arg(long, default_value = "target/bench/infer.json")]
     out: PathBuf,
@@ -337,6 +344,12 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 reps: a.reps,
                 all_logits: a.logits == Logits::All,
                 trace: a.trace,
+                isolate: a.isolate,
+                only: a
+                    .only
+                    .as_deref()
+                    .map(lora_train::bench::infer_variant)
+                    .transpose()?,
             };
             lora_train::bench::infer(&b, &a.out)?;
         }
