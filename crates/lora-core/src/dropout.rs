@@ -15,6 +15,11 @@ use burn::nn::Dropout;
 use burn::tensor::{DType, Device, Distribution, Int, Shape, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
 
+/// Whether `device` runs on cubecl (a GPU, or its CPU runtime): its own RNG and matmul kernels.
+pub(crate) fn on_cubecl(device: &Device) -> bool {
+    device.identity().is_some()
+}
+
 /// Whether `d` drops anything on `device`: training, `prob > 0`, an autodiff device (Burn's rule).
 fn active(d: &Dropout, device: &Device) -> bool {
     d.training.is_enabled() && d.prob != 0.0 && device.is_autodiff()
@@ -78,7 +83,7 @@ pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
     if !active(d, &device) {
         return x;
     }
-    if device.identity().is_some() {
+    if on_cubecl(&device) {
         return d.forward(x);
     }
     let keep = 1.0 - d.prob;

@@ -278,69 +278,52 @@ impl LoraLinear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         // Weights are used in the input's dtype (half-precision compute, f32 master weights).
         let dt = x.dtype();
-        if let (Some(a), Some(b), false) = (&self.lora_a, &self.lora_b, self.merged) {
-            let device = x.device();
-            if !device.is_autodiff() && device.identity().is_some() {
-                return self.forward_inference_gpu(x, a.val(), b.val());
-            }
-        }
-        let base = linear(
-            x.clone(),
-            cast_to(self.weight.val(), dt),
-            self.bias.as_ref().map(|b| cast_to(b.val(), dt)),
-        );
-        match (&self.lora_a, &self.lora_b) {
-            (Some(a), Some(b)) if !self.merged => {
-                // Scale the rank-wide `x·Aᵀ`, not the output-wide product: same value, r/out
-                // of the work.
-                let xa = linear(
-                    crate::dropout(&self.lora_dropout, x),
-                    cast_to(a.val(), dt).transpose(),
-                    None,
-                );
-                base + linear(
-                    xa.mul_scalar(self.scaling),
-                    cast_to(b.val(), dt).transpose(),
-                    None,
-                )
-            }
-            _ => base,
-        }
-    }
-
-    /// Unmerged inference on a cubecl device (no autodiff, so no dropout and no gradients): `x·Aᵀ`
-    /// comes out of the base product as extra columns, `x · [W | Aᵀ]`. Run on its own, the
-    /// `[tokens, r]` product has too little parallel work for a GPU and Burn's fusion recomputes
-    /// the input's producer (LayerNorm, GELU) inside it: 0.14–0.54 ms per layer for GPT-2 at
-    /// 1024 tokens on an H100, against the base product's 0.15–0.55 ms.
-    fn forward_inference_gpu<const D: usize>(
-        &self,
-        x: Tensor<D>,
-        a: Tensor<2>,
-        b: Tensor<2>,
-    ) -> Tensor<D> {
-        let dt = x.dtype();
-        let w = cast_to(self.weight.val(), dt);
-        let [d_in, d_out] = w.dims();
-        let r = a.dims()[0];
-        let mut cols = vec![w, cast_to(a, dt).transpose()];
-        // Keep the row length a multiple of 4 so the output stays vectorised.
-        let pad = (4 - (d_out + r) % 4) % 4;
-        if pad > 0 {
-            cols.push(cast_to(Tensor::<2>::zeros([d_in, pad], &x.device()), dt));
-        }
-        let y = linear(x, Tensor::cat(cols, 1), None);
-        let xa = y.clone().narrow(D - 1, d_out, r);
-        let base = y.narrow(D - 1, 0, d_out);
-        let base = match &self.bias {
-            Some(bias) => base + cast_to(bias.val(), dt).unsqueeze(),
-            None => base,
+        let weight = cast_to(self.weight.val(), dt);
+        let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dt));
+        let (a, b) = match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) if !self.merged => (cast_to(a.val(), dt), cast_to(b.val(), dt)),
+            _ => return linear(x, weight, bias),
         };
-        base + linear(
-            xa.mul_scalar(self.scaling),
-            cast_to(b, dt).transpose(),
-            None,
-        )
+        let device = x.device();
+        let (base, xa) = if !device.is_autodiff() && crate::dropout::on_cubecl(&device) {
+            base_and_xa_in_one_product(x, weight, bias, a)
+        } else {
+            let base = linear(x.clone(), weight, bias);
+            (
+                base,
+                linear(crate::dropout(&self.lora_dropout, x), a.transpose(), None),
+            )
+        };
+        // Scale the rank-wide `x·Aᵀ`, not the output-wide product: same value, r/out of the work.
+        base + linear(xa.mul_scalar(self.scaling), b.transpose(), None)
+    }
+}
+
+/// `(x·W + bias, x·Aᵀ)` from one product `x · [W | Aᵀ]` (zero columns appended to keep the row
+/// length a multiple of 4, so the output stays vectorised). For inference on a cubecl device (no
+/// dropout, no gradients): run on its own, the `[tokens, r]` product has too little parallel work
+/// for a GPU and Burn's fusion recomputes the input's producer (LayerNorm, GELU) inside it: 0.14–0.54
+/// ms per layer for GPT-2 at 1024 tokens on an H100, against the base product's 0.15–0.55 ms.
+fn base_and_xa_in_one_product<const D: usize>(
+    x: Tensor<D>,
+    w: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    a: Tensor<2>,
+) -> (Tensor<D>, Tensor<D>) {
+    let [d_in, d_out] = w.dims();
+    let r = a.dims()[0];
+    let dt = w.dtype();
+    let mut cols = vec![w, a.transpose()];
+    let pad = (4 - (d_out + r) % 4) % 4;
+    if pad > 0 {
+        cols.push(cast_to(Tensor::<2>::zeros([d_in, pad], &x.device()), dt));
+    }
+    let y = linear(x, Tensor::cat(cols, 1), None);
+    let xa = y.clone().narrow(D - 1, d_out, r);
+    let base = y.narrow(D - 1, 0, d_out);
+    match bias {
+        Some(bias) => (base + bias.unsqueeze(), xa),
+        None => (base, xa),
     }
 }
 

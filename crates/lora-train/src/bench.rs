@@ -66,10 +66,8 @@ fn time_forward(
     }
     let mut ms = vec![vec![]; models.len()];
     let mut cpu = vec![vec![]; models.len()];
-    let mut order: Vec<usize> = (0..models.len()).collect();
     for round in 0..iters {
-        order.shuffle(&mut StdRng::seed_from_u64(round as u64));
-        for &i in &order {
+        for i in round_order(round, models.len()) {
             let t_switch = Instant::now();
             forward_reps(models[i], idx, 1, all_logits);
             let switch_ms = 1000.0 * t_switch.elapsed().as_secs_f64();
@@ -156,29 +154,31 @@ fn infer_isolated(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Valu
         ),
     ];
     let mut per_process = vec![vec![]; INFER_VARIANTS.len()];
-    let mut order: Vec<usize> = (0..INFER_VARIANTS.len()).collect();
     for round in 0..b.isolate {
-        order.shuffle(&mut StdRng::seed_from_u64(round as u64));
-        for &i in &order {
+        for i in round_order(round, INFER_VARIANTS.len()) {
             let row = child_row("infer", INFER_VARIANTS[i], &flags)?;
             eprintln!("process {round} {}: {:.2} ms", INFER_VARIANTS[i], row.ms);
             per_process[i].push(row.ms);
         }
     }
-    let rows: Vec<Row> = INFER_VARIANTS
-        .iter()
-        .zip(&per_process)
-        .map(|(name, v)| {
-            let ms = median(v.clone());
-            Row {
-                name: name.to_string(),
-                ms,
-                tokens_per_s: Some(b.seq as f64 / (ms / 1000.0)),
-                peak_mib: None,
-            }
-        })
-        .collect();
-    infer_report(b, rows, per_process, None, out)
+    infer_report(b, per_process, None, out)
+}
+
+/// Round `round`'s order of `n` variants: a shuffle seeded by the round.
+fn round_order(round: usize, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(round as u64));
+    order
+}
+
+/// An `infer` row: `ms` per pass of `seq` tokens.
+fn infer_row(name: &str, ms: f64, seq: usize) -> Row {
+    Row {
+        name: name.into(),
+        ms,
+        tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
+        peak_mib: None,
+    }
 }
 
 /// Run the `infer` suite.
@@ -231,39 +231,27 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         // One variant alone (a child of `--isolate`): its row as JSON on the last line.
         let model = vec![base, lora, merged].swap_remove(i);
         let (samples, _) = time_forward(&[&model], &names[i..=i], &ids, 5, b);
-        let ms = median(samples[0].clone());
-        let row = Row {
-            name: names[i].into(),
-            ms,
-            tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
-            peak_mib: None,
-        };
+        let row = infer_row(names[i], median(samples[0].clone()), seq);
         println!("{}", serde_json::to_string(&row)?);
         return Ok(serde_json::Value::Null);
     }
     let (samples, cpu) = time_forward(&[&base, &lora, &merged], &names, &ids, 5, b);
-    let rows = names
-        .iter()
-        .zip(samples.iter().cloned().map(median))
-        .map(|(name, ms)| Row {
-            name: name.to_string(),
-            ms,
-            tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
-            peak_mib: None,
-        })
-        .collect();
-    infer_report(b, rows, samples, Some(cpu), out)
+    infer_report(b, samples, Some(cpu), out)
 }
 
-/// Print the `infer` table and write its report: `samples` are every pass (in-process) or every
-/// process's median (`--isolate`).
+/// Print the `infer` table and write its report, rows from the medians of `samples`: every pass
+/// (in-process) or every process's median (`--isolate`).
 fn infer_report(
     b: &InferBench,
-    rows: Vec<Row>,
     samples: Vec<Vec<f64>>,
     cpu: Option<Vec<Vec<f64>>>,
     out: &Path,
 ) -> anyhow::Result<serde_json::Value> {
+    let rows: Vec<Row> = INFER_VARIANTS
+        .iter()
+        .zip(&samples)
+        .map(|(name, v)| infer_row(name, median(v.clone()), b.seq))
+        .collect();
     for r in &rows {
         println!(
             "{:>14}: {:9.2} ms  {:10.0} tokens/s",
