@@ -195,6 +195,10 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         "--lora-targets: the infer bench adapts block layers only (attn, mlp)"
     );
     if b.isolate > 0 && b.only.is_none() {
+        anyhow::ensure!(
+            !b.trace,
+            "--trace prints one process's passes: not with --isolate"
+        );
         return infer_isolated(b, out);
     }
     let device: Device = backend.device()?;
