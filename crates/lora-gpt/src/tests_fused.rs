@@ -103,6 +103,17 @@ fn attention_case(device: &Device, dropout: bool, tol: f32) {
     assert!(max_diff(y2, y3) < tol, "plain output, {what}");
 }
 
+/// The head + loss op's input gradient as a sum over vocabulary slices: `d·wᵀ`.
+fn split_product_case(device: &Device, tol: f32) {
+    device.seed(5);
+    let (rows, k, v, s) = (10, 6, 24, 8);
+    let d = Tensor::<2>::random([rows, v], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<2>::random([k, v], Distribution::Normal(0.0, 1.0), device);
+    let split = crate::fused::d_wt_in_slices(d.clone(), w.clone(), s);
+    let diff = max_diff(d.matmul(w.transpose()), split);
+    assert!(diff < tol, "{diff}, {device:?}");
+}
+
 fn nll_case(device: &Device, tol: f32) {
     device.seed(3);
     let (b, t, v) = (2, 5, 11);
@@ -243,7 +254,8 @@ fn fused_nll_is_log_softmax_cross_entropy() {
 #[test]
 fn fused_linear_cross_entropy_is_head_then_cross_entropy() {
     for d in devices() {
-        linear_ce_case(&d.autodiff(), 1e-5);
+        linear_ce_case(&d.clone().autodiff(), 1e-5);
+        split_product_case(&d, 1e-5);
     }
 }
 
@@ -262,5 +274,6 @@ fn fused_ops_on_wgpu() {
     attention_case(&d, true, 1e-4);
     nll_case(&d, 1e-4);
     linear_ce_case(&d, 1e-4);
+    split_product_case(&d, 1e-4);
     gelu_case(&d, 1e-4);
 }

@@ -1,0 +1,47 @@
+#!/bin/bash
+# Device side: a per-kernel GPU profile of one `bench finetune` step on wgpu (cubecl's profiling
+# logger, which syncs after every kernel, so the sum is GPU time), summed per kernel over the last
+# step. Carry `.gl/` and `.devcarry/lora-train.gz` (see bench_finetune_gpu.sh). Env: VARIANT
+# (default lora_c_attn_r8), EXTRA (e.g. "--precision f16"), LEVEL (basic|full). Writes the logs
+# to $OUT. Run: bash tools/device/profile_step_gpu.sh
+set -u
+for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -x /tmp/lt ] || { gunzip -c .devcarry/lora-train.gz > /tmp/lt && chmod +x /tmp/lt; }
+D=$(mktemp -d); cd $D
+cat > cubecl.toml <<TOML
+[profiling.logger]
+level = "${LEVEL:-full}"
+file = "$D/profile.log"
+[autotune.logger]
+level = "full"
+file = "$D/autotune.log"
+TOML
+V=${VARIANT:-lora_c_attn_r8}
+/tmp/lt bench finetune --backend ${BACKEND:-wgpu} --batch 8 --seq 1024 --steps ${STEPS:-4} --only $V ${EXTRA:-} 2>&1 | tail -1
+python3 - "$D/profile.log" <<'PY'
+import re, sys, collections
+rows = []
+for l in open(sys.argv[1]):
+    if not l.startswith('| '):
+        continue
+    _, d, name = l.split('|', 2)
+    m = re.match(r'^([0-9.]+)(ns|µs|ms|s)$', d.strip())
+    if m:
+        rows.append((float(m.group(1)) * {'ns': 1e-6, 'µs': 1e-3, 'ms': 1.0, 's': 1e3}[m.group(2)],
+                     name.strip().split(': ')[0]))
+# Steps begin with the two embedding lookups (select kernels); the log's tail may be cut off at
+# exit, so take the last step that the next one's start closes.
+starts = [i for i, (_, n) in enumerate(rows) if 'select_kernel' in n][::2]
+print(f"kernels logged {len(rows)}, steps seen {len(starts)}")
+if len(starts) < 2:
+    sys.exit(0)
+step = rows[starts[-2]:starts[-1]]
+print(f"last complete step: {len(step)} kernels, GPU time {sum(d for d, _ in step):.1f} ms")
+agg = collections.defaultdict(lambda: [0.0, 0])
+for d, name in step:
+    a = agg[name[:170]]; a[0] += d; a[1] += 1
+for k, (t, c) in sorted(agg.items(), key=lambda x: -x[1][0])[:30]:
+    print(f"{t:9.2f} ms {c:5d}  {k}")
+PY
+mkdir -p ${OUT:-/tmp/out}; gzip -c profile.log > ${OUT:-/tmp/out}/profile_$V.log.gz; gzip -c autotune.log > ${OUT:-/tmp/out}/autotune_$V.log.gz 2>/dev/null
