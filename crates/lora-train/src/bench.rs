@@ -480,7 +480,7 @@ pub struct FinetuneShape {
     pub seq: usize,
     /// Layers (GPT-2 small: 12).
     pub n_layer: usize,
-    /// Timed steps (after one warm-up step).
+    /// Timed steps (after one warm-up step on the CPU, three on a GPU).
     pub steps: usize,
     /// Precision and checkpointing.
     pub compute: Compute,
@@ -521,7 +521,14 @@ fn finetune_variant(
     )
     .int();
     let mut ms = vec![];
-    for i in 0..shape.steps + 1 {
+    // GPUs autotune kernels and settle their fused kernels over the first steps (on a fresh H100
+    // the first variant's step 2 still autotuned: 623 ms timed vs 398 ms warm); the CPU has no
+    // autotuning.
+    let warm_up = match backend {
+        Backend::Flex | Backend::Ndarray => 1,
+        _ => 3,
+    };
+    for i in 0..shape.steps + warm_up {
         let t0 = Instant::now();
         let (loss, grads) =
             crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1);
@@ -529,7 +536,7 @@ fn finetune_variant(
         // Read a weight back so queued device work is done before the clock stops.
         let _ = model.ln_f.gamma.val().into_data();
         anyhow::ensure!(loss.is_finite(), "non-finite loss");
-        if i > 0 {
+        if i >= warm_up {
             ms.push(1000.0 * t0.elapsed().as_secs_f64());
         }
     }
@@ -542,12 +549,69 @@ fn finetune_variant(
     })
 }
 
+/// The PEFT side of the GPU `finetune` suite: `script` (`gpu_anchor_peft.py`) run at the same
+/// batch and sequence length when `python3` has torch with CUDA, peft and transformers; its JSON rows
+/// and the LoRA c_attn tokens/s in the precision PEFT compares with ours (fp32; bf16 autocast for
+/// `--precision f16`), or `None` (said on the terminal) where it cannot run.
+fn peft_side(
+    script: &Path,
+    shape: FinetuneShape,
+) -> anyhow::Result<Option<(Vec<serde_json::Value>, f64)>> {
+    let probe = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import torch, peft, transformers; assert torch.cuda.is_available()",
+        ])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("PEFT side: skipped (python3 with torch + CUDA, peft and transformers not found)");
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        script.is_file(),
+        "{}: no such file (--peft)",
+        script.display()
+    );
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--steps", "10", "--batch", &shape.batch.to_string()])
+        .args(["--seq", &shape.seq.to_string()])
+        .output()
+        .with_context(|| format!("{}: cannot run python3", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("failed")
+    );
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let dtype = match shape.compute.precision {
+        crate::finetune::Precision::F32 => "fp32",
+        crate::finetune::Precision::F16 => "bf16",
+    };
+    let tps = rows
+        .iter()
+        .find(|r| r["mode"] == "lora-attn" && r["dtype"] == dtype)
+        .and_then(|r| r["tokens_per_s"].as_f64())
+        .with_context(|| format!("{}: no lora-attn {dtype} row", script.display()))?;
+    Ok(Some((rows, tps)))
+}
+
 /// Run the `finetune` suite: each variant in a child process (so each peak RSS is its own), or
-/// only `only` in this one (the child's side; the row is printed as JSON).
+/// only `only` in this one (the child's side; the row is printed as JSON); on a GPU next to PEFT
+/// (`peft`: [`peft_side`]).
 pub fn finetune(
     backend: Backend,
     shape: FinetuneShape,
     only: Option<&str>,
+    peft: Option<&Path>,
     out: &Path,
 ) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(
@@ -583,10 +647,19 @@ pub fn finetune(
         rows.push(row);
     }
     let (lora, full) = (&rows[0], &rows[2]);
+    let peft = match (backend, peft) {
+        (Backend::Flex | Backend::Ndarray, _) | (_, None) => None,
+        (_, Some(script)) => peft_side(script, shape)?,
+    };
     let time = lora.ms / full.ms;
     let memory = lora.peak_mib.zip(full.peak_mib).map(|(a, b)| a / b);
+    // On a GPU the process RSS is host memory, not the GPU memory the target is about.
+    let host_only = match backend {
+        Backend::Flex | Backend::Ndarray => "",
+        _ => " (host RSS; GPU memory: tools/device/bench_finetune_gpu.sh)",
+    };
     println!(
-        "LoRA / full: time {time:.3} (target ≤ 0.7), memory {} (target ≤ 0.6)",
+        "LoRA / full: time {time:.3} (target ≤ 0.7), memory {}{host_only} (target ≤ 0.6)",
         memory.map_or("n/a".into(), |m| format!("{m:.3}"))
     );
     let report = serde_json::json!({
@@ -597,6 +670,16 @@ pub fn finetune(
         "rows": rows,
         "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory},
     });
+    let mut report = report;
+    if let Some((peft_rows, peft_tps)) = peft {
+        let ratio = lora.tokens_per_s.map(|ours| peft_tps / ours);
+        println!(
+            "PEFT LoRA c_attn {peft_tps:.0} tokens/s: ours / PEFT time {} (target ≤ 1.0)",
+            ratio.map_or("n/a".into(), |r| format!("{r:.3}"))
+        );
+        report["ratios"]["ours_over_peft_time"] = serde_json::json!(ratio);
+        report["peft"] = serde_json::Value::Array(peft_rows);
+    }
     write_report(out, report)
 }
 

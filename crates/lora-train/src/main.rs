@@ -250,7 +250,7 @@ struct BenchFinetuneArgs {
     /// Layers (GPT-2 small: 12).
     #[arg(long, default_value_t = 12)]
     n_layer: usize,
-    /// Timed steps per variant (after one warm-up step).
+    /// Timed steps per variant (after one warm-up step on the CPU, three on a GPU).
     #[arg(long, default_value_t = 3)]
     steps: usize,
     #[command(flatten)]
@@ -258,6 +258,13 @@ struct BenchFinetuneArgs {
     /// Run one variant in this process (used by the suite itself).
     #[arg(long, hide = true)]
     only: Option<String>,
+    /// The PEFT anchor run next to ours on a GPU backend (when python3 has torch with CUDA, peft
+    /// and transformers; gives `ratios.ours_over_peft_time`).
+    #[arg(long, default_value = "../shared/reference/gpu_anchor_peft.py")]
+    peft: PathBuf,
+    /// Skip the PEFT anchor.
+    #[arg(long)]
+    no_peft: bool,
     /// Report path.
     #[arg(long, default_value = "target/bench/finetune.json")]
     out: PathBuf,
@@ -361,7 +368,8 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 steps: a.steps.max(1),
                 compute: a.compute,
             };
-            lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), &a.out)?;
+            let peft = (!a.no_peft).then_some(a.peft.as_path());
+            lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), peft, &a.out)?;
         }
         BenchCommand::LoraLayer(a) => {
             lora_train::bench::lora_layer(a.backend, a.tokens, a.iters, a.only.as_deref(), &a.out)?;
