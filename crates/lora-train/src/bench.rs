@@ -549,14 +549,10 @@ fn finetune_variant(
     })
 }
 
-/// The PEFT side of the GPU `finetune` suite: `script` (`gpu_anchor_peft.py`) run at the same
-/// batch and sequence length when `python3` has torch with CUDA, peft and transformers; its JSON rows
-/// and the LoRA c_attn tokens/s in the precision PEFT compares with ours (fp32; bf16 autocast for
-/// `--precision f16`), or `None` (said on the terminal) where it cannot run.
-fn peft_side(
-    script: &Path,
-    shape: FinetuneShape,
-) -> anyhow::Result<Option<(Vec<serde_json::Value>, f64)>> {
+/// Whether the PEFT side of the GPU `finetune` suite can run: `python3` has torch with CUDA, peft
+/// and transformers (else `false`, said on the terminal); then `script` must exist (an error,
+/// before any variant runs).
+fn peft_available(script: &Path) -> anyhow::Result<bool> {
     let probe = std::process::Command::new("python3")
         .args([
             "-c",
@@ -565,13 +561,20 @@ fn peft_side(
         .output();
     if !probe.is_ok_and(|o| o.status.success()) {
         println!("PEFT side: skipped (python3 with torch + CUDA, peft and transformers not found)");
-        return Ok(None);
+        return Ok(false);
     }
     anyhow::ensure!(
         script.is_file(),
-        "{}: no such file (--peft)",
+        "{}: no such file (--peft PATH, or --no-peft)",
         script.display()
     );
+    Ok(true)
+}
+
+/// The PEFT side of the GPU `finetune` suite: `script` (`gpu_anchor_peft.py`) run at the same
+/// batch and sequence length; its JSON rows and the LoRA c_attn tokens/s in the precision PEFT
+/// compares with ours (fp32; bf16 autocast for `--precision f16`).
+fn peft_side(script: &Path, shape: FinetuneShape) -> anyhow::Result<(Vec<serde_json::Value>, f64)> {
     let out = std::process::Command::new("python3")
         .arg(script)
         .args(["--steps", "10", "--batch", &shape.batch.to_string()])
@@ -601,12 +604,12 @@ fn peft_side(
         .find(|r| r["mode"] == "lora-attn" && r["dtype"] == dtype)
         .and_then(|r| r["tokens_per_s"].as_f64())
         .with_context(|| format!("{}: no lora-attn {dtype} row", script.display()))?;
-    Ok(Some((rows, tps)))
+    Ok((rows, tps))
 }
 
 /// Run the `finetune` suite: each variant in a child process (so each peak RSS is its own), or
 /// only `only` in this one (the child's side; the row is printed as JSON); on a GPU next to PEFT
-/// (`peft`: [`peft_side`]).
+/// (`peft`: [`peft_available`], [`peft_side`]).
 pub fn finetune(
     backend: Backend,
     shape: FinetuneShape,
@@ -635,6 +638,10 @@ pub fn finetune(
         ("--steps", shape.steps.to_string()),
     ];
     flags.extend(shape.compute.flags());
+    let peft = match (backend, peft) {
+        (Backend::Flex | Backend::Ndarray, _) | (_, None) => None,
+        (_, Some(script)) => peft_available(script)?.then_some(script),
+    };
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
         let row = child_row("finetune", name, &flags)?;
@@ -647,9 +654,9 @@ pub fn finetune(
         rows.push(row);
     }
     let (lora, full) = (&rows[0], &rows[2]);
-    let peft = match (backend, peft) {
-        (Backend::Flex | Backend::Ndarray, _) | (_, None) => None,
-        (_, Some(script)) => peft_side(script, shape)?,
+    let peft = match peft {
+        Some(script) => Some(peft_side(script, shape)?),
+        None => None,
     };
     let time = lora.ms / full.ms;
     let memory = lora.peak_mib.zip(full.peak_mib).map(|(a, b)| a / b);
