@@ -290,9 +290,9 @@ fn linear_ce<B: Pointwise>(
     let device = h.device();
     let rows = rows.max(1);
     let wt = B::float_transpose(w.clone());
-    let split = (B::SPLIT_VOCAB && grad_h)
-        .then(|| vocab_split(w.shape()[1]).map(|s| (s, split_rhs::<B>(wt.clone(), s))))
-        .flatten();
+    let split = vocab_split(w.shape()[1])
+        .filter(|_| B::SPLIT_VOCAB && grad_h)
+        .map(|s| (s, split_rhs::<B>(wt.clone(), s)));
     let (mut loss, mut dh, mut dw) = (None::<FloatTensor<B>>, vec![], None::<FloatTensor<B>>);
     for start in (0..n).step_by(rows) {
         // Rows by `select` (fresh contiguous tensors): with row slices (views at an offset) the
@@ -332,9 +332,7 @@ fn linear_ce<B: Pointwise>(
 /// How many vocabulary slices [`d_wt_split`] uses for a vocabulary of `v` ≥ 1024: its smallest
 /// divisor in 8..=64 (GPT-2's 50257 = 29 · 1733), or none (smaller vocabularies: one product).
 fn vocab_split(v: usize) -> Option<usize> {
-    (v >= 1024)
-        .then(|| (8..=64).find(|s| v.is_multiple_of(*s)))
-        .flatten()
+    (8..=64).find(|s| v >= 1024 && v.is_multiple_of(*s))
 }
 
 /// `wᵀ` `[v, k]` as `s` slices `[s, v/s, k]`, the right-hand sides of [`d_wt_split`].

@@ -32,6 +32,11 @@ impl Backend {
         })
     }
 
+    /// Whether this backend runs on a GPU (its kernels autotune; its memory is not the process's).
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Backend::Wgpu | Backend::Vulkan)
+    }
+
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {

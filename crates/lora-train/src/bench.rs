@@ -524,10 +524,7 @@ fn finetune_variant(
     // GPUs autotune kernels and settle their fused kernels over the first steps (on a fresh H100
     // the first variant's step 2 still autotuned: 623 ms timed vs 398 ms warm); the CPU has no
     // autotuning.
-    let warm_up = match backend {
-        Backend::Flex | Backend::Ndarray => 1,
-        _ => 3,
-    };
+    let warm_up = if backend.is_gpu() { 3 } else { 1 };
     for i in 0..shape.steps + warm_up {
         let t0 = Instant::now();
         let (loss, grads) =
@@ -549,17 +546,19 @@ fn finetune_variant(
     })
 }
 
+/// Whether `python3 -c code` runs and exits 0 (the reference runs' dependencies are there).
+fn python_runs(code: &str) -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Whether the PEFT side of the GPU `finetune` suite can run: `python3` has torch with CUDA, peft
 /// and transformers (else `false`, said on the terminal); then `script` must exist (an error,
 /// before any variant runs).
 fn peft_available(script: &Path) -> anyhow::Result<bool> {
-    let probe = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import torch, peft, transformers; assert torch.cuda.is_available()",
-        ])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
+    if !python_runs("import torch, peft, transformers; assert torch.cuda.is_available()") {
         println!("PEFT side: skipped (python3 with torch + CUDA, peft and transformers not found)");
         return Ok(false);
     }
@@ -638,9 +637,9 @@ pub fn finetune(
         ("--steps", shape.steps.to_string()),
     ];
     flags.extend(shape.compute.flags());
-    let peft = match (backend, peft) {
-        (Backend::Flex | Backend::Ndarray, _) | (_, None) => None,
-        (_, Some(script)) => peft_available(script)?.then_some(script),
+    let peft = match peft.filter(|_| backend.is_gpu()) {
+        Some(script) => peft_available(script)?.then_some(script),
+        None => None,
     };
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
@@ -661,9 +660,9 @@ pub fn finetune(
     let time = lora.ms / full.ms;
     let memory = lora.peak_mib.zip(full.peak_mib).map(|(a, b)| a / b);
     // On a GPU the process RSS is host memory, not the GPU memory the target is about.
-    let host_only = match backend {
-        Backend::Flex | Backend::Ndarray => "",
-        _ => " (host RSS; GPU memory: tools/device/bench_finetune_gpu.sh)",
+    let host_only = match backend.is_gpu() {
+        true => " (host RSS; GPU memory: tools/device/bench_finetune_gpu.sh)",
+        false => "",
     };
     println!(
         "LoRA / full: time {time:.3} (target ≤ 0.7), memory {}{host_only} (target ≤ 0.6)",
@@ -775,10 +774,7 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         ours.push((backend, p, f, peak));
     }
     // The PyTorch side.
-    let torch = std::process::Command::new("python3")
-        .args(["-c", "import torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let torch = python_runs("import torch");
     let (source, tp, tf, tpeak) = if torch {
         let json = tmp.join("pytorch.json");
         let (_, err, ok, peak) = run_measured(
