@@ -342,7 +342,8 @@ impl CausalSelfAttention {
         let dt = q.dtype();
         // Training keeps q, k, v (and the dropout mask) in one autodiff node, not the scores.
         let keep = match training {
-            true => dropout_mask(&self.attn_dropout, [b, nh, t, t], &device, dt),
+            true => dropout_mask(&self.attn_dropout, [b, nh, t, t], &device, dt)
+                .map(|m| (m, 1.0 - self.attn_dropout.prob)),
             false => None,
         };
         // Inference too: Burn's fused `attention` op on wgpu (f32) runs a flash kernel that took
