@@ -406,9 +406,14 @@ type AttentionState<B> = (
 /// Bits of the dropout mask per packed word (an `i32` holds 16 without reaching its sign bit).
 const MASK_BITS: usize = 16;
 
+/// Masks smaller than this are kept as they are: packing them would save little memory for the
+/// time of its ~8 small ops (the sort demo's are 23,232 scores).
+const PACK_MIN: usize = 1 << 16;
+
 /// The attention-dropout mask as the backward pass keeps it: one bit per score, 16 to an `i32`
 /// (`[n / 16, 1]`, 1/16 of an f32 mask: GPT-2 small at 8 × 1024 keeps 300 MB for 12 layers, not
-/// 4.8 GB), or the mask itself where its element count is not a multiple of 16.
+/// 4.8 GB), or the mask itself where its element count is not a multiple of 16 or below
+/// [`PACK_MIN`].
 #[derive(Clone, Debug)]
 enum KeptMask<B: Backend> {
     Packed {
@@ -426,7 +431,7 @@ impl<B: Backend> KeptMask<B> {
     fn pack(mask: FloatTensor<B>, value: f64) -> Self {
         let shape = mask.shape();
         let n = shape.num_elements();
-        if n % MASK_BITS != 0 {
+        if n % MASK_BITS != 0 || n < PACK_MIN {
             return KeptMask::Dense(mask);
         }
         let dtype = FloatDType::from(mask.dtype());
