@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 /// One measured variant.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Row {
     /// Variant name.
     pub name: String,
@@ -25,8 +25,12 @@ pub struct Row {
     pub ms: f64,
     /// Tokens per second (None where no tokens are made).
     pub tokens_per_s: Option<f64>,
-    /// Peak device memory, when the backend reports it.
+    /// Peak memory: process RSS on the CPU; on a GPU ([`GpuMemory`]) the device memory Burn's
+    /// allocator holds.
     pub peak_mib: Option<f64>,
+    /// GPU only: the peak of the bytes live tensors use (PyTorch's `max_memory_allocated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use_mib: Option<f64>,
 }
 
 /// `reps` forward passes queued back to back, the last one read back so all the work is done
@@ -178,6 +182,7 @@ fn infer_row(name: &str, ms: f64, seq: usize) -> Row {
         ms,
         tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
         peak_mib: None,
+        ..Default::default()
     }
 }
 
@@ -451,6 +456,7 @@ pub fn data(
             ms,
             tokens_per_s,
             peak_mib: peak_rss_mib(),
+            ..Default::default()
         });
     }
     let _ = std::fs::remove_file(&tmp);
@@ -525,24 +531,71 @@ fn finetune_variant(
     // the first variant's step 2 still autotuned: 623 ms timed vs 398 ms warm); the CPU has no
     // autotuning.
     let warm_up = if backend.is_gpu() { 3 } else { 1 };
-    for i in 0..shape.steps + warm_up {
-        let t0 = Instant::now();
+    let mut step = |model: Gpt| -> anyhow::Result<Gpt> {
         let (loss, grads) =
             crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1);
-        model = optim.step(1e-4, model, grads);
-        // Read a weight back so queued device work is done before the clock stops.
+        let model = optim.step(1e-4, model, grads);
+        // Read a weight back so queued device work is done (before the clock stops).
         let _ = model.ln_f.gamma.val().into_data();
         anyhow::ensure!(loss.is_finite(), "non-finite loss");
+        Ok(model)
+    };
+    for i in 0..shape.steps + warm_up {
+        let t0 = Instant::now();
+        model = step(model)?;
         if i >= warm_up {
             ms.push(1000.0 * t0.elapsed().as_secs_f64());
         }
     }
     let ms = median(ms);
+    let (peak_mib, in_use_mib) = match backend.is_gpu() {
+        true => gpu_memory_peaks(&device, || {
+            let model = step(model)?;
+            step(model).map(drop)
+        })?
+        .unzip(),
+        false => (peak_rss_mib(), None),
+    };
     Ok(Row {
         name: String::new(),
         ms,
         tokens_per_s: Some((shape.batch * shape.seq) as f64 / (ms / 1000.0)),
-        peak_mib: peak_rss_mib(),
+        peak_mib,
+        in_use_mib,
+    })
+}
+
+/// The peaks of a GPU's allocator while `work` runs, after a cleanup (the pages that warm-up
+/// and autotuning left are released first): MiB reserved (PyTorch's `max_memory_reserved`) and
+/// in use by live tensors (`max_memory_allocated`), sampled every 2 ms from another thread;
+/// `None` where the device reports no allocator.
+fn gpu_memory_peaks(
+    device: &burn::tensor::Device,
+    work: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    device.memory_cleanup();
+    let Some(first) = device.memory_pool_usage() else {
+        return Ok(None);
+    };
+    let done = AtomicBool::new(false);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let (mut reserved, mut in_use) = (first.bytes_reserved, first.bytes_in_use);
+            while !done.load(Ordering::Relaxed) {
+                if let Some(u) = device.memory_pool_usage() {
+                    reserved = reserved.max(u.bytes_reserved);
+                    in_use = in_use.max(u.bytes_in_use);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            (reserved, in_use)
+        });
+        let result = work();
+        done.store(true, Ordering::Relaxed);
+        let (reserved, in_use) = sampler.join().expect("memory sampler");
+        result.map(|()| Some((mib(reserved), mib(in_use))))
     })
 }
 
@@ -641,11 +694,20 @@ pub fn finetune(
         Some(script) => peft_available(script)?.then_some(script),
         None => None,
     };
+    // GPU: the allocator's peaks over two steps after warm-up (`gpu_memory_peaks`).
+    let (memory, memory_what) = match backend.is_gpu() {
+        true => ("GPU", "GPU reserved"),
+        false => ("RSS", "peak RSS"),
+    };
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
         let row = child_row("finetune", name, &flags)?;
+        let in_use = match row.in_use_mib {
+            Some(m) => format!(" reserved, {m:7.0} MiB in use"),
+            None => String::new(),
+        };
         println!(
-            "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  peak RSS {:7.0} MiB",
+            "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  peak {memory} {:7.0} MiB{in_use}",
             row.ms,
             row.tokens_per_s.unwrap_or(0.0),
             row.peak_mib.unwrap_or(0.0)
@@ -659,22 +721,24 @@ pub fn finetune(
     };
     let time = lora.ms / full.ms;
     let memory = lora.peak_mib.zip(full.peak_mib).map(|(a, b)| a / b);
-    // On a GPU the process RSS is host memory, not the GPU memory the target is about.
-    let host_only = match backend.is_gpu() {
-        true => " (host RSS; GPU memory: tools/device/bench_finetune_gpu.sh)",
-        false => "",
-    };
+    let in_use = lora.in_use_mib.zip(full.in_use_mib).map(|(a, b)| a / b);
+    let fmt = |r: Option<f64>| r.map_or("n/a".into(), |m| format!("{m:.3}"));
     println!(
-        "LoRA / full: time {time:.3} (target ≤ 0.7), memory {}{host_only} (target ≤ 0.6)",
-        memory.map_or("n/a".into(), |m| format!("{m:.3}"))
+        "LoRA / full: time {time:.3} (target ≤ 0.7), memory ({memory_what}) {} (target ≤ 0.6){}",
+        fmt(memory),
+        in_use.map_or(String::new(), |r| format!(", in use {r:.3}"))
     );
+    let peak_what = match backend.is_gpu() {
+        true => "GPU memory Burn's allocator reserved (in_use_mib: live tensors), peaks sampled every 2 ms over two steps after warm-up and a cleanup",
+        false => "process peak RSS",
+    };
     let report = serde_json::json!({
         "suite": "finetune",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "compute": shape.compute, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": "process peak RSS"},
+        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "compute": shape.compute, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": peak_what},
         "rows": rows,
-        "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory},
+        "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory, "lora_over_full_memory_in_use": in_use},
     });
     let mut report = report;
     if let Some((peft_rows, peft_tps)) = peft {
@@ -832,6 +896,7 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
                 ms: *ms,
                 tokens_per_s: None,
                 peak_mib: *peak,
+                ..Default::default()
             });
         }
         let suffix = if *backend == b.backends[0] {
@@ -858,6 +923,7 @@ pub fn sort(b: &SortBench, out: &Path) -> anyhow::Result<serde_json::Value> {
             ms,
             tokens_per_s: None,
             peak_mib: tpeak,
+            ..Default::default()
         });
     }
     let report = serde_json::json!({
@@ -940,6 +1006,7 @@ fn lora_layer_variant(
         ms,
         tokens_per_s: Some(tokens as f64 / (ms / 1000.0)),
         peak_mib: peak_rss_mib(),
+        ..Default::default()
     })
 }
 
