@@ -1,4 +1,5 @@
-//! Dropout with cheaper masks on host (CPU) backends.
+//! Dropout with cheaper masks on host (CPU) backends, and a dropout product that keeps its mask
+//! packed for the backward pass.
 //!
 //! Burn's `Dropout::forward` draws one Bernoulli sample per element from the backend's ChaCha
 //! generator (a sampler built per element) and scales in a second pass: on the CPU backends that
@@ -9,8 +10,21 @@
 //! - [`dropout`] (LoRA's input dropout): one draw from the device RNG seeds a xoshiro generator
 //!   that fills the mask (~12× cheaper; another stream than Burn's).
 //!
-//! Devices with their own RNG kernels (GPUs) use Burn's.
+//! Devices with their own RNG kernels (GPUs) use Burn's draws. The multiply is [`masked`]: one
+//! autodiff node whose backward pass keeps the mask as bits ([`KeptMask`]), where Burn's `x · mask`
+//! keeps it in floats (GPT-2 small at 8 × 1024: 37 masks of 25 MB).
 
+#![allow(deprecated)] // `NdArray`: deprecated upstream, still one of our backends.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
+use burn::tensor::{FloatDType, IntDType};
 use burn::nn::Dropout;
 use burn::tensor::{DType, Device, Distribution, Int, Shape, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
@@ -72,7 +86,7 @@ fn flex_mask<const D: usize>(shape: Shape, keep: f64, device: &Device) -> Tensor
 /// the `1/keep` scale folded into the mask: one differentiable multiply instead of two.
 pub fn dropout_folded<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
     match dropout_mask(d, x.shape(), &x.device(), x.dtype()) {
-        Some(mask) => x * mask,
+        Some(mask) => masked(x, mask, 1.0 - d.prob),
         None => x,
     }
 }
@@ -83,10 +97,11 @@ pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
     if !active(d, &device) {
         return x;
     }
-    if on_cubecl(&device) {
-        return d.forward(x);
-    }
     let keep = 1.0 - d.prob;
+    if on_cubecl(&device) {
+        let mask = dropout_mask(d, x.shape(), &device, x.dtype()).expect("active dropout");
+        return masked(x, mask, keep);
+    }
     // 48 bits of seed from the device generator (f32 uniforms carry 24 bits each).
     let u = Tensor::<1>::random([2], Distribution::Default, &device)
         .into_data()
@@ -108,5 +123,137 @@ pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
     mask.truncate(n);
     let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &device);
     let dtype = x.dtype();
-    x * crate::cast_to(mask, dtype)
+    masked(x, crate::cast_to(mask, dtype), keep)
 }
+
+/// Bits of the dropout mask per packed word (an `i32` holds 16 without reaching its sign bit).
+const MASK_BITS: usize = 16;
+
+/// Masks smaller than this are kept as they are: packing them would save little memory for the
+/// time of its ~8 small ops (the sort demo's are 23,232 scores).
+const PACK_MIN: usize = 1 << 16;
+
+/// A dropout mask as a backward pass keeps it: one bit per element, 16 to an `i32` (`[n / 16, 1]`,
+/// 1/16 of an f32 mask: GPT-2 small's attention masks at 8 × 1024 are 300 MB for 12 layers, not
+/// 4.8 GB), or the mask itself where its element count is not a multiple of 16 or below
+/// [`PACK_MIN`].
+#[derive(Clone, Debug)]
+pub enum KeptMask<B: Backend> {
+    /// The bits, and what [`KeptMask::unpack`] rebuilds the mask with.
+    Packed {
+        /// `[n / 16, 1]`.
+        bits: IntTensor<B>,
+        /// The mask's shape.
+        shape: Shape,
+        /// The kept entries' value, `1/keep`.
+        value: f64,
+        /// The mask's float type.
+        dtype: FloatDType,
+    },
+    /// The mask as it is.
+    Dense(FloatTensor<B>),
+}
+
+impl<B: Backend> KeptMask<B> {
+    /// The mask `{0, value}` packed: bit i of word w is element `16·w + i` ≠ 0.
+    pub fn pack(mask: FloatTensor<B>, value: f64) -> Self {
+        let shape = mask.shape();
+        let n = shape.num_elements();
+        if n % MASK_BITS != 0 || n < PACK_MIN {
+            return KeptMask::Dense(mask);
+        }
+        let dtype = FloatDType::from(mask.dtype());
+        let device = mask.device();
+        let ones = B::float_into_int(B::float_sign(mask), IntDType::I32);
+        let ones = B::int_reshape(ones, Shape::new([n / MASK_BITS, MASK_BITS]));
+        let weights = (0..MASK_BITS).map(|i| 1i32 << i).collect::<Vec<_>>();
+        let weights = B::int_from_data(TensorData::new(weights, [1, MASK_BITS]), &device);
+        let bits = B::int_sum_dim(B::int_mul(ones, weights), 1);
+        KeptMask::Packed {
+            bits,
+            shape,
+            value,
+            dtype,
+        }
+    }
+
+    /// The `{0, value}` mask again, bit for bit the one packed.
+    pub fn unpack(self) -> FloatTensor<B> {
+        let (bits, shape, value, dtype) = match self {
+            KeptMask::Dense(mask) => return mask,
+            KeptMask::Packed {
+                bits,
+                shape,
+                value,
+                dtype,
+            } => (bits, shape, value, dtype),
+        };
+        let device = bits.device();
+        let shifts = (0..MASK_BITS as i32).collect::<Vec<_>>();
+        let shifts = B::int_from_data(TensorData::new(shifts, [1, MASK_BITS]), &device);
+        let ones = B::bitwise_and_scalar(B::bitwise_right_shift(bits, shifts), 1.into());
+        let mask = B::float_mul_scalar(B::int_into_float(ones, dtype), value.into());
+        B::float_reshape(mask, shape)
+    }
+}
+
+/// The dropout product as one op per backend.
+#[backend_extension(Cube, Flex, NdArray, Autodiff)]
+pub trait DropoutKernels: Backend {
+    /// `x · mask`: mask `{0, 1/keep}` of x's shape, `keep` the probability to keep an element.
+    fn masked(x: FloatTensor<Self>, mask: FloatTensor<Self>, keep: f64) -> FloatTensor<Self>;
+}
+
+macro_rules! plain_backend {
+    ($($b:ty),*) => {$(
+        impl DropoutKernels for $b {
+            fn masked(x: FloatTensor<Self>, mask: FloatTensor<Self>, _: f64) -> FloatTensor<Self> {
+                Self::float_mul(x, mask)
+            }
+        }
+    )*};
+}
+
+plain_backend!(Cube, Flex, NdArray);
+
+#[derive(Debug)]
+struct MaskedBackward;
+
+impl<B: Backend> Backward<B, 1> for MaskedBackward {
+    type State = KeptMask<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        if let Some(node) = node {
+            // What Burn's `x · mask` registers, `g · mask`.
+            grads.register::<B>(node.id, B::float_mul(g, ops.state.unpack()));
+        }
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> DropoutKernels for Autodiff<B, C> {
+    fn masked(x: FloatTensor<Self>, mask: FloatTensor<Self>, keep: f64) -> FloatTensor<Self> {
+        let prep = MaskedBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful();
+        let (x, mask) = (x.into_primitive(), mask.into_primitive());
+        let out = B::float_mul(x, mask.clone());
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(KeptMask::pack(mask, 1.0 / keep), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// `x · mask` (mask `{0, 1/keep}`, x's shape) whose backward pass keeps the mask as bits
+/// ([`KeptMask`]); the values and gradients of `x * mask`.
+pub fn masked<const D: usize>(x: Tensor<D>, mask: Tensor<D>, keep: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DropoutKernels>::masked(
+        x.into_dispatch(),
+        mask.into_dispatch(),
+        keep,
+    ))
+}
+

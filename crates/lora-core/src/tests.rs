@@ -413,3 +413,38 @@ fn clip_grad_norm_is_global() {
         assert!((b * coef - a).abs() <= 1e-6 * b.abs().max(1.0));
     }
 }
+
+/// `dropout::masked` is `x * mask`, values and input gradient bit for bit, with the mask kept as
+/// it is (few elements) and packed to bits (`[4, 16, 1024]`: 65,536).
+fn masked_case(d: &Device) {
+    d.seed(3);
+    for shape in [[2, 3, 5], [4, 16, 1024]] {
+        let normal = || Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), d);
+        let (x, w) = (normal(), normal());
+        let mask =
+            Tensor::<3>::random(shape, Distribution::Bernoulli(0.9), d).mul_scalar(1.0 / 0.9);
+        let run = |fused: bool| {
+            let xi = x.clone().require_grad();
+            let y = match fused {
+                true => dropout::masked(xi.clone(), mask.clone(), 0.9),
+                false => xi.clone() * mask.clone(),
+            };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (y, xi.grad(&grads).expect("a gradient"))
+        };
+        let ((y0, g0), (y1, g1)) = (run(false), run(true));
+        assert_eq!(max_abs(y0, y1), 0.0, "values, {shape:?}, {d:?}");
+        assert_eq!(max_abs(g0, g1), 0.0, "gradients, {shape:?}, {d:?}");
+    }
+}
+
+#[test]
+fn masked_is_x_times_mask() {
+    #[allow(deprecated)]
+    let ndarray = Device::ndarray();
+    // CPU-only machines run wgpu through Mesa's llvmpipe.
+    let wgpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    for d in [Device::flex(), ndarray, wgpu] {
+        masked_case(&d.autodiff());
+    }
+}

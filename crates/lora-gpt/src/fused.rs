@@ -23,10 +23,11 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{
     Autodiff, Backend, Cube, Dispatch, ExtensionType, Flex, NdArray, backend_extension,
 };
-use burn::tensor::{DType, FloatDType, IndexingUpdateOp, IntDType, Shape, TensorData};
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, TensorData};
 use burn::tensor::{Int, Tensor};
 
 use crate::host::{GELU_A, gelu_c};
+use lora_core::dropout::KeptMask;
 
 /// The dropout mask of [`GptKernels::causal_attention`].
 #[derive(ExtensionType)]
@@ -402,72 +403,6 @@ type AttentionState<B> = (
     Option<KeptMask<B>>,
     f64,
 );
-
-/// Bits of the dropout mask per packed word (an `i32` holds 16 without reaching its sign bit).
-const MASK_BITS: usize = 16;
-
-/// Masks smaller than this are kept as they are: packing them would save little memory for the
-/// time of its ~8 small ops (the sort demo's are 23,232 scores).
-const PACK_MIN: usize = 1 << 16;
-
-/// The attention-dropout mask as the backward pass keeps it: one bit per score, 16 to an `i32`
-/// (`[n / 16, 1]`, 1/16 of an f32 mask: GPT-2 small at 8 × 1024 keeps 300 MB for 12 layers, not
-/// 4.8 GB), or the mask itself where its element count is not a multiple of 16 or below
-/// [`PACK_MIN`].
-#[derive(Clone, Debug)]
-enum KeptMask<B: Backend> {
-    Packed {
-        bits: IntTensor<B>,
-        shape: Shape,
-        /// The kept entries' value, `1/keep`.
-        value: f64,
-        dtype: FloatDType,
-    },
-    Dense(FloatTensor<B>),
-}
-
-impl<B: Backend> KeptMask<B> {
-    /// The mask `{0, value}` packed: bit i of word w is element `16·w + i` ≠ 0.
-    fn pack(mask: FloatTensor<B>, value: f64) -> Self {
-        let shape = mask.shape();
-        let n = shape.num_elements();
-        if n % MASK_BITS != 0 || n < PACK_MIN {
-            return KeptMask::Dense(mask);
-        }
-        let dtype = FloatDType::from(mask.dtype());
-        let device = mask.device();
-        let ones = B::float_into_int(B::float_sign(mask), IntDType::I32);
-        let ones = B::int_reshape(ones, Shape::new([n / MASK_BITS, MASK_BITS]));
-        let weights = (0..MASK_BITS).map(|i| 1i32 << i).collect::<Vec<_>>();
-        let weights = B::int_from_data(TensorData::new(weights, [1, MASK_BITS]), &device);
-        let bits = B::int_sum_dim(B::int_mul(ones, weights), 1);
-        KeptMask::Packed {
-            bits,
-            shape,
-            value,
-            dtype,
-        }
-    }
-
-    /// The `{0, value}` mask again, bit for bit the one packed.
-    fn unpack(self) -> FloatTensor<B> {
-        let (bits, shape, value, dtype) = match self {
-            KeptMask::Dense(mask) => return mask,
-            KeptMask::Packed {
-                bits,
-                shape,
-                value,
-                dtype,
-            } => (bits, shape, value, dtype),
-        };
-        let device = bits.device();
-        let shifts = (0..MASK_BITS as i32).collect::<Vec<_>>();
-        let shifts = B::int_from_data(TensorData::new(shifts, [1, MASK_BITS]), &device);
-        let ones = B::bitwise_and_scalar(B::bitwise_right_shift(bits, shifts), 1.into());
-        let mask = B::float_mul_scalar(B::int_into_float(ones, dtype), value.into());
-        B::float_reshape(mask, shape)
-    }
-}
 
 impl<B: Pointwise> Backward<B, 3> for AttentionBackward {
     type State = AttentionState<B>;
