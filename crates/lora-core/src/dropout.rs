@@ -24,9 +24,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
-use burn::tensor::{FloatDType, IntDType};
 use burn::nn::Dropout;
 use burn::tensor::{DType, Device, Distribution, Int, Shape, Tensor, TensorData};
+use burn::tensor::{FloatDType, IntDType};
 use rand::{RngCore, SeedableRng};
 
 /// Whether `device` runs on cubecl (a GPU, or its CPU runtime): its own RNG and matmul kernels.
@@ -159,7 +159,7 @@ impl<B: Backend> KeptMask<B> {
     pub fn pack(mask: FloatTensor<B>, value: f64) -> Self {
         let shape = mask.shape();
         let n = shape.num_elements();
-        if n % MASK_BITS != 0 || n < PACK_MIN {
+        if !n.is_multiple_of(MASK_BITS) || n < PACK_MIN {
             return KeptMask::Dense(mask);
         }
         let dtype = FloatDType::from(mask.dtype());
@@ -256,4 +256,3 @@ pub fn masked<const D: usize>(x: Tensor<D>, mask: Tensor<D>, keep: f64) -> Tenso
         keep,
     ))
 }
-

@@ -729,7 +729,9 @@ pub fn finetune(
         in_use.map_or(String::new(), |r| format!(", in use {r:.3}"))
     );
     let peak_what = match backend.is_gpu() {
-        true => "GPU memory Burn's allocator reserved (in_use_mib: live tensors), peaks sampled every 2 ms over two steps after warm-up and a cleanup",
+        true => {
+            "GPU memory Burn's allocator reserved (in_use_mib: live tensors), peaks sampled every 2 ms over two steps after warm-up and a cleanup"
+        }
         false => "process peak RSS",
     };
     let report = serde_json::json!({
