@@ -30,9 +30,12 @@ for l in open(sys.argv[1]):
     if m:
         rows.append((float(m.group(1)) * {'ns': 1e-6, 'µs': 1e-3, 'ms': 1.0, 's': 1e3}[m.group(2)],
                      name.strip().split(': ')[0]))
-# Steps begin with the two embedding lookups (select kernels); the log's tail may be cut off at
-# exit, so take the last step that the next one's start closes.
-starts = [i for i, (_, n) in enumerate(rows) if 'select_kernel' in n][::2]
+# Each step has one group of select kernels (embedding lookups, within ~100 kernels of each other;
+# named `select_kernel` or `SelectKernel_<hash>` by cubecl version), ~2,000 kernels apart: a step
+# runs from one group's first select to the next. The log's tail may be cut off at exit, so take
+# the last step that the next one's start closes.
+sel = [i for i, (_, n) in enumerate(rows) if re.search(r'select_?kernel', n, re.I)]
+starts = [i for k, i in enumerate(sel) if k == 0 or i - sel[k - 1] > 200]
 print(f"kernels logged {len(rows)}, steps seen {len(starts)}")
 if len(starts) < 2:
     sys.exit(0)
