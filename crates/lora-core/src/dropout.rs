@@ -28,6 +28,7 @@ use burn::nn::Dropout;
 use burn::tensor::{DType, Device, Distribution, Int, Shape, Tensor, TensorData};
 use burn::tensor::{FloatDType, IntDType};
 use rand::{RngCore, SeedableRng};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether `device` runs on cubecl (a GPU, or its CPU runtime): its own RNG and matmul kernels.
 pub(crate) fn on_cubecl(device: &Device) -> bool {
@@ -129,6 +130,16 @@ pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
 /// Bits of the dropout mask per packed word (an `i32` holds 16 without reaching its sign bit).
 const MASK_BITS: usize = 16;
 
+/// Whether [`KeptMask::pack`] packs (see [`set_packed_masks`]).
+static PACKED_MASKS: AtomicBool = AtomicBool::new(true);
+
+/// Whether the backward passes of [`masked`] and of other ops that keep a dropout mask keep it as
+/// bits (`true`, the default) or as it is (`false`: 16× the memory, no packing ops), for the whole
+/// process from the next op on.
+pub fn set_packed_masks(packed: bool) {
+    PACKED_MASKS.store(packed, Ordering::Relaxed);
+}
+
 /// Masks smaller than this are kept as they are: packing them would save little memory for the
 /// time of its ~8 small ops (the sort demo's are 23,232 scores).
 const PACK_MIN: usize = 1 << 16;
@@ -136,7 +147,7 @@ const PACK_MIN: usize = 1 << 16;
 /// A dropout mask as a backward pass keeps it: one bit per element, 16 to an `i32` (`[n / 16, 1]`,
 /// 1/16 of an f32 mask: GPT-2 small's attention masks at 8 × 1024 are 300 MB for 12 layers, not
 /// 4.8 GB), or the mask itself where its element count is not a multiple of 16 or below
-/// [`PACK_MIN`].
+/// [`PACK_MIN`], or where [`set_packed_masks`] turned packing off.
 #[derive(Clone, Debug)]
 pub enum KeptMask<B: Backend> {
     /// The bits, and what [`KeptMask::unpack`] rebuilds the mask with.
@@ -159,7 +170,7 @@ impl<B: Backend> KeptMask<B> {
     pub fn pack(mask: FloatTensor<B>, value: f64) -> Self {
         let shape = mask.shape();
         let n = shape.num_elements();
-        if !n.is_multiple_of(MASK_BITS) || n < PACK_MIN {
+        if !n.is_multiple_of(MASK_BITS) || n < PACK_MIN || !PACKED_MASKS.load(Ordering::Relaxed) {
             return KeptMask::Dense(mask);
         }
         let dtype = FloatDType::from(mask.dtype());
