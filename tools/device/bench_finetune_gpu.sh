@@ -1,5 +1,6 @@
 #!/bin/bash
-# Device side of `bench finetune` on wgpu (the `device` tool): each variant alone, GPU memory polled
+# Device side of `bench finetune` on wgpu (the `device` tool): each variant alone (its JSON row holds
+# the allocator peaks, `peak_mib` reserved and `in_use_mib`), and the whole GPU memory polled
 # with nvidia-smi. Carry `.gl/` (the Vulkan loader debs) and `.devcarry/` (`lora-train.gz`, the gzipped
 # release binary; `gpu_anchor_peft.py` from ../shared/reference). Env: VARIANTS, STEPS, EXTRA (e.g.
 # "--precision f16"), BACKEND (wgpu | vulkan: a binary built with `--features vulkan`), PEFT=0

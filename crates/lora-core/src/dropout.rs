@@ -98,11 +98,10 @@ pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
     if !active(d, &device) {
         return x;
     }
-    let keep = 1.0 - d.prob;
     if on_cubecl(&device) {
-        let mask = dropout_mask(d, x.shape(), &device, x.dtype()).expect("active dropout");
-        return masked(x, mask, keep);
+        return dropout_folded(d, x);
     }
+    let keep = 1.0 - d.prob;
     // 48 bits of seed from the device generator (f32 uniforms carry 24 bits each).
     let u = Tensor::<1>::random([2], Distribution::Default, &device)
         .into_data()
@@ -147,7 +146,7 @@ const PACK_MIN: usize = 1 << 16;
 /// A dropout mask as a backward pass keeps it: one bit per element, 16 to an `i32` (`[n / 16, 1]`,
 /// 1/16 of an f32 mask: GPT-2 small's attention masks at 8 × 1024 are 300 MB for 12 layers, not
 /// 4.8 GB), or the mask itself where its element count is not a multiple of 16 or below
-/// [`PACK_MIN`], or where [`set_packed_masks`] turned packing off.
+/// `PACK_MIN` (65,536), or where [`set_packed_masks`] turned packing off.
 #[derive(Clone, Debug)]
 pub enum KeptMask<B: Backend> {
     /// The bits, and what [`KeptMask::unpack`] rebuilds the mask with.
@@ -190,21 +189,22 @@ impl<B: Backend> KeptMask<B> {
 
     /// The `{0, value}` mask again, bit for bit the one packed.
     pub fn unpack(self) -> FloatTensor<B> {
-        let (bits, shape, value, dtype) = match self {
-            KeptMask::Dense(mask) => return mask,
+        match self {
+            KeptMask::Dense(mask) => mask,
             KeptMask::Packed {
                 bits,
                 shape,
                 value,
                 dtype,
-            } => (bits, shape, value, dtype),
-        };
-        let device = bits.device();
-        let shifts = (0..MASK_BITS as i32).collect::<Vec<_>>();
-        let shifts = B::int_from_data(TensorData::new(shifts, [1, MASK_BITS]), &device);
-        let ones = B::bitwise_and_scalar(B::bitwise_right_shift(bits, shifts), 1.into());
-        let mask = B::float_mul_scalar(B::int_into_float(ones, dtype), value.into());
-        B::float_reshape(mask, shape)
+            } => {
+                let device = bits.device();
+                let shifts = (0..MASK_BITS as i32).collect::<Vec<_>>();
+                let shifts = B::int_from_data(TensorData::new(shifts, [1, MASK_BITS]), &device);
+                let ones = B::bitwise_and_scalar(B::bitwise_right_shift(bits, shifts), 1.into());
+                let mask = B::float_mul_scalar(B::int_into_float(ones, dtype), value.into());
+                B::float_reshape(mask, shape)
+            }
+        }
     }
 }
 

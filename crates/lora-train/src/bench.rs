@@ -25,8 +25,8 @@ pub struct Row {
     pub ms: f64,
     /// Tokens per second (None where no tokens are made).
     pub tokens_per_s: Option<f64>,
-    /// Peak memory: process RSS on the CPU; on a GPU ([`GpuMemory`]) the device memory Burn's
-    /// allocator holds.
+    /// Peak memory: process RSS on the CPU; on a GPU the device memory Burn's allocator reserves
+    /// (`bench finetune`: `gpu_memory_peaks`).
     pub peak_mib: Option<f64>,
     /// GPU only: the peak of the bytes live tensors use (PyTorch's `max_memory_allocated`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,7 +181,6 @@ fn infer_row(name: &str, ms: f64, seq: usize) -> Row {
         name: name.into(),
         ms,
         tokens_per_s: Some(seq as f64 / (ms / 1000.0)),
-        peak_mib: None,
         ..Default::default()
     }
 }
@@ -661,7 +660,7 @@ fn peft_side(script: &Path, shape: FinetuneShape) -> anyhow::Result<(Vec<serde_j
 
 /// Run the `finetune` suite: each variant in a child process (so each peak RSS is its own), or
 /// only `only` in this one (the child's side; the row is printed as JSON); on a GPU next to PEFT
-/// (`peft`: [`peft_available`], [`peft_side`]).
+/// (`peft`: `peft_available`, `peft_side`).
 pub fn finetune(
     backend: Backend,
     shape: FinetuneShape,
@@ -694,20 +693,24 @@ pub fn finetune(
         Some(script) => peft_available(script)?.then_some(script),
         None => None,
     };
-    // GPU: the allocator's peaks over two steps after warm-up (`gpu_memory_peaks`).
-    let (memory, memory_what) = match backend.is_gpu() {
-        true => ("GPU", "GPU reserved"),
-        false => ("RSS", "peak RSS"),
+    // What `peak_mib` is: on a GPU the allocator's peaks over two steps after warm-up
+    // (`gpu_memory_peaks`); the terminal's label, and the report's.
+    let (label, peak_what) = match backend.is_gpu() {
+        true => (
+            "GPU reserved",
+            "GPU memory Burn's allocator reserved (in_use_mib: live tensors), peaks sampled every 2 ms over two steps after warm-up and a cleanup",
+        ),
+        false => ("peak RSS", "process peak RSS"),
     };
     let mut rows = vec![];
     for (name, _) in FINETUNE_VARIANTS {
         let row = child_row("finetune", name, &flags)?;
         let in_use = match row.in_use_mib {
-            Some(m) => format!(" reserved, {m:7.0} MiB in use"),
+            Some(m) => format!(", {m:7.0} MiB in use"),
             None => String::new(),
         };
         println!(
-            "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  peak {memory} {:7.0} MiB{in_use}",
+            "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  {label} {:7.0} MiB{in_use}",
             row.ms,
             row.tokens_per_s.unwrap_or(0.0),
             row.peak_mib.unwrap_or(0.0)
@@ -724,17 +727,11 @@ pub fn finetune(
     let in_use = lora.in_use_mib.zip(full.in_use_mib).map(|(a, b)| a / b);
     let fmt = |r: Option<f64>| r.map_or("n/a".into(), |m| format!("{m:.3}"));
     println!(
-        "LoRA / full: time {time:.3} (target ≤ 0.7), memory ({memory_what}) {} (target ≤ 0.6){}",
+        "LoRA / full: time {time:.3} (target ≤ 0.7), memory ({label}) {} (target ≤ 0.6){}",
         fmt(memory),
         in_use.map_or(String::new(), |r| format!(", in use {r:.3}"))
     );
-    let peak_what = match backend.is_gpu() {
-        true => {
-            "GPU memory Burn's allocator reserved (in_use_mib: live tensors), peaks sampled every 2 ms over two steps after warm-up and a cleanup"
-        }
-        false => "process peak RSS",
-    };
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "suite": "finetune",
         "backend": backend.name(),
         "machine": machine(),
@@ -742,7 +739,6 @@ pub fn finetune(
         "rows": rows,
         "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory, "lora_over_full_memory_in_use": in_use},
     });
-    let mut report = report;
     if let Some((peft_rows, peft_tps)) = peft {
         let ratio = lora.tokens_per_s.map(|ours| peft_tps / ours);
         println!(
