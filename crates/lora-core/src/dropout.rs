@@ -3,13 +3,9 @@
 //!
 //! Burn's `Dropout::forward` draws one Bernoulli sample per element from the backend's ChaCha
 //! generator (a sampler built per element) and scales in a second pass: on the CPU backends that
-//! was ~23 ns per element, a fifth of a minGPT training step. Two cheaper masks, both applied in
-//! one multiply and both a function of `device.seed(..)`:
-//! - [`dropout_mask`] / [`dropout_folded`] (the GPT's dropouts): Burn's own mask, bit for bit; on
-//!   flex from the same generator's raw draws, thresholded here (a third of the cost).
-//! - [`dropout`] (LoRA's input dropout): one draw from the device RNG seeds a xoshiro generator
-//!   that fills the mask (~12× cheaper; another stream than Burn's).
-//!
+//! was ~23 ns per element, a fifth of a minGPT training step. Here one draw from the device RNG
+//! seeds a xoshiro generator that fills the `{0, 1/keep}` mask (~1 ns per element; another stream
+//! than Burn's, the same law, a function of `device.seed(..)`), applied in one multiply.
 //! Devices with their own RNG kernels (GPUs) use Burn's draws. The multiply is [`masked`]: one
 //! autodiff node whose backward pass keeps the mask as bits ([`KeptMask`]), where Burn's `x · mask`
 //! keeps it in floats (GPT-2 small at 8 × 1024: 37 masks of 25 MB).
@@ -25,7 +21,7 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
 use burn::nn::Dropout;
-use burn::tensor::{DType, Device, Distribution, Int, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Shape, Tensor, TensorData};
 use burn::tensor::{FloatDType, IntDType};
 use rand::{RngCore, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,9 +36,9 @@ fn active(d: &Dropout, device: &Device) -> bool {
     d.training.is_enabled() && d.prob != 0.0 && device.is_autodiff()
 }
 
-/// The `{0, 1/keep}` mask [`dropout_folded`] multiplies a `shape`, `dtype` tensor on `device` by
-/// (Burn's draws), or `None` where `d` drops nothing. For ops that take the mask as an input
-/// (fused attention).
+/// The `{0, 1/keep}` mask [`dropout_folded`] multiplies a `shape`, `dtype` tensor on `device` by,
+/// or `None` where `d` drops nothing. For ops that take the mask as an input (fused attention).
+/// On cubecl devices Burn's `Bernoulli(keep)` draws; on the host backends [`host_mask`].
 pub fn dropout_mask<const D: usize>(
     d: &Dropout,
     shape: impl Into<Shape>,
@@ -53,57 +49,21 @@ pub fn dropout_mask<const D: usize>(
         return None;
     }
     let keep = 1.0 - d.prob;
-    if dtype == DType::F32 && *device == Device::flex() {
-        return Some(flex_mask(shape.into(), keep, device));
+    if !on_cubecl(device) {
+        return Some(crate::cast_to(host_mask(shape.into(), keep, device), dtype));
     }
     // The mask is {0, 1}: x·(m/keep) rounds exactly as Burn's (x·m)·(1/keep).
     let mask = Tensor::random(shape, Distribution::Bernoulli(keep), (device, dtype));
     Some(mask.mul_scalar(1.0 / keep))
 }
 
-/// Flex's `Bernoulli(keep)` mask times `1/keep`, from the same draws at a third of the cost.
-///
-/// Flex samples `Bernoulli(keep)` per element through a sampler built per element (rand's rule:
-/// `next_u64() < ⌊keep·2⁶⁴⌋`); its `i64` uniform draws are those `next_u64()` values, one per
-/// element from the same generator, so thresholding them here gives Burn's mask bit for bit
-/// (a test compares the two).
-fn flex_mask<const D: usize>(shape: Shape, keep: f64, device: &Device) -> Tensor<D> {
-    let draws =
-        Tensor::<D, Int>::random(shape.clone(), Distribution::Default, (device, DType::I64))
-            .into_data();
-    // rand's `Bernoulli::new` for `0 < p < 1` (`active` and Burn's config bound `p`).
-    let p_int = (keep * 18_446_744_073_709_551_616.0) as u64;
-    let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = draws
-        .as_slice::<i64>()
-        .expect("i64 draws")
-        .iter()
-        .map(|&v| if (v as u64) < p_int { scale } else { 0.0 })
-        .collect();
-    Tensor::from_data(TensorData::new(mask, shape), device)
-}
-
-/// Burn's `Dropout::forward` with the same draws and the same values (forward and gradient),
-/// the `1/keep` scale folded into the mask: one differentiable multiply instead of two.
-pub fn dropout_folded<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    match dropout_mask(d, x.shape(), &x.device(), x.dtype()) {
-        Some(mask) => masked(x, mask, 1.0 - d.prob),
-        None => x,
-    }
-}
-
-/// `d` applied to `x` (identity unless `d` is training on an autodiff device with `prob > 0`).
-pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    let device = x.device();
-    if !active(d, &device) {
-        return x;
-    }
-    if on_cubecl(&device) {
-        return dropout_folded(d, x);
-    }
-    let keep = 1.0 - d.prob;
-    // 48 bits of seed from the device generator (f32 uniforms carry 24 bits each).
-    let u = Tensor::<1>::random([2], Distribution::Default, &device)
+/// A `{0, 1/keep}` f32 mask on a host backend: one draw from the device generator (48 bits: f32
+/// uniforms carry 24 each) seeds a xoshiro generator whose 32-bit halves are kept when below
+/// `keep · 2³²`. Burn's own mask draws an `i64` from its ChaCha generator per element through a
+/// sampler built per element: ~23 ns an element, a fifth of a minGPT training step; this is ~1 ns.
+/// A function of `device.seed(..)` and the draws before it, as Burn's.
+fn host_mask<const D: usize>(shape: Shape, keep: f64, device: &Device) -> Tensor<D> {
+    let u = Tensor::<1>::random([2], Distribution::Default, (device, DType::F32))
         .into_data()
         .iter::<f32>()
         .map(|v| (v as f64 * (1u64 << 24) as f64) as u64)
@@ -111,19 +71,35 @@ pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(u[0] | (u[1] << 24));
     let threshold = (keep * 4_294_967_296.0) as u64; // keep when a 32-bit draw is below
     let scale = (1.0 / keep) as f32;
-    let shape = x.shape();
     let n = shape.num_elements();
-    let mut mask = Vec::with_capacity(n + 1);
-    while mask.len() < n {
+    let mut mask = vec![0f32; n.next_multiple_of(2)];
+    for pair in mask.chunks_exact_mut(2) {
         let r = rng.next_u64();
-        for half in [r & 0xffff_ffff, r >> 32] {
-            mask.push(if half < threshold { scale } else { 0.0 });
-        }
+        pair[0] = if r & 0xffff_ffff < threshold {
+            scale
+        } else {
+            0.0
+        };
+        pair[1] = if r >> 32 < threshold { scale } else { 0.0 };
     }
     mask.truncate(n);
-    let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &device);
-    let dtype = x.dtype();
-    masked(x, crate::cast_to(mask, dtype), keep)
+    Tensor::from_data(TensorData::new(mask, shape), device)
+}
+
+/// Burn's `Dropout::forward` (same law, same values and gradient as `x · mask / keep`), the `1/keep`
+/// scale folded into the mask, the product one [`masked`] op whose backward pass keeps the mask as
+/// bits. Burn's own masks on cubecl devices, [`host_mask`] on the host backends.
+pub fn dropout_folded<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    match dropout_mask(d, x.shape(), &x.device(), x.dtype()) {
+        Some(mask) => masked(x, mask, 1.0 - d.prob),
+        None => x,
+    }
+}
+
+/// `d` applied to `x` (identity unless `d` is training on an autodiff device with `prob > 0`):
+/// [`dropout_folded`] (LoRA's input dropout; the name loralib and PEFT use).
+pub fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    dropout_folded(d, x)
 }
 
 /// Bits of the dropout mask per packed word (an `i32` holds 16 without reaching its sign bit).

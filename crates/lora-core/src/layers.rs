@@ -5,7 +5,7 @@ use crate::cast_to;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer};
-use burn::tensor::module::{embedding, linear};
+use burn::tensor::module::embedding;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
 /// How the adapter output is scaled.
@@ -325,6 +325,27 @@ fn base_and_xa_in_one_product<const D: usize>(
         Some(bias) => (base + bias.unsqueeze(), xa),
         None => (base, xa),
     }
+}
+
+/// `x·W + bias` for x `[..., d_input]`, W `[d_input, d_output]` -> `[..., d_output]`, as one
+/// `[rows, d_input]` product (PyTorch's `F.linear` does the same). Burn's `linear` keeps a 3-D
+/// input as a batched product with W broadcast: for minGPT's `[64, 19, 48]` that is 64 products of
+/// 19 rows, and W's gradient 64 partial products and a sum.
+pub fn linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    if D <= 2 {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = burn::tensor::module::linear(x.reshape([rows, d_in]), weight, bias);
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
 }
 
 /// Configuration of a [`LoraEmbedding`]; the first fields are `burn::nn::EmbeddingConfig`'s.

@@ -11,8 +11,8 @@ use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use burn::tensor::activation::softmax;
-use burn::tensor::module::linear;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use lora_core::layers::linear;
 use lora_core::{
     LoraEmbedding, LoraLinear, LoraMerge, Scaling, cast_to, dropout_folded, dropout_mask,
 };
