@@ -23,7 +23,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{
     Autodiff, Backend, Cube, Dispatch, ExtensionType, Flex, NdArray, backend_extension,
 };
-use burn::tensor::{DType, FloatDType, IndexingUpdateOp, TensorData};
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Slice, TensorData};
 use burn::tensor::{Int, Tensor};
 
 use crate::host::{GELU_A, gelu_c};
@@ -50,15 +50,17 @@ impl<B: Backend> Keep<B> {
 /// The fused ops, per backend.
 #[backend_extension(Cube, Flex, NdArray, Autodiff)]
 pub trait GptKernels: Backend {
-    /// Causal attention `(softmax(q·kᵀ·scale + bias)·keep)·v`: q, k, v `[batch, head, seq, d]`,
-    /// bias `[1, 1, seq, seq]` (0 on and below the diagonal, −∞ above), keep the dropout mask
-    /// `{0, 1/keep}` `[batch, head, seq, seq]` or none -> `[batch, head, seq, d]`.
+    /// Causal attention `(softmax(q·kᵀ·scale + bias)·keep)·v` of the `n_head` heads of q, k, v
+    /// side by side in `qkv [batch, seq, 3·n_head·d]` (a `c_attn` output), bias `[1, 1, seq, seq]`
+    /// (0 on and below the diagonal, −∞ above), keep the dropout mask `{0, 1/keep}`
+    /// `[batch, head, seq, seq]` or none -> `[batch, head, seq, d]`. Taking `qkv` whole, the
+    /// backward pass writes its gradient as one tensor (three slices of it would each cost a
+    /// zero-filled `qkv`-sized tensor and a sum).
     fn causal_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
+        qkv: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         #[extension_type] keep: Keep<Self>,
+        n_head: usize,
         scale: f64,
     ) -> FloatTensor<Self>;
 
@@ -91,6 +93,11 @@ pub trait Pointwise: Backend {
     /// over vocabulary slices ([`d_wt_split`]): on GPUs, not on the CPU (there it would only change
     /// the rounding).
     const SPLIT_VOCAB: bool = false;
+
+    /// Whether the attention op copies q, k, v contiguous (cubecl: its matmuls run only their
+    /// fallback kernel on the permuted views, 4x slower on an H100); the host backends' matmuls
+    /// take the strided views as they are.
+    const CONTIGUOUS_HEADS: bool = false;
 
     /// `exp(x)`.
     fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -129,6 +136,7 @@ fn gelu_grad_composed<B: Backend>(x: FloatTensor<B>, g: FloatTensor<B>) -> Float
 
 impl Pointwise for Cube {
     const SPLIT_VOCAB: bool = true;
+    const CONTIGUOUS_HEADS: bool = true;
 }
 impl Pointwise for NdArray {}
 
@@ -209,14 +217,50 @@ fn probs<B: Pointwise>(
     B::float_div(exp, sum)
 }
 
+/// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
+fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor<B>; 3] {
+    let [b, t, c3] = qkv.shape().dims::<3>();
+    let (c, hs) = (c3 / 3, c3 / 3 / n_head);
+    [0, 1, 2].map(|j| {
+        let z = B::float_slice(
+            qkv.clone(),
+            &[
+                Slice::full(),
+                Slice::full(),
+                Slice::from(j * c..(j + 1) * c),
+            ],
+        );
+        let z = B::float_swap_dims(B::float_reshape(z, [b, t, n_head, hs].into()), 1, 2);
+        match B::CONTIGUOUS_HEADS {
+            // Through the 3-d reshape: a contiguous copy.
+            true => B::float_reshape(
+                B::float_reshape(z, [b * n_head, t, hs].into()),
+                [b, n_head, t, hs].into(),
+            ),
+            false => z,
+        }
+    })
+}
+
+/// The gradient w.r.t. `qkv [batch, seq, 3·head·d]` from those w.r.t. q, k, v `[batch, head, seq, d]`.
+fn merge_heads<B: Backend>(
+    dq: FloatTensor<B>,
+    dk: FloatTensor<B>,
+    dv: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [b, h, t, hs] = dq.shape().dims::<4>();
+    let parts = [dq, dk, dv].map(|d| B::float_swap_dims(d, 1, 2)).to_vec();
+    B::float_reshape(B::float_cat(parts, 2), [b, t, 3 * h * hs].into())
+}
+
 fn attention_forward<B: Pointwise>(
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
-    v: FloatTensor<B>,
+    qkv: FloatTensor<B>,
     bias: FloatTensor<B>,
     keep: Option<FloatTensor<B>>,
+    n_head: usize,
     scale: f64,
 ) -> FloatTensor<B> {
+    let [q, k, v] = split_heads::<B>(qkv, n_head);
     let p = probs::<B>(q, k, bias, scale);
     let p = match keep {
         Some(m) => B::float_mul(p, m),
@@ -358,15 +402,14 @@ macro_rules! plain_backend {
     ($($b:ty),*) => {$(
         impl GptKernels for $b {
             fn causal_attention(
-                q: FloatTensor<Self>,
-                k: FloatTensor<Self>,
-                v: FloatTensor<Self>,
+                qkv: FloatTensor<Self>,
                 bias: FloatTensor<Self>,
                 keep: Keep<Self>,
+                n_head: usize,
                 scale: f64,
             ) -> FloatTensor<Self> {
                 let keep = keep.into_option().map(|(m, _)| m);
-                attention_forward::<Self>(q, k, v, bias, keep, scale)
+                attention_forward::<Self>(qkv, bias, keep, n_head, scale)
             }
 
             fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
@@ -395,38 +438,32 @@ plain_backend!(Cube, Flex, NdArray);
 #[derive(Debug)]
 struct AttentionBackward;
 
+/// `qkv`, bias, the dropout mask, `n_head`, scale.
 type AttentionState<B> = (
     FloatTensor<B>,
     FloatTensor<B>,
-    FloatTensor<B>,
-    FloatTensor<B>,
     Option<KeptMask<B>>,
+    usize,
     f64,
 );
 
-impl<B: Pointwise> Backward<B, 3> for AttentionBackward {
+impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
     type State = AttentionState<B>;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
-        let (q, k, v, bias, keep, scale) = ops.state;
+        let Some(node) = node else { return };
+        let (qkv, bias, keep, n_head, scale) = ops.state;
+        let [q, k, v] = split_heads::<B>(qkv, n_head);
         let keep = keep.map(KeptMask::unpack);
         // Recompute the probabilities; the dropped ones are `p·keep`.
         let p = probs::<B>(q.clone(), k.clone(), bias, scale);
-        if let Some(node) = node_v {
-            let pd = match &keep {
-                Some(m) => B::float_mul(p.clone(), m.clone()),
-                None => p.clone(),
-            };
-            grads.register::<B>(
-                node.id,
-                B::float_matmul(B::float_swap_dims(pd, 2, 3), dy.clone()),
-            );
-        }
-        if node_q.is_none() && node_k.is_none() {
-            return;
-        }
+        let pd = match &keep {
+            Some(m) => B::float_mul(p.clone(), m.clone()),
+            None => p.clone(),
+        };
+        let dv = B::float_matmul(B::float_swap_dims(pd, 2, 3), dy.clone());
         let dp = B::float_matmul(dy, B::float_swap_dims(v, 2, 3));
         let dp = match keep {
             Some(m) => B::float_mul(dp, m),
@@ -435,12 +472,9 @@ impl<B: Pointwise> Backward<B, 3> for AttentionBackward {
         // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
         let rows = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
         let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, rows)), scale.into());
-        if let Some(node) = node_q {
-            grads.register::<B>(node.id, B::float_matmul(ds.clone(), k));
-        }
-        if let Some(node) = node_k {
-            grads.register::<B>(node.id, B::float_matmul(B::float_swap_dims(ds, 2, 3), q));
-        }
+        let dq = B::float_matmul(ds.clone(), k);
+        let dk = B::float_matmul(B::float_swap_dims(ds, 2, 3), q);
+        grads.register::<B>(node.id, merge_heads::<B>(dq, dk, dv));
     }
 }
 
@@ -507,32 +541,29 @@ impl<B: Pointwise> Backward<B, 1> for GeluBackward {
 
 impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
     fn causal_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
+        qkv: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         keep: Keep<Self>,
+        n_head: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
         let prep = AttentionBackward
-            .prepare::<C>([q.node(), k.node(), v.node()])
+            .prepare::<C>([qkv.node()])
             .compute_bound()
             .stateful();
-        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-        let bias = bias.into_primitive();
+        let (qkv, bias) = (qkv.into_primitive(), bias.into_primitive());
         let keep = keep.into_option().map(|(m, p)| (m.into_primitive(), p));
         let out = attention_forward::<B>(
-            q.clone(),
-            k.clone(),
-            v.clone(),
+            qkv.clone(),
             bias.clone(),
             keep.as_ref().map(|(m, _)| m.clone()),
+            n_head,
             scale,
         );
         match prep {
             OpsKind::Tracked(prep) => {
                 let keep = keep.map(|(m, p)| KeptMask::pack(m, 1.0 / p));
-                prep.finish((q, k, v, bias, keep, scale), out)
+                prep.finish((qkv, bias, keep, n_head, scale), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
@@ -599,21 +630,20 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
     }
 }
 
-/// [`GptKernels::causal_attention`] on tensors; `keep`: the dropout mask `{0, 1/p}` and `p`.
+/// [`GptKernels::causal_attention`] on tensors: `qkv [batch, seq, 3·n_head·d]` ->
+/// `[batch, head, seq, d]`; `keep`: the dropout mask `{0, 1/p}` and `p`.
 pub fn causal_attention(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
+    qkv: Tensor<3>,
     bias: Tensor<4>,
     keep: Option<(Tensor<4>, f64)>,
+    n_head: usize,
     scale: f64,
 ) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as GptKernels>::causal_attention(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
+        qkv.into_dispatch(),
         bias.into_dispatch(),
         keep.map_or(Keep::All, |(m, p)| Keep::Mask(m.into_dispatch(), p)),
+        n_head,
         scale,
     ))
 }

@@ -323,24 +323,11 @@ impl CausalSelfAttention {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, c] = x.dims();
         let (nh, hs) = (self.n_head, c / self.n_head);
-        // `[batch, head, seq, hs]`, copied contiguous (through the 3-d reshape): the cubecl matmuls
-        // run only their fallback kernel on the permuted view (4x slower on an H100).
-        let heads = |z: Tensor<3>| {
-            z.reshape([b, t, nh, hs])
-                .swap_dims(1, 2)
-                .reshape([b * nh, t, hs])
-                .reshape([b, nh, t, hs])
-        };
-        let mut qkv = self.c_attn.forward(x).chunk(3, 2).into_iter().map(heads);
-        let (q, k, v) = (
-            qkv.next().unwrap(),
-            qkv.next().unwrap(),
-            qkv.next().unwrap(),
-        );
-        let device = q.device();
+        let qkv = self.c_attn.forward(x);
+        let device = qkv.device();
         let training = self.attn_dropout.training.is_enabled() && device.is_autodiff();
-        let dt = q.dtype();
-        // Training keeps q, k, v (and the dropout mask) in one autodiff node, not the scores.
+        let dt = qkv.dtype();
+        // Training keeps qkv (and the dropout mask) in one autodiff node, not the scores.
         let keep = match training {
             true => dropout_mask(&self.attn_dropout, [b, nh, t, t], &device, dt)
                 .map(|m| (m, 1.0 - self.attn_dropout.prob)),
@@ -352,7 +339,7 @@ impl CausalSelfAttention {
         let bias = Tensor::<2>::zeros([t, t], (&device, dt))
             .mask_fill(Tensor::<2, Bool>::tril_mask([t, t], 0, &device), MASKED)
             .reshape([1, 1, t, t]);
-        let y = fused::causal_attention(q, k, v, bias, keep, 1.0 / (hs as f64).sqrt());
+        let y = fused::causal_attention(qkv, bias, keep, nh, 1.0 / (hs as f64).sqrt());
         let y = y.swap_dims(1, 2).reshape([b, t, c]);
         dropout_folded(&self.resid_dropout, self.c_proj.forward(y))
     }
