@@ -220,17 +220,13 @@ fn probs<B: Pointwise>(
 /// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
 fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor<B>; 3] {
     let [b, t, c3] = qkv.shape().dims::<3>();
-    let (c, hs) = (c3 / 3, c3 / 3 / n_head);
+    let hs = c3 / 3 / n_head;
+    // `[b, t, 3·head, hs]` is a view; each third of its heads a strided one.
+    let heads = B::float_reshape(qkv, [b, t, 3 * n_head, hs].into());
     [0, 1, 2].map(|j| {
-        let z = B::float_slice(
-            qkv.clone(),
-            &[
-                Slice::full(),
-                Slice::full(),
-                Slice::from(j * c..(j + 1) * c),
-            ],
-        );
-        let z = B::float_swap_dims(B::float_reshape(z, [b, t, n_head, hs].into()), 1, 2);
+        let range = Slice::from(j * n_head..(j + 1) * n_head);
+        let z = B::float_slice(heads.clone(), &[Slice::full(), Slice::full(), range]);
+        let z = B::float_swap_dims(z, 1, 2);
         match B::CONTIGUOUS_HEADS {
             // Through the 3-d reshape: a contiguous copy.
             true => B::float_reshape(
