@@ -328,21 +328,22 @@ fn base_and_xa_in_one_product<const D: usize>(
 }
 
 /// `x·W + bias` for x `[..., d_input]`, W `[d_input, d_output]` -> `[..., d_output]`, as one
-/// `[rows, d_input]` product (PyTorch's `F.linear` does the same). Burn's `linear` keeps a 3-D
-/// input as a batched product with W broadcast: for minGPT's `[64, 19, 48]` that is 64 products of
-/// 19 rows, and W's gradient 64 partial products and a sum.
+/// `[rows, d_input]` product ([`crate::matmul::matmul`]; PyTorch's `F.linear` flattens the same
+/// way). Burn's `linear` keeps a 3-D input as a batched product with W broadcast: for minGPT's
+/// `[64, 19, 48]` that is 64 products of 19 rows, and W's gradient 64 partial products and a sum.
 pub fn linear<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
-    if D <= 2 {
-        return burn::tensor::module::linear(x, weight, bias);
-    }
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    let y = burn::tensor::module::linear(x.reshape([rows, d_in]), weight, bias);
+    let y = crate::matmul::matmul(x.reshape([rows, d_in]), weight);
+    let y = match bias {
+        Some(bias) => y + bias.unsqueeze(),
+        None => y,
+    };
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)

@@ -10,6 +10,7 @@
 pub mod dropout;
 pub mod inject;
 pub mod layers;
+pub mod matmul;
 pub mod utils;
 
 pub use dropout::{dropout, dropout_folded, dropout_mask};

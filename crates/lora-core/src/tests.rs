@@ -448,3 +448,85 @@ fn masked_is_x_times_mask() {
         masked_case(&d.autodiff());
     }
 }
+
+/// `matmul::matmul` against Burn's matmul, values and both gradients (w trained) or the input
+/// gradient alone (w frozen), at a size flex runs on one thread and one it splits.
+fn matmul_case(d: &Device) {
+    d.seed(4);
+    for (rows, d_in, d_out) in [(19, 7, 5), (256, 192, 200)] {
+        let normal = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), d);
+        let (x, w, g) = (
+            normal([rows, d_in]),
+            normal([d_in, d_out]),
+            normal([rows, d_out]),
+        );
+        for train_w in [true, false] {
+            let run = |ours: bool| {
+                let xi = x.clone().require_grad();
+                let wi = if train_w {
+                    w.clone().require_grad()
+                } else {
+                    w.clone()
+                };
+                let y = match ours {
+                    true => matmul::matmul(xi.clone(), wi.clone()),
+                    false => xi.clone().matmul(wi.clone()),
+                };
+                let grads = (y.clone() * g.clone()).sum().backward();
+                (y, xi.grad(&grads).unwrap(), wi.grad(&grads))
+            };
+            let ((y0, x0, w0), (y1, x1, w1)) = (run(false), run(true));
+            let what = format!("{rows}x{d_in}x{d_out}, train w {train_w}, {d:?}");
+            assert!(max_abs(y0, y1) < 1e-4, "values, {what}");
+            assert!(max_abs(x0, x1) < 1e-4, "x gradient, {what}");
+            match (w0, w1) {
+                (Some(a), Some(b)) => assert!(max_abs(a, b) < 1e-3, "w gradient, {what}"),
+                (None, None) => assert!(!train_w),
+                _ => panic!("w gradient on one side only, {what}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_is_burns_matmul() {
+    #[allow(deprecated)]
+    let ndarray = Device::ndarray();
+    let wgpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    for d in [Device::flex(), ndarray, wgpu] {
+        matmul_case(&d.autodiff());
+    }
+}
+
+/// Flex's `Matmul::mm` on strided views (transposed, permuted batch dims, an offset) and batched
+/// inputs: Flex's own product, bit for bit (the same `gemm` calls).
+#[test]
+fn flex_mm_takes_strided_views() {
+    use burn::backend::ops::FloatTensorOps;
+    use burn::backend::{Flex, tensor::FloatTensor};
+    use burn::tensor::Slice;
+    use matmul::Matmul;
+    let d = dev();
+    let prim = |s: [usize; 4]| -> FloatTensor<Flex> {
+        let t = Tensor::<4>::random(s, Distribution::Normal(0.0, 1.0), &d);
+        Flex::float_from_data(t.into_data(), &Default::default())
+    };
+    let a = Flex::float_swap_dims(prim([2, 5, 3, 4]), 1, 2); // [2, 3, 5, 4], strided
+    let b = Flex::float_swap_dims(prim([2, 3, 6, 4]), 2, 3); // [2, 3, 4, 6], transposed
+    let rows = [
+        Slice::full(),
+        Slice::full(),
+        Slice::from(2..6),
+        Slice::full(),
+    ];
+    let c = Flex::float_slice(prim([2, 3, 7, 6]), &rows); // [2, 3, 4, 6] at an offset
+    for (l, r) in [(a.clone(), b), (a, c)] {
+        let ours = Flex::mm(l.clone(), r.clone()).into_data();
+        let flex = Flex::float_matmul(l, r).into_data();
+        assert_eq!(ours.shape(), flex.shape());
+        assert_eq!(
+            ours.as_slice::<f32>().unwrap(),
+            flex.as_slice::<f32>().unwrap()
+        );
+    }
+}

@@ -28,6 +28,7 @@ use burn::tensor::{Int, Tensor};
 
 use crate::host::{GELU_A, gelu_c};
 use lora_core::dropout::KeptMask;
+use lora_core::matmul::Matmul;
 
 /// The dropout mask of [`GptKernels::causal_attention`].
 #[derive(ExtensionType)]
@@ -88,7 +89,7 @@ pub trait GptKernels: Backend {
 
 /// The element-wise kernels of the fused ops: Burn's ops, or (Flex, f32) the kernels of
 /// [`crate::host`], equal to them bit for bit; and how the head + loss op runs its products.
-pub trait Pointwise: Backend {
+pub trait Pointwise: Matmul {
     /// Whether [`GptKernels::linear_cross_entropy`] computes its input gradient `d·wᵀ` as a sum
     /// over vocabulary slices ([`d_wt_split`]): on GPUs, not on the CPU (there it would only change
     /// the rounding).
@@ -204,10 +205,7 @@ fn probs<B: Pointwise>(
     bias: FloatTensor<B>,
     scale: f64,
 ) -> FloatTensor<B> {
-    let scores = B::float_mul_scalar(
-        B::float_matmul(q, B::float_swap_dims(k, 2, 3)),
-        scale.into(),
-    );
+    let scores = B::float_mul_scalar(B::mm(q, B::float_swap_dims(k, 2, 3)), scale.into());
     // Softmax as Burn's autodiff composes it (max, exp, sum, divide): the values of the unfused
     // training path, bit for bit.
     let scores = B::float_add(scores, bias);
@@ -262,7 +260,7 @@ fn attention_forward<B: Pointwise>(
         Some(m) => B::float_mul(p, m),
         None => p,
     };
-    B::float_matmul(p, v)
+    B::mm(p, v)
 }
 
 /// Per row of `x [n, vocab]`: `−log_softmax(x)[target] = log Σ exp(x − max) − (x[target] − max)`,
@@ -343,7 +341,7 @@ fn linear_ce<B: Pointwise>(
         let hc = B::float_select(h.clone(), 0, idx.clone());
         let tc = B::int_select(targets.clone(), 0, idx.clone());
         let wc = B::float_select(weights.clone(), 0, idx);
-        let logits = B::float_cast(B::float_matmul(hc.clone(), w.clone()), FloatDType::F32);
+        let logits = B::float_cast(B::mm(hc.clone(), w.clone()), FloatDType::F32);
         let p = nll_parts::<B>(logits, tc.clone());
         loss = Some(accumulate::<B>(
             loss,
@@ -356,13 +354,13 @@ fn linear_ce<B: Pointwise>(
         let d = minus_onehot::<B>(B::float_div(p.exp, p.sum), tc);
         let d = B::float_cast(B::float_mul(d, wc), dt.into());
         if grad_w {
-            let g = B::float_matmul(B::float_transpose(hc), d.clone());
+            let g = B::mm(B::float_transpose(hc), d.clone());
             dw = Some(accumulate::<B>(dw, g));
         }
         if grad_h {
             dh.push(match &split {
                 Some((s, rhs)) => d_wt_split::<B>(d, rhs.clone(), *s),
-                None => B::float_matmul(d, wt.clone()),
+                None => B::mm(d, wt.clone()),
             });
         }
     }
@@ -459,8 +457,8 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
             Some(m) => B::float_mul(p.clone(), m.clone()),
             None => p.clone(),
         };
-        let dv = B::float_matmul(B::float_swap_dims(pd, 2, 3), dy.clone());
-        let dp = B::float_matmul(dy, B::float_swap_dims(v, 2, 3));
+        let dv = B::mm(B::float_swap_dims(pd, 2, 3), dy.clone());
+        let dp = B::mm(dy, B::float_swap_dims(v, 2, 3));
         let dp = match keep {
             Some(m) => B::float_mul(dp, m),
             None => dp,
@@ -468,8 +466,8 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
         let rows = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
         let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, rows)), scale.into());
-        let dq = B::float_matmul(ds.clone(), k);
-        let dk = B::float_matmul(B::float_swap_dims(ds, 2, 3), q);
+        let dq = B::mm(ds.clone(), k);
+        let dk = B::mm(B::float_swap_dims(ds, 2, 3), q);
         grads.register::<B>(node.id, merge_heads::<B>(dq, dk, dv));
     }
 }

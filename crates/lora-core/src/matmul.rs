@@ -1,0 +1,200 @@
+//! Matrix products whose output flex writes straight into fresh memory.
+//!
+//! Flex allocates each product's output zero-filled and then copies it once more (its
+//! `FlexTensor::empty` hands a `vec![0u8; n]` to `Bytes::from_bytes_vec`, which re-allocates byte
+//! vectors to 16-byte alignment): a memset and a memcpy per product, ~11 % of a minGPT sort step.
+//! [`Matmul::mm`] runs the same `gemm` kernels with Flex's parallel rules into an uninitialised
+//! `Vec<f32>`; [`matmul`] is the 2-D product as an autodiff op whose backward products are
+//! [`Matmul::mm`]s too (Burn's matmul node would call Flex's). Other backends: Burn's matmul.
+
+#![allow(deprecated)] // `NdArray`: deprecated upstream, still one of our backends.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
+use burn::tensor::{DType, Shape, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// `lhs · rhs` on a backend.
+pub trait Matmul: Backend {
+    /// `[..., m, k] · [..., k, n] -> [..., m, n]`, Burn's broadcasting rules.
+    fn mm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+}
+
+impl Matmul for Cube {}
+impl Matmul for NdArray {}
+
+impl Matmul for Flex {
+    fn mm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (ls, rs) = (lhs.shape(), rhs.shape());
+        let r = ls.num_dims();
+        // f32 with equal batch dims (every product here); the rest is Flex's.
+        if lhs.dtype() != DType::F32
+            || rhs.dtype() != DType::F32
+            || r < 2
+            || rs.num_dims() != r
+            || ls[..r - 2] != rs[..r - 2]
+            || ls[r - 1] != rs[r - 2]
+        {
+            return Self::float_matmul(lhs, rhs);
+        }
+        flex_mm(&lhs, &rhs)
+    }
+}
+
+/// Flex's `matmul` thresholds: a product runs on several threads from 192³ multiply-adds, a
+/// batch of products in parallel from 128³ in all.
+const PARALLEL: usize = 192 * 192 * 192;
+const BATCH_PARALLEL: usize = 128 * 128 * 128;
+
+fn flex_mm(lhs: &FloatTensor<Flex>, rhs: &FloatTensor<Flex>) -> FloatTensor<Flex> {
+    let (ll, rl) = (lhs.layout(), rhs.layout());
+    let r = ll.num_dims();
+    let (m, k, n) = (ll.shape()[r - 2], ll.shape()[r - 1], rl.shape()[r - 1]);
+    let batch = &ll.shape()[..r - 2];
+    let count = batch.iter().product::<usize>();
+    let mut dims = batch.to_vec();
+    dims.extend([m, n]);
+    let size = m * n;
+    if size * count == 0 || k == 0 {
+        return Flex::float_from_data(
+            TensorData::new(vec![0f32; size * count], dims),
+            &Default::default(),
+        );
+    }
+    // Element offset of matrix `b` (row-major over the batch dims) in a layout.
+    let offset = |start: usize, strides: &[isize], mut b: usize| {
+        let mut off = start as isize;
+        for i in (0..r - 2).rev() {
+            off += (b % batch[i]) as isize * strides[i];
+            b /= batch[i];
+        }
+        off
+    };
+    let (lhs_data, rhs_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
+    let (lrs, lcs) = (ll.strides()[r - 2], ll.strides()[r - 1]);
+    let (rrs, rcs) = (rl.strides()[r - 2], rl.strides()[r - 1]);
+    let run = |b: usize, out: &mut [std::mem::MaybeUninit<f32>], par: gemm::Parallelism| {
+        // SAFETY: the offsets and strides are the layouts' own, inside their storage; `out` holds
+        // `m·n` elements, written and not read (`read_dst` false).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr() as *mut f32,
+                1,
+                n as isize,
+                false,
+                lhs_data
+                    .as_ptr()
+                    .offset(offset(ll.start_offset(), ll.strides(), b)),
+                lcs,
+                lrs,
+                rhs_data
+                    .as_ptr()
+                    .offset(offset(rl.start_offset(), rl.strides(), b)),
+                rcs,
+                rrs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    let mut out = Vec::<f32>::with_capacity(size * count);
+    let chunks = out.spare_capacity_mut()[..size * count].chunks_mut(size);
+    let (ops, total) = (size * k, size * k * count);
+    let batch_parallel = count > 1 && total >= BATCH_PARALLEL;
+    if ops >= PARALLEL && !(batch_parallel && count >= 4) {
+        chunks
+            .enumerate()
+            .for_each(|(b, o)| run(b, o, gemm::Parallelism::Rayon(0)));
+    } else if batch_parallel {
+        let chunks = out.spare_capacity_mut()[..size * count].par_chunks_mut(size);
+        chunks
+            .enumerate()
+            .for_each(|(b, o)| run(b, o, gemm::Parallelism::None));
+    } else {
+        chunks
+            .enumerate()
+            .for_each(|(b, o)| run(b, o, gemm::Parallelism::None));
+    }
+    // SAFETY: every matrix of the output was written above.
+    unsafe { out.set_len(size * count) };
+    Flex::float_from_data(TensorData::new(out, Shape::from(dims)), &Default::default())
+}
+
+/// The 2-D product as one autodiff op.
+#[backend_extension(Cube, Flex, NdArray, Autodiff)]
+pub trait MatmulKernels: Backend {
+    /// `x [rows, d_in] · w [d_in, d_out] -> [rows, d_out]`.
+    fn matmul2(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+macro_rules! plain_backend {
+    ($($b:ty),*) => {$(
+        impl MatmulKernels for $b {
+            fn matmul2(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+                Self::mm(x, w)
+            }
+        }
+    )*};
+}
+
+plain_backend!(Cube, Flex, NdArray);
+
+#[derive(Debug)]
+struct Matmul2Backward;
+
+impl<B: Matmul> Backward<B, 2> for Matmul2Backward {
+    /// x where w's gradient is asked for, w where x's is.
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        if let (Some(node), Some(w)) = (node_x, w) {
+            grads.register::<B>(node.id, B::mm(dy.clone(), B::float_transpose(w)));
+        }
+        if let (Some(node), Some(x)) = (node_w, x) {
+            grads.register::<B>(node.id, B::mm(B::float_transpose(x), dy));
+        }
+    }
+}
+
+impl<B: Matmul, C: CheckpointStrategy> MatmulKernels for Autodiff<B, C> {
+    fn matmul2(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (grad_x, grad_w) = (x.is_tracked(), w.is_tracked());
+        let prep = Matmul2Backward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful();
+        let (x, w) = (x.into_primitive(), w.into_primitive());
+        let out = B::mm(x.clone(), w.clone());
+        match prep {
+            // Keep only what the gradients need: a frozen W's product keeps no activation.
+            OpsKind::Tracked(prep) => prep.finish((grad_w.then_some(x), grad_x.then_some(w)), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// `x [rows, d_in] · w [d_in, d_out] -> [rows, d_out]` ([`MatmulKernels::matmul2`]).
+pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as MatmulKernels>::matmul2(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
