@@ -258,8 +258,9 @@ mod simd {
         let e = exp8(_mm256_or_ps(v, _mm256_set1_ps(-0.0)));
         let one = _mm256_set1_ps(1.0);
         let den = _mm256_add_ps(one, e);
+        // One division: the numerator is 1 where v ≥ 0, e elsewhere.
         let ge = _mm256_cmp_ps::<_CMP_GE_OQ>(v, _mm256_setzero_ps());
-        _mm256_blendv_ps(_mm256_div_ps(e, den), _mm256_div_ps(one, den), ge)
+        _mm256_div_ps(_mm256_blendv_ps(e, one, ge), den)
     }
 
     #[inline]
