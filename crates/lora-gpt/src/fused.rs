@@ -215,6 +215,11 @@ fn probs<B: Pointwise>(
     B::float_div(exp, sum)
 }
 
+/// The sequence length from which [`Pointwise::CONTIGUOUS_HEADS`] copies the heads: below it the
+/// products are small enough for the strided kernel (and on Mesa's llvmpipe, cubecl's autotune of
+/// a matmul fused with the copy hung with a cold cache).
+const CONTIGUOUS_FROM: usize = 64;
+
 /// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
 fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor<B>; 3] {
     let [b, t, c3] = qkv.shape().dims::<3>();
@@ -225,7 +230,7 @@ fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor
         let range = Slice::from(j * n_head..(j + 1) * n_head);
         let z = B::float_slice(heads.clone(), &[Slice::full(), Slice::full(), range]);
         let z = B::float_swap_dims(z, 1, 2);
-        match B::CONTIGUOUS_HEADS {
+        match B::CONTIGUOUS_HEADS && t >= CONTIGUOUS_FROM {
             // Through the 3-d reshape: a contiguous copy.
             true => B::float_reshape(
                 B::float_reshape(z, [b * n_head, t, hs].into()),
