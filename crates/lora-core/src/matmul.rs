@@ -49,8 +49,7 @@ impl Matmul for Flex {
     }
 }
 
-/// Flex's `matmul` thresholds: a product runs on several threads from 192³ multiply-adds, a
-/// batch of products in parallel from 128³ in all.
+/// Flex's `matmul` thresholds, in multiply-adds: one product, and a batch of them in all.
 const PARALLEL: usize = 192 * 192 * 192;
 const BATCH_PARALLEL: usize = 128 * 128 * 128;
 
@@ -112,23 +111,24 @@ fn flex_mm(lhs: &FloatTensor<Flex>, rhs: &FloatTensor<Flex>) -> FloatTensor<Flex
             )
         }
     };
+    // Flex's rules: one product on several threads from `PARALLEL`, unless a batch of at least four
+    // is worth splitting instead; a batch split across threads from `BATCH_PARALLEL` in all.
+    let batch_parallel = count > 1 && size * k * count >= BATCH_PARALLEL;
+    let per_product = size * k >= PARALLEL && !(batch_parallel && count >= 4);
     let mut out = Vec::<f32>::with_capacity(size * count);
-    let chunks = out.spare_capacity_mut()[..size * count].chunks_mut(size);
-    let (ops, total) = (size * k, size * k * count);
-    let batch_parallel = count > 1 && total >= BATCH_PARALLEL;
-    if ops >= PARALLEL && !(batch_parallel && count >= 4) {
-        chunks
-            .enumerate()
-            .for_each(|(b, o)| run(b, o, gemm::Parallelism::Rayon(0)));
-    } else if batch_parallel {
-        let chunks = out.spare_capacity_mut()[..size * count].par_chunks_mut(size);
-        chunks
-            .enumerate()
-            .for_each(|(b, o)| run(b, o, gemm::Parallelism::None));
+    let spare = &mut out.spare_capacity_mut()[..size * count];
+    if batch_parallel && !per_product {
+        let each = |(b, o)| run(b, o, gemm::Parallelism::None);
+        spare.par_chunks_mut(size).enumerate().for_each(each);
     } else {
-        chunks
+        let par = match per_product {
+            true => gemm::Parallelism::Rayon(0),
+            false => gemm::Parallelism::None,
+        };
+        spare
+            .chunks_mut(size)
             .enumerate()
-            .for_each(|(b, o)| run(b, o, gemm::Parallelism::None));
+            .for_each(|(b, o)| run(b, o, par));
     }
     // SAFETY: every matrix of the output was written above.
     unsafe { out.set_len(size * count) };

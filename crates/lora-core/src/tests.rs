@@ -14,6 +14,14 @@ fn max_abs<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     (a - b).abs().max().into_scalar::<f32>()
 }
 
+/// flex, ndarray and wgpu (on CPU-only machines through Mesa's llvmpipe).
+fn backends() -> [Device; 3] {
+    #[allow(deprecated)]
+    let ndarray = Device::ndarray();
+    let wgpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    [Device::flex(), ndarray, wgpu]
+}
+
 fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().iter::<f32>().collect()
 }
@@ -440,11 +448,7 @@ fn masked_case(d: &Device) {
 
 #[test]
 fn masked_is_x_times_mask() {
-    #[allow(deprecated)]
-    let ndarray = Device::ndarray();
-    // CPU-only machines run wgpu through Mesa's llvmpipe.
-    let wgpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
-    for d in [Device::flex(), ndarray, wgpu] {
+    for d in backends() {
         masked_case(&d.autodiff());
     }
 }
@@ -490,10 +494,7 @@ fn matmul_case(d: &Device) {
 
 #[test]
 fn matmul_is_burns_matmul() {
-    #[allow(deprecated)]
-    let ndarray = Device::ndarray();
-    let wgpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
-    for d in [Device::flex(), ndarray, wgpu] {
+    for d in backends() {
         matmul_case(&d.autodiff());
     }
 }

@@ -95,10 +95,14 @@ pub trait Pointwise: Matmul {
     /// the rounding).
     const SPLIT_VOCAB: bool = false;
 
-    /// Whether the attention op copies q, k, v contiguous (cubecl: its matmuls run only their
-    /// fallback kernel on the permuted views, 4x slower on an H100); the host backends' matmuls
-    /// take the strided views as they are.
-    const CONTIGUOUS_HEADS: bool = false;
+    /// Whether the attention op copies q, k, v contiguous at sequence length `seq`: cubecl from 64
+    /// (its matmuls run only their fallback kernel on the permuted views, 4x slower on an H100 at
+    /// GPT-2's shapes; below 64 the products are small, and on Mesa's llvmpipe cubecl's autotune of
+    /// a matmul fused with the copy hung with a cold cache). The host backends' matmuls take the
+    /// strided views as they are.
+    fn contiguous_heads(_seq: usize) -> bool {
+        false
+    }
 
     /// `exp(x)`.
     fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -137,7 +141,10 @@ fn gelu_grad_composed<B: Backend>(x: FloatTensor<B>, g: FloatTensor<B>) -> Float
 
 impl Pointwise for Cube {
     const SPLIT_VOCAB: bool = true;
-    const CONTIGUOUS_HEADS: bool = true;
+
+    fn contiguous_heads(seq: usize) -> bool {
+        seq >= 64
+    }
 }
 impl Pointwise for NdArray {}
 
@@ -215,11 +222,6 @@ fn probs<B: Pointwise>(
     B::float_div(exp, sum)
 }
 
-/// The sequence length from which [`Pointwise::CONTIGUOUS_HEADS`] copies the heads: below it the
-/// products are small enough for the strided kernel (and on Mesa's llvmpipe, cubecl's autotune of
-/// a matmul fused with the copy hung with a cold cache).
-const CONTIGUOUS_FROM: usize = 64;
-
 /// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
 fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor<B>; 3] {
     let [b, t, c3] = qkv.shape().dims::<3>();
@@ -230,7 +232,7 @@ fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor
         let range = Slice::from(j * n_head..(j + 1) * n_head);
         let z = B::float_slice(heads.clone(), &[Slice::full(), Slice::full(), range]);
         let z = B::float_swap_dims(z, 1, 2);
-        match B::CONTIGUOUS_HEADS && t >= CONTIGUOUS_FROM {
+        match B::contiguous_heads(t) {
             // Through the 3-d reshape: a contiguous copy.
             true => B::float_reshape(
                 B::float_reshape(z, [b * n_head, t, hs].into()),
