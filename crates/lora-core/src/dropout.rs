@@ -17,13 +17,14 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::FloatTensorOps;
+use burn::backend::ops::{FloatTensorOps, IntTensorOps};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
 use burn::nn::Dropout;
 use burn::tensor::{DType, Device, Distribution, Shape, Tensor, TensorData};
 use burn::tensor::{FloatDType, IntDType};
 use rand::{RngCore, SeedableRng};
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether `device` runs on cubecl (a GPU, or its CPU runtime): its own RNG and matmul kernels.
@@ -124,7 +125,7 @@ const PACK_MIN: usize = 1 << 16;
 /// 4.8 GB), or the mask itself where its element count is not a multiple of 16 or below
 /// `PACK_MIN` (65,536), or where [`set_packed_masks`] turned packing off.
 #[derive(Clone, Debug)]
-pub enum KeptMask<B: Backend> {
+pub enum KeptMask<B: MaskBits> {
     /// The bits, and what [`KeptMask::unpack`] rebuilds the mask with.
     Packed {
         /// `[n / 16, 1]`.
@@ -140,7 +141,7 @@ pub enum KeptMask<B: Backend> {
     Dense(FloatTensor<B>),
 }
 
-impl<B: Backend> KeptMask<B> {
+impl<B: MaskBits> KeptMask<B> {
     /// The mask `{0, value}` packed: bit i of word w is element `16·w + i` ≠ 0.
     pub fn pack(mask: FloatTensor<B>, value: f64) -> Self {
         let shape = mask.shape();
@@ -149,17 +150,19 @@ impl<B: Backend> KeptMask<B> {
             return KeptMask::Dense(mask);
         }
         let dtype = FloatDType::from(mask.dtype());
-        let device = mask.device();
-        let ones = B::float_into_int(B::float_sign(mask), IntDType::I32);
-        let ones = B::int_reshape(ones, Shape::new([n / MASK_BITS, MASK_BITS]));
-        let weights = (0..MASK_BITS).map(|i| 1i32 << i).collect::<Vec<_>>();
-        let weights = B::int_from_data(TensorData::new(weights, [1, MASK_BITS]), &device);
-        let bits = B::int_sum_dim(B::int_mul(ones, weights), 1);
         KeptMask::Packed {
-            bits,
+            bits: B::pack_bits(mask),
             shape,
             value,
             dtype,
+        }
+    }
+
+    /// `x · mask` (x of the mask's shape), without rebuilding a packed mask on flex.
+    pub fn mul(&self, x: FloatTensor<B>) -> FloatTensor<B> {
+        match self {
+            KeptMask::Dense(mask) => B::float_mul(x, mask.clone()),
+            KeptMask::Packed { bits, value, .. } => B::mul_bits(x, bits.clone(), *value),
         }
     }
 
@@ -172,15 +175,154 @@ impl<B: Backend> KeptMask<B> {
                 shape,
                 value,
                 dtype,
-            } => {
-                let device = bits.device();
-                let shifts = (0..MASK_BITS as i32).collect::<Vec<_>>();
-                let shifts = B::int_from_data(TensorData::new(shifts, [1, MASK_BITS]), &device);
-                let ones = B::bitwise_and_scalar(B::bitwise_right_shift(bits, shifts), 1.into());
-                let mask = B::float_mul_scalar(B::int_into_float(ones, dtype), value.into());
-                B::float_reshape(mask, shape)
-            }
+            } => B::unpack_bits(bits, shape, value, dtype),
         }
+    }
+}
+
+/// A dropout mask to bits and back ([`KeptMask`]'s layout: `[n / 16, 1]` `i32` words, bit i of
+/// word w element `16·w + i`); Burn's int ops, or host loops on flex (Burn's ops there were ~6 %
+/// of a GPT-2 training step).
+pub trait MaskBits: Backend {
+    /// `mask [n]` (`n` a multiple of 16, any shape) -> `[n / 16, 1]` words of its ≠ 0 bits.
+    fn pack_bits(mask: FloatTensor<Self>) -> IntTensor<Self> {
+        burn_pack::<Self>(mask)
+    }
+
+    /// [`MaskBits::pack_bits`]'s words -> the `shape`, `dtype` mask `{0, value}`.
+    fn unpack_bits(
+        bits: IntTensor<Self>,
+        shape: Shape,
+        value: f64,
+        dtype: FloatDType,
+    ) -> FloatTensor<Self> {
+        burn_unpack::<Self>(bits, shape, value, dtype)
+    }
+
+    /// `x · mask`: the mask of [`MaskBits::pack_bits`]'s words `bits`, `{0, value}`, x's shape.
+    fn mul_bits(x: FloatTensor<Self>, bits: IntTensor<Self>, value: f64) -> FloatTensor<Self> {
+        let mask = burn_unpack::<Self>(bits, x.shape(), value, x.dtype().into());
+        Self::float_mul(x, mask)
+    }
+}
+
+/// [`MaskBits::pack_bits`] in Burn's int ops.
+pub(crate) fn burn_pack<B: Backend>(mask: FloatTensor<B>) -> IntTensor<B> {
+    let n = mask.shape().num_elements();
+    let device = mask.device();
+    let ones = B::float_into_int(B::float_sign(mask), IntDType::I32);
+    let ones = B::int_reshape(ones, Shape::new([n / MASK_BITS, MASK_BITS]));
+    let weights = (0..MASK_BITS).map(|i| 1i32 << i).collect::<Vec<_>>();
+    let weights = B::int_from_data(TensorData::new(weights, [1, MASK_BITS]), &device);
+    B::int_sum_dim(B::int_mul(ones, weights), 1)
+}
+
+/// [`MaskBits::unpack_bits`] in Burn's int ops.
+pub(crate) fn burn_unpack<B: Backend>(
+    bits: IntTensor<B>,
+    shape: Shape,
+    value: f64,
+    dtype: FloatDType,
+) -> FloatTensor<B> {
+    let device = bits.device();
+    let shifts = (0..MASK_BITS as i32).collect::<Vec<_>>();
+    let shifts = B::int_from_data(TensorData::new(shifts, [1, MASK_BITS]), &device);
+    let ones = B::bitwise_and_scalar(B::bitwise_right_shift(bits, shifts), 1.into());
+    let mask = B::float_mul_scalar(B::int_into_float(ones, dtype), value.into());
+    B::float_reshape(mask, shape)
+}
+
+impl MaskBits for Cube {}
+impl MaskBits for NdArray {}
+
+/// Words per rayon task of flex's packing loops (1 Mi mask elements).
+const WORDS_PER_TASK: usize = 1 << 16;
+
+impl MaskBits for Flex {
+    fn pack_bits(mask: FloatTensor<Self>) -> IntTensor<Self> {
+        if mask.dtype() != DType::F32 {
+            return burn_pack::<Self>(mask);
+        }
+        let mask = match mask.is_contiguous() {
+            true => mask,
+            false => mask.to_contiguous(),
+        };
+        let m = mask.as_slice::<f32>().expect("contiguous f32");
+        let mut words = vec![0i32; m.len() / MASK_BITS];
+        words
+            .par_chunks_mut(WORDS_PER_TASK)
+            .zip(m.par_chunks(WORDS_PER_TASK * MASK_BITS))
+            .for_each(|(words, m)| {
+                for (w, m) in words.iter_mut().zip(m.chunks_exact(MASK_BITS)) {
+                    *w = m
+                        .iter()
+                        .enumerate()
+                        .fold(0, |w, (i, &v)| w | (((v != 0.0) as i32) << i));
+                }
+            });
+        let n = words.len();
+        Self::int_from_data(TensorData::new(words, [n, 1]), &Default::default())
+    }
+
+    fn unpack_bits(
+        bits: IntTensor<Self>,
+        shape: Shape,
+        value: f64,
+        dtype: FloatDType,
+    ) -> FloatTensor<Self> {
+        if dtype != FloatDType::F32 || bits.dtype() != DType::I32 || !bits.is_contiguous() {
+            return burn_unpack::<Self>(bits, shape, value, dtype);
+        }
+        let words = bits.as_slice::<i32>().expect("contiguous i32");
+        let value = value as f32;
+        let mut mask = vec![0f32; words.len() * MASK_BITS];
+        mask.par_chunks_mut(WORDS_PER_TASK * MASK_BITS)
+            .zip(words.par_chunks(WORDS_PER_TASK))
+            .for_each(|(m, words)| {
+                for (m, &w) in m.chunks_exact_mut(MASK_BITS).zip(words) {
+                    for (i, v) in m.iter_mut().enumerate() {
+                        *v = if (w >> i) & 1 != 0 { value } else { 0.0 };
+                    }
+                }
+            });
+        Self::float_from_data(TensorData::new(mask, shape), &Default::default())
+    }
+
+    fn mul_bits(x: FloatTensor<Self>, bits: IntTensor<Self>, value: f64) -> FloatTensor<Self> {
+        let fits = x.shape().num_elements() == bits.shape().num_elements() * MASK_BITS;
+        if x.dtype() != DType::F32 || bits.dtype() != DType::I32 || !bits.is_contiguous() || !fits {
+            let mask = burn_unpack::<Self>(bits, x.shape(), value, x.dtype().into());
+            return Self::float_mul(x, mask);
+        }
+        let shape = x.shape();
+        let x = match x.is_contiguous() {
+            true => x,
+            false => x.to_contiguous(),
+        };
+        let (words, x) = (
+            bits.as_slice::<i32>().expect("i32"),
+            x.as_slice::<f32>().expect("f32"),
+        );
+        let value = value as f32;
+        let mut out = Vec::<f32>::with_capacity(x.len());
+        out.spare_capacity_mut()
+            .par_chunks_mut(WORDS_PER_TASK * MASK_BITS)
+            .zip(x.par_chunks(WORDS_PER_TASK * MASK_BITS))
+            .zip(words.par_chunks(WORDS_PER_TASK))
+            .for_each(|((out, x), words)| {
+                let blocks = out
+                    .chunks_exact_mut(MASK_BITS)
+                    .zip(x.chunks_exact(MASK_BITS));
+                for ((out, x), &w) in blocks.zip(words) {
+                    for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+                        // x · m as `x * mask` rounds it: x · value, or x · 0 (±0, NaN for ±inf).
+                        o.write(x * if (w >> i) & 1 != 0 { value } else { 0.0 });
+                    }
+                }
+            });
+        // SAFETY: every element was written above (`x.len()` is 16 · `words.len()`).
+        unsafe { out.set_len(x.len()) };
+        Self::float_from_data(TensorData::new(out, shape), &Default::default())
     }
 }
 
@@ -206,7 +348,7 @@ plain_backend!(Cube, Flex, NdArray);
 #[derive(Debug)]
 struct MaskedBackward;
 
-impl<B: Backend> Backward<B, 1> for MaskedBackward {
+impl<B: MaskBits> Backward<B, 1> for MaskedBackward {
     type State = KeptMask<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -214,12 +356,12 @@ impl<B: Backend> Backward<B, 1> for MaskedBackward {
         let g = grads.consume::<B>(&ops.node);
         if let Some(node) = node {
             // What Burn's `x · mask` registers, `g · mask`.
-            grads.register::<B>(node.id, B::float_mul(g, ops.state.unpack()));
+            grads.register::<B>(node.id, ops.state.mul(g));
         }
     }
 }
 
-impl<B: Backend, C: CheckpointStrategy> DropoutKernels for Autodiff<B, C> {
+impl<B: MaskBits, C: CheckpointStrategy> DropoutKernels for Autodiff<B, C> {
     fn masked(x: FloatTensor<Self>, mask: FloatTensor<Self>, keep: f64) -> FloatTensor<Self> {
         let prep = MaskedBackward
             .prepare::<C>([x.node()])

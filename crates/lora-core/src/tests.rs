@@ -531,3 +531,31 @@ fn flex_mm_takes_strided_views() {
         );
     }
 }
+
+/// Flex's host `MaskBits` against Burn's int ops: the same words, and the same mask back, on a
+/// contiguous mask and a strided view of one.
+#[test]
+fn flex_mask_bits_match_burn_ops() {
+    use burn::backend::ops::FloatTensorOps;
+    use burn::backend::{Flex, TensorMetadata};
+    use burn::tensor::{FloatDType, Shape};
+    use dropout::MaskBits;
+    let d = dev();
+    let shape = [3, 2, 1 << 15];
+    let mask = Tensor::<3>::random(shape, Distribution::Bernoulli(0.9), &d).mul_scalar(1.0 / 0.9);
+    let mask = Flex::float_from_data(mask.into_data(), &Default::default());
+    for m in [mask.clone(), Flex::float_swap_dims(mask, 0, 1)] {
+        let ours = Flex::pack_bits(m.clone());
+        let burn = dropout::burn_pack::<Flex>(m.clone());
+        assert_eq!(ours.shape(), burn.shape());
+        let words = ours.clone().into_data().convert::<i32>();
+        assert_eq!(words, burn.into_data().convert::<i32>());
+        let kept = words.iter::<i32>().map(|w| w.count_ones()).sum::<u32>() as f64;
+        assert!((kept / (3 << 16) as f64 - 0.9).abs() < 0.01, "kept {kept}");
+        let (s, v) = (Shape::from(m.shape()), 1.0 / 0.9);
+        let back = Flex::unpack_bits(ours.clone(), s.clone(), v, FloatDType::F32).into_data();
+        let burn = dropout::burn_unpack::<Flex>(ours, s, v, FloatDType::F32).into_data();
+        assert_eq!(back, burn);
+        assert_eq!(back, m.into_data());
+    }
+}

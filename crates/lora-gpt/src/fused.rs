@@ -27,7 +27,7 @@ use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Slice, TensorData};
 use burn::tensor::{Int, Tensor};
 
 use crate::host::{GELU_A, gelu_c};
-use lora_core::dropout::KeptMask;
+use lora_core::dropout::{KeptMask, MaskBits};
 use lora_core::matmul::Matmul;
 
 /// The dropout mask of [`GptKernels::causal_attention`].
@@ -89,7 +89,7 @@ pub trait GptKernels: Backend {
 
 /// The element-wise kernels of the fused ops: Burn's ops, or (Flex, f32) the kernels of
 /// [`crate::host`], equal to them bit for bit; and how the head + loss op runs its products.
-pub trait Pointwise: Matmul {
+pub trait Pointwise: Matmul + MaskBits {
     /// Whether [`GptKernels::linear_cross_entropy`] computes its input gradient `d·wᵀ` as a sum
     /// over vocabulary slices ([`d_wt_split`]): on GPUs, not on the CPU (there it would only change
     /// the rounding).
@@ -109,6 +109,26 @@ pub trait Pointwise: Matmul {
         Self::float_exp(x)
     }
 
+    /// `softmax(scores·scale + bias)` over the last dim: scores `[b, h, t, t]`, bias `[1, 1, t, t]`.
+    fn fused_softmax(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        softmax_composed::<Self>(scores, bias, scale)
+    }
+
+    /// Softmax's backward pass over the last dim, times the scores' scale:
+    /// `(p·(dp − Σ dp·p))·scale`, p and dp `[b, h, t, t]`.
+    fn fused_softmax_grad(
+        p: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let rows = Self::float_sum_dim(Self::float_mul(dp.clone(), p.clone()), 3);
+        Self::float_mul_scalar(Self::float_mul(p, Self::float_sub(dp, rows)), scale.into())
+    }
+
     /// [`GptKernels::gelu_tanh`]'s forward values.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         gelu_composed::<Self>(x)
@@ -118,6 +138,19 @@ pub trait Pointwise: Matmul {
     fn fused_gelu_grad(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
         gelu_grad_composed::<Self>(x, g)
     }
+}
+
+fn softmax_composed<B: Pointwise>(
+    scores: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    // Softmax as Burn's autodiff composes it (max, exp, sum, divide).
+    let scores = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
+    let max = B::float_max_dim(scores.clone(), 3);
+    let exp = B::fused_exp(B::float_sub(scores, max));
+    let sum = B::float_sum_dim(exp.clone(), 3);
+    B::float_div(exp, sum)
 }
 
 fn gelu_composed<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
@@ -157,6 +190,62 @@ impl Pointwise for Flex {
         let (a, b) = x.layout().contiguous_offsets().expect("contiguous");
         crate::host::exp(&mut x.storage_mut::<f32>()[a..b]);
         x
+    }
+
+    fn fused_softmax(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let s = scores.shape();
+        let r = s.num_dims();
+        let rows = (r >= 2).then(|| s[r - 2]);
+        let broadcast = bias.shape().iter().rev().skip(2).all(|&d| d == 1);
+        if scores.dtype() != DType::F32
+            || bias.dtype() != DType::F32
+            || bias.shape().num_dims() != r
+            || !broadcast
+            || Some(bias.shape()[r - 2]) != rows
+            || bias.shape()[r - 1] != s[r - 1]
+        {
+            return softmax_composed::<Self>(scores, bias, scale);
+        }
+        let bias = flex_contiguous(bias);
+        let mut x = flex_contiguous(scores);
+        let (a, b) = x.layout().contiguous_offsets().expect("contiguous");
+        let t = s[r - 1];
+        crate::host::softmax_rows(
+            &mut x.storage_mut::<f32>()[a..b],
+            flex_f32(&bias),
+            t,
+            scale as f32,
+        );
+        x
+    }
+
+    fn fused_softmax_grad(
+        p: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        if p.dtype() != DType::F32 || dp.dtype() != DType::F32 || p.shape() != dp.shape() {
+            let rows = Self::float_sum_dim(Self::float_mul(dp.clone(), p.clone()), 3);
+            return Self::float_mul_scalar(
+                Self::float_mul(p, Self::float_sub(dp, rows)),
+                scale.into(),
+            );
+        }
+        let t = p.shape()[p.shape().num_dims() - 1];
+        let p = flex_contiguous(p);
+        let mut dp = flex_contiguous(dp);
+        let (a, b) = dp.layout().contiguous_offsets().expect("contiguous");
+        crate::host::softmax_grad_rows(
+            flex_f32(&p),
+            &mut dp.storage_mut::<f32>()[a..b],
+            t,
+            scale as f32,
+        );
+        dp
     }
 
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -212,14 +301,7 @@ fn probs<B: Pointwise>(
     bias: FloatTensor<B>,
     scale: f64,
 ) -> FloatTensor<B> {
-    let scores = B::float_mul_scalar(B::mm(q, B::float_swap_dims(k, 2, 3)), scale.into());
-    // Softmax as Burn's autodiff composes it (max, exp, sum, divide): the values of the unfused
-    // training path, bit for bit.
-    let scores = B::float_add(scores, bias);
-    let max = B::float_max_dim(scores.clone(), 3);
-    let exp = B::fused_exp(B::float_sub(scores, max));
-    let sum = B::float_sum_dim(exp.clone(), 3);
-    B::float_div(exp, sum)
+    B::fused_softmax(B::mm(q, B::float_swap_dims(k, 2, 3)), bias, scale)
 }
 
 /// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
@@ -457,22 +539,20 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         let Some(node) = node else { return };
         let (qkv, bias, keep, n_head, scale) = ops.state;
         let [q, k, v] = split_heads::<B>(qkv, n_head);
-        let keep = keep.map(KeptMask::unpack);
         // Recompute the probabilities; the dropped ones are `p·keep`.
         let p = probs::<B>(q.clone(), k.clone(), bias, scale);
         let pd = match &keep {
-            Some(m) => B::float_mul(p.clone(), m.clone()),
+            Some(m) => m.mul(p.clone()),
             None => p.clone(),
         };
         let dv = B::mm(B::float_swap_dims(pd, 2, 3), dy.clone());
         let dp = B::mm(dy, B::float_swap_dims(v, 2, 3));
-        let dp = match keep {
-            Some(m) => B::float_mul(dp, m),
+        let dp = match &keep {
+            Some(m) => m.mul(dp),
             None => dp,
         };
         // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
-        let rows = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
-        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, rows)), scale.into());
+        let ds = B::fused_softmax_grad(p, dp, scale);
         let dq = B::mm(ds.clone(), k);
         let dk = B::mm(B::float_swap_dims(ds, 2, 3), q);
         grads.register::<B>(node.id, merge_heads::<B>(dq, dk, dv));

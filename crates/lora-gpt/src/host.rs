@@ -65,6 +65,104 @@ pub(crate) fn exp(x: &mut [f32]) {
     });
 }
 
+/// `x ← exp(x)` on this thread.
+fn exp_serial(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::enabled() {
+        // SAFETY: `enabled` checked AVX2 and FMA.
+        return unsafe { simd::exp(x) };
+    }
+    x.iter_mut().for_each(|v| *v = v.exp());
+}
+
+/// Lanes of the row reductions (sixteen partial maxima or sums: one AVX-512 register).
+const LANES: usize = 16;
+
+/// The largest of `x` (NaN where x has one).
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in chunks.by_ref() {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a || v.is_nan() { v } else { *a };
+        }
+    }
+    let tail = chunks.remainder().iter().copied();
+    acc.into_iter().chain(tail).fold(
+        f32::NEG_INFINITY,
+        |m, v| {
+            if v > m || v.is_nan() { v } else { m }
+        },
+    )
+}
+
+/// `Σ x`, sixteen partial sums.
+fn row_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in chunks.by_ref() {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `Σ x·y`, sixteen partial sums.
+fn row_dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut xc, mut yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    for (a, b) in xc.by_ref().zip(yc.by_ref()) {
+        for ((s, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+            *s += a * b;
+        }
+    }
+    let tail = xc.remainder().iter().zip(yc.remainder());
+    acc.iter().sum::<f32>() + tail.map(|(a, b)| a * b).sum::<f32>()
+}
+
+/// Rows of `t` elements per parallel task: about [`CHUNK`] elements.
+fn rows_per_task(t: usize) -> usize {
+    (CHUNK / t.max(1)).max(1)
+}
+
+/// Each row `x [.., t]` ← `softmax(x·scale + bias)`, row r taking bias row `r % (bias.len() / t)`
+/// (attention scores `[b, h, t, t]` with a `[t, t]` bias): the composed ops (scale, add, max,
+/// subtract, exp, sum, divide) in one pass over the row, sums in sixteen lanes.
+pub(crate) fn softmax_rows(x: &mut [f32], bias: &[f32], t: usize, scale: f32) {
+    let (per_task, bias_rows) = (rows_per_task(t), bias.len() / t);
+    x.par_chunks_mut(per_task * t)
+        .enumerate()
+        .for_each(|(task, x)| {
+            for (i, row) in x.chunks_exact_mut(t).enumerate() {
+                let r = (task * per_task + i) % bias_rows;
+                for (v, &b) in row.iter_mut().zip(&bias[r * t..(r + 1) * t]) {
+                    *v = *v * scale + b;
+                }
+                let m = row_max(row);
+                row.iter_mut().for_each(|v| *v -= m);
+                exp_serial(row);
+                let sum = row_sum(row);
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+        });
+}
+
+/// Softmax's backward pass row by row, in place: `dp ← (p·(dp − Σ dp·p))·scale` (rows of `t`).
+pub(crate) fn softmax_grad_rows(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+    let per_task = rows_per_task(t);
+    dp.par_chunks_mut(per_task * t)
+        .zip(p.par_chunks(per_task * t))
+        .for_each(|(dp, p)| {
+            for (dp, p) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                let d = row_dot(dp, p);
+                for (g, &p) in dp.iter_mut().zip(p) {
+                    *g = (p * (*g - d)) * scale;
+                }
+            }
+        });
+}
+
 /// `out = x · sigmoid(c·(x + 0.044715·x³))`, `c = 2·√(2/π)`.
 pub(crate) fn gelu(x: &[f32], out: &mut [f32]) {
     let c = gelu_c() as f32;

@@ -76,13 +76,9 @@ fn attention_case(device: &Device, dropout: bool, [b, h, t]: [usize; 3], tol: f3
     let (y0, g0) = run(false);
     let (y1, g1) = run(true);
     let what = format!("{device:?}, dropout {dropout}");
-    // The CPU backends run the same ops as the composed forward: identical values.
+    // Flex's softmax sums each row in sixteen lanes, the composed one in Flex's order.
     let diff = max_diff(y0, y1);
-    let exact = device.identity().is_none();
-    assert!(
-        if exact { diff == 0.0 } else { diff < tol },
-        "output {diff}, {what}"
-    );
+    assert!(diff < tol, "output {diff}, {what}");
     let scale = g0.clone().abs().max().into_scalar::<f32>();
     let diff = max_diff(g0, g1);
     assert!(diff <= tol * scale.max(1.0), "grad qkv: {diff}, {what}");
