@@ -166,6 +166,15 @@ impl<B: MaskBits> KeptMask<B> {
         }
     }
 
+    /// The mask in the form [`KeptMask::mul`] applies fastest more than once: as it is where the
+    /// backend multiplies by the bits directly ([`MaskBits::MUL_PACKED`]), else unpacked once.
+    pub fn for_mul(self) -> Self {
+        match B::MUL_PACKED {
+            true => self,
+            false => KeptMask::Dense(self.unpack()),
+        }
+    }
+
     /// The `{0, value}` mask again, bit for bit the one packed.
     pub fn unpack(self) -> FloatTensor<B> {
         match self {
@@ -184,6 +193,9 @@ impl<B: MaskBits> KeptMask<B> {
 /// word w element `16·w + i`); Burn's int ops, or host loops on flex (Burn's ops there were ~6 %
 /// of a GPT-2 training step).
 pub trait MaskBits: Backend {
+    /// Whether [`MaskBits::mul_bits`] multiplies by the bits without rebuilding the mask.
+    const MUL_PACKED: bool = false;
+
     /// `mask [n]` (`n` a multiple of 16, any shape) -> `[n / 16, 1]` words of its ≠ 0 bits.
     fn pack_bits(mask: FloatTensor<Self>) -> IntTensor<Self> {
         burn_pack::<Self>(mask)
@@ -239,6 +251,8 @@ impl MaskBits for NdArray {}
 const WORDS_PER_TASK: usize = 1 << 16;
 
 impl MaskBits for Flex {
+    const MUL_PACKED: bool = true;
+
     fn pack_bits(mask: FloatTensor<Self>) -> IntTensor<Self> {
         if mask.dtype() != DType::F32 {
             return burn_pack::<Self>(mask);
@@ -252,14 +266,7 @@ impl MaskBits for Flex {
         words
             .par_chunks_mut(WORDS_PER_TASK)
             .zip(m.par_chunks(WORDS_PER_TASK * MASK_BITS))
-            .for_each(|(words, m)| {
-                for (w, m) in words.iter_mut().zip(m.chunks_exact(MASK_BITS)) {
-                    *w = m
-                        .iter()
-                        .enumerate()
-                        .fold(0, |w, (i, &v)| w | (((v != 0.0) as i32) << i));
-                }
-            });
+            .for_each(|(words, m)| bits::pack(words, m));
         let n = words.len();
         Self::int_from_data(TensorData::new(words, [n, 1]), &Default::default())
     }
@@ -278,13 +285,7 @@ impl MaskBits for Flex {
         let mut mask = vec![0f32; words.len() * MASK_BITS];
         mask.par_chunks_mut(WORDS_PER_TASK * MASK_BITS)
             .zip(words.par_chunks(WORDS_PER_TASK))
-            .for_each(|(m, words)| {
-                for (m, &w) in m.chunks_exact_mut(MASK_BITS).zip(words) {
-                    for (i, v) in m.iter_mut().enumerate() {
-                        *v = if (w >> i) & 1 != 0 { value } else { 0.0 };
-                    }
-                }
-            });
+            .for_each(|(m, words)| bits::unpack(m, words, value));
         Self::float_from_data(TensorData::new(mask, shape), &Default::default())
     }
 
@@ -309,17 +310,7 @@ impl MaskBits for Flex {
             .par_chunks_mut(WORDS_PER_TASK * MASK_BITS)
             .zip(x.par_chunks(WORDS_PER_TASK * MASK_BITS))
             .zip(words.par_chunks(WORDS_PER_TASK))
-            .for_each(|((out, x), words)| {
-                let blocks = out
-                    .chunks_exact_mut(MASK_BITS)
-                    .zip(x.chunks_exact(MASK_BITS));
-                for ((out, x), &w) in blocks.zip(words) {
-                    for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-                        // x · m as `x * mask` rounds it: x · value, or x · 0 (±0, NaN for ±inf).
-                        o.write(x * if (w >> i) & 1 != 0 { value } else { 0.0 });
-                    }
-                }
-            });
+            .for_each(|((out, x), words)| bits::mul(out, x, words, value));
         // SAFETY: every element was written above (`x.len()` is 16 · `words.len()`).
         unsafe { out.set_len(x.len()) };
         Self::float_from_data(TensorData::new(out, shape), &Default::default())
@@ -384,4 +375,167 @@ pub fn masked<const D: usize>(x: Tensor<D>, mask: Tensor<D>, keep: f64) -> Tenso
         mask.into_dispatch(),
         keep,
     ))
+}
+
+/// Flex's mask loops over blocks of 16 elements a word: AVX-512 where the CPU has it (a word is
+/// one mask register), else scalar; the same values either way.
+mod bits {
+    use super::MASK_BITS;
+    use std::mem::MaybeUninit;
+
+    #[cfg(target_arch = "x86_64")]
+    fn avx512() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+    }
+
+    /// `words[w]` ← bit i set where `m[16·w + i] ≠ 0`.
+    pub(super) fn pack(words: &mut [i32], m: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { v4::pack(words, m) };
+        }
+        pack_scalar(words, m)
+    }
+
+    fn pack_scalar(words: &mut [i32], m: &[f32]) {
+        for (w, m) in words.iter_mut().zip(m.chunks_exact(MASK_BITS)) {
+            *w = m
+                .iter()
+                .enumerate()
+                .fold(0, |w, (i, &v)| w | (((v != 0.0) as i32) << i));
+        }
+    }
+
+    /// `m[16·w + i]` ← value where bit i of `words[w]` is set, else 0.
+    pub(super) fn unpack(m: &mut [f32], words: &[i32], value: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { v4::unpack(m, words, value) };
+        }
+        unpack_scalar(m, words, value)
+    }
+
+    fn unpack_scalar(m: &mut [f32], words: &[i32], value: f32) {
+        for (m, &w) in m.chunks_exact_mut(MASK_BITS).zip(words) {
+            for (i, v) in m.iter_mut().enumerate() {
+                *v = if (w >> i) & 1 != 0 { value } else { 0.0 };
+            }
+        }
+    }
+
+    /// `out` ← `x · mask` as `x * mask` rounds it: `x · value`, or `x · 0` (±0; NaN for ±inf).
+    pub(super) fn mul(out: &mut [MaybeUninit<f32>], x: &[f32], words: &[i32], value: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { v4::mul(out, x, words, value) };
+        }
+        mul_scalar(out, x, words, value)
+    }
+
+    fn mul_scalar(out: &mut [MaybeUninit<f32>], x: &[f32], words: &[i32], value: f32) {
+        let blocks = out
+            .chunks_exact_mut(MASK_BITS)
+            .zip(x.chunks_exact(MASK_BITS));
+        for ((out, x), &w) in blocks.zip(words) {
+            for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+                o.write(x * if (w >> i) & 1 != 0 { value } else { 0.0 });
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod v4 {
+        use super::MASK_BITS;
+        use std::arch::x86_64::*;
+        use std::mem::MaybeUninit;
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn pack(words: &mut [i32], m: &[f32]) {
+            let zero = _mm512_setzero_ps();
+            for (w, m) in words.iter_mut().zip(m.chunks_exact(MASK_BITS)) {
+                // SAFETY: `m` holds 16 f32.
+                let v = unsafe { _mm512_loadu_ps(m.as_ptr()) };
+                // Unordered ≠: NaN counts as kept, as `v != 0.0` does.
+                *w = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(v, zero) as i32;
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn unpack(m: &mut [f32], words: &[i32], value: f32) {
+            let value = _mm512_set1_ps(value);
+            for (m, &w) in m.chunks_exact_mut(MASK_BITS).zip(words) {
+                // SAFETY: `m` holds 16 f32.
+                unsafe { _mm512_storeu_ps(m.as_mut_ptr(), _mm512_maskz_mov_ps(w as u16, value)) };
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn mul(out: &mut [MaybeUninit<f32>], x: &[f32], words: &[i32], value: f32) {
+            let (value, zero) = (_mm512_set1_ps(value), _mm512_setzero_ps());
+            let blocks = out
+                .chunks_exact_mut(MASK_BITS)
+                .zip(x.chunks_exact(MASK_BITS));
+            for ((out, x), &w) in blocks.zip(words) {
+                // SAFETY: `x` and `out` hold 16 f32.
+                unsafe {
+                    let x = _mm512_loadu_ps(x.as_ptr());
+                    let (kept, dropped) = (_mm512_mul_ps(x, value), _mm512_mul_ps(x, zero));
+                    let v = _mm512_mask_blend_ps(w as u16, dropped, kept);
+                    _mm512_storeu_ps(out.as_mut_ptr() as *mut f32, v);
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 loops against the scalar ones, bit for bit, on ±0, ±inf, NaN and random values.
+    #[cfg(all(test, target_arch = "x86_64"))]
+    #[test]
+    fn avx512_is_the_scalar_form() {
+        use rand::{Rng, SeedableRng};
+        if !avx512() {
+            return;
+        }
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let special = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1.5,
+            -2.0,
+        ];
+        let x: Vec<f32> = (0..4096)
+            .map(|i| match i % 3 {
+                0 => special[rng.random_range(0..special.len())],
+                1 => 0.0,
+                _ => rng.random_range(-3.0..3.0),
+            })
+            .collect();
+        let n = x.len() / MASK_BITS;
+        let (mut a, mut b) = (vec![0; n], vec![0; n]);
+        pack_scalar(&mut a, &x);
+        // SAFETY (here and below): the CPU has AVX-512F.
+        unsafe { v4::pack(&mut b, &x) };
+        assert_eq!(a, b);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let (mut ma, mut mb) = (vec![1.0; x.len()], vec![1.0; x.len()]);
+        unpack_scalar(&mut ma, &a, 1.25);
+        unsafe { v4::unpack(&mut mb, &a, 1.25) };
+        assert_eq!(bits(&ma), bits(&mb));
+        let mut oa = vec![MaybeUninit::new(7.0f32); x.len()];
+        let mut ob = oa.clone();
+        mul_scalar(&mut oa, &x, &a, 1.25);
+        unsafe { v4::mul(&mut ob, &x, &a, 1.25) };
+        // SAFETY: initialised above.
+        let read = |o: &[MaybeUninit<f32>]| {
+            o.iter()
+                .map(|v| unsafe { v.assume_init() })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&read(&oa)), bits(&read(&ob)));
+    }
 }

@@ -539,6 +539,7 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         let Some(node) = node else { return };
         let (qkv, bias, keep, n_head, scale) = ops.state;
         let [q, k, v] = split_heads::<B>(qkv, n_head);
+        let keep = keep.map(KeptMask::for_mul);
         // Recompute the probabilities; the dropped ones are `p·keep`.
         let p = probs::<B>(q.clone(), k.clone(), bias, scale);
         let pd = match &keep {
