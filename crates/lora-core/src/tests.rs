@@ -538,7 +538,7 @@ fn flex_mm_takes_strided_views() {
 fn flex_mask_bits_match_burn_ops() {
     use burn::backend::ops::FloatTensorOps;
     use burn::backend::{Flex, TensorMetadata};
-    use burn::tensor::{FloatDType, Shape};
+    use burn::tensor::FloatDType;
     use dropout::MaskBits;
     let d = dev();
     let shape = [3, 2, 1 << 15];
@@ -552,7 +552,7 @@ fn flex_mask_bits_match_burn_ops() {
         assert_eq!(words, burn.into_data().convert::<i32>());
         let kept = words.iter::<i32>().map(|w| w.count_ones()).sum::<u32>() as f64;
         assert!((kept / (3 << 16) as f64 - 0.9).abs() < 0.01, "kept {kept}");
-        let (s, v) = (Shape::from(m.shape()), 1.0 / 0.9);
+        let (s, v) = (m.shape(), 1.0 / 0.9);
         let back = Flex::unpack_bits(ours.clone(), s.clone(), v, FloatDType::F32).into_data();
         let burn = dropout::burn_unpack::<Flex>(ours, s, v, FloatDType::F32).into_data();
         assert_eq!(back, burn);
