@@ -68,6 +68,11 @@ pub(crate) fn exp(x: &mut [f32]) {
 /// `x ← exp(x)` on this thread.
 fn exp_serial(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if simd::v4_enabled() {
+        // SAFETY: `v4_enabled` checked AVX-512 F and DQ (and `enabled` AVX2 and FMA).
+        return unsafe { simd::exp_v4(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if simd::enabled() {
         // SAFETY: `enabled` checked AVX2 and FMA.
         return unsafe { simd::exp(x) };
@@ -79,6 +84,7 @@ fn exp_serial(x: &mut [f32]) {
 const LANES: usize = 16;
 
 /// The largest of `x` (NaN where x has one).
+#[inline(always)]
 fn row_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -97,6 +103,7 @@ fn row_max(x: &[f32]) -> f32 {
 }
 
 /// `Σ x`, sixteen partial sums.
+#[inline(always)]
 fn row_sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -109,6 +116,7 @@ fn row_sum(x: &[f32]) -> f32 {
 }
 
 /// `Σ x·y`, sixteen partial sums.
+#[inline(always)]
 fn row_dot(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (mut xc, mut yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
@@ -130,22 +138,45 @@ fn rows_per_task(t: usize) -> usize {
 /// (attention scores `[b, h, t, t]` with a `[t, t]` bias): the composed ops (scale, add, max,
 /// subtract, exp, sum, divide) in one pass over the row, sums in sixteen lanes.
 pub(crate) fn softmax_rows(x: &mut [f32], bias: &[f32], t: usize, scale: f32) {
-    let (per_task, bias_rows) = (rows_per_task(t), bias.len() / t);
+    let per_task = rows_per_task(t);
     x.par_chunks_mut(per_task * t)
         .enumerate()
         .for_each(|(task, x)| {
-            for (i, row) in x.chunks_exact_mut(t).enumerate() {
-                let r = (task * per_task + i) % bias_rows;
-                for (v, &b) in row.iter_mut().zip(&bias[r * t..(r + 1) * t]) {
-                    *v = *v * scale + b;
-                }
-                let m = row_max(row);
-                row.iter_mut().for_each(|v| *v -= m);
-                exp_serial(row);
-                let sum = row_sum(row);
-                row.iter_mut().for_each(|v| *v /= sum);
+            let first = task * per_task;
+            #[cfg(target_arch = "x86_64")]
+            if simd::v4_enabled() {
+                // SAFETY: the CPU has AVX-512 F and DQ.
+                return unsafe { softmax_task_v4(x, bias, first, t, scale) };
             }
+            softmax_task(x, bias, first, t, scale)
         });
+}
+
+/// [`softmax_rows`] on the rows of one task, `first` the index of its first row: scale, bias and
+/// max row by row, one `exp` over the task, then the sums and divisions.
+#[inline(always)]
+fn softmax_task(x: &mut [f32], bias: &[f32], first: usize, t: usize, scale: f32) {
+    let bias_rows = bias.len() / t;
+    for (i, row) in x.chunks_exact_mut(t).enumerate() {
+        let r = (first + i) % bias_rows;
+        for (v, &b) in row.iter_mut().zip(&bias[r * t..(r + 1) * t]) {
+            *v = *v * scale + b;
+        }
+        let m = row_max(row);
+        row.iter_mut().for_each(|v| *v -= m);
+    }
+    exp_serial(x);
+    for row in x.chunks_exact_mut(t) {
+        let sum = row_sum(row);
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+}
+
+/// [`softmax_task`] compiled for AVX-512 (sixteen lanes a row step).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn softmax_task_v4(x: &mut [f32], bias: &[f32], first: usize, t: usize, scale: f32) {
+    softmax_task(x, bias, first, t, scale)
 }
 
 /// Softmax's backward pass row by row, in place: `dp ← (p·(dp − Σ dp·p))·scale` (rows of `t`).
@@ -154,13 +185,30 @@ pub(crate) fn softmax_grad_rows(p: &[f32], dp: &mut [f32], t: usize, scale: f32)
     dp.par_chunks_mut(per_task * t)
         .zip(p.par_chunks(per_task * t))
         .for_each(|(dp, p)| {
-            for (dp, p) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                let d = row_dot(dp, p);
-                for (g, &p) in dp.iter_mut().zip(p) {
-                    *g = (p * (*g - d)) * scale;
-                }
+            #[cfg(target_arch = "x86_64")]
+            if simd::v4_enabled() {
+                // SAFETY: the CPU has AVX-512 F and DQ.
+                return unsafe { softmax_grad_task_v4(p, dp, t, scale) };
             }
+            softmax_grad_task(p, dp, t, scale)
         });
+}
+
+#[inline(always)]
+fn softmax_grad_task(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+    for (dp, p) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+        let d = row_dot(dp, p);
+        for (g, &p) in dp.iter_mut().zip(p) {
+            *g = (p * (*g - d)) * scale;
+        }
+    }
+}
+
+/// [`softmax_grad_task`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn softmax_grad_task_v4(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+    softmax_grad_task(p, dp, t, scale)
 }
 
 /// `out = x · sigmoid(c·(x + 0.044715·x³))`, `c = 2·√(2/π)`.
@@ -369,6 +417,17 @@ mod simd {
         sigmoid8(_mm256_mul_ps(u2, c))
     }
 
+    /// AVX2 and FMA ([`enabled`]) and AVX-512 F and DQ.
+    pub(super) fn v4_enabled() -> bool {
+        enabled() && v4::enabled()
+    }
+
+    /// [`exp`] sixteen lanes at a time (the same values).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512dq")]
+    pub(super) fn exp_v4(x: &mut [f32]) {
+        v4::exp(x)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn exp(x: &mut [f32]) {
         let mut it = x.chunks_exact_mut(8);
@@ -520,6 +579,16 @@ mod simd {
         }
 
         #[target_feature(enable = "avx512f,avx512dq")]
+        pub(super) fn exp(x: &mut [f32]) {
+            let mut it = x.chunks_exact_mut(16);
+            for v in &mut it {
+                // SAFETY: sixteen f32 in and out.
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr(), exp16(_mm512_loadu_ps(v.as_ptr()))) };
+            }
+            it.into_remainder().iter_mut().for_each(|v| *v = v.exp());
+        }
+
+        #[target_feature(enable = "avx512f,avx512dq")]
         pub(super) fn gelu(x: &[f32], out: &mut [f32], c: f32) {
             let cv = _mm512_set1_ps(c);
             let n = x.len() / 16 * 16;
@@ -593,7 +662,12 @@ mod tests {
         let x = sweep();
         let mut y = x.clone();
         exp(&mut y);
-        same(&y, &x.iter().map(|v| v.exp()).collect::<Vec<_>>());
+        let libm = x.iter().map(|v| v.exp()).collect::<Vec<_>>();
+        same(&y, &libm);
+        // The row kernels' exp (sixteen lanes with AVX-512).
+        let mut y = x.clone();
+        exp_serial(&mut y);
+        same(&y, &libm);
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             assert!(
@@ -611,9 +685,13 @@ mod tests {
             let x: Vec<f32> = (0..1 << 20)
                 .map(|i| f32::from_bits(block << 20 | i))
                 .collect();
+            let libm = x.iter().map(|v| v.exp()).collect::<Vec<_>>();
             let mut y = x.clone();
             exp(&mut y);
-            same(&y, &x.iter().map(|v| v.exp()).collect::<Vec<_>>());
+            same(&y, &libm);
+            let mut y = x.clone();
+            exp_serial(&mut y);
+            same(&y, &libm);
         });
     }
 
