@@ -213,9 +213,14 @@ pub trait MaskBits: Backend {
 
     /// `x · mask`: the mask of [`MaskBits::pack_bits`]'s words `bits`, `{0, value}`, x's shape.
     fn mul_bits(x: FloatTensor<Self>, bits: IntTensor<Self>, value: f64) -> FloatTensor<Self> {
-        let mask = burn_unpack::<Self>(bits, x.shape(), value, x.dtype().into());
-        Self::float_mul(x, mask)
+        burn_mul_bits::<Self>(x, bits, value)
     }
+}
+
+/// [`MaskBits::mul_bits`] in Burn's ops: the mask unpacked, then multiplied.
+fn burn_mul_bits<B: Backend>(x: FloatTensor<B>, bits: IntTensor<B>, value: f64) -> FloatTensor<B> {
+    let mask = burn_unpack::<B>(bits, x.shape(), value, x.dtype().into());
+    B::float_mul(x, mask)
 }
 
 /// [`MaskBits::pack_bits`] in Burn's int ops.
@@ -292,8 +297,7 @@ impl MaskBits for Flex {
     fn mul_bits(x: FloatTensor<Self>, bits: IntTensor<Self>, value: f64) -> FloatTensor<Self> {
         let fits = x.shape().num_elements() == bits.shape().num_elements() * MASK_BITS;
         if x.dtype() != DType::F32 || bits.dtype() != DType::I32 || !bits.is_contiguous() || !fits {
-            let mask = burn_unpack::<Self>(bits, x.shape(), value, x.dtype().into());
-            return Self::float_mul(x, mask);
+            return burn_mul_bits::<Self>(x, bits, value);
         }
         let shape = x.shape();
         let x = match x.is_contiguous() {
