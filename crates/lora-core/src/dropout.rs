@@ -117,7 +117,7 @@ pub fn set_packed_masks(packed: bool) {
 }
 
 /// Masks smaller than this are kept as they are: packing them would save little memory for the
-/// time of its ~8 small ops (the sort demo's are 23,232 scores).
+/// time of its ops (the sort demo pre-trains on 23,232 scores).
 const PACK_MIN: usize = 1 << 16;
 
 /// A dropout mask as a backward pass keeps it: one bit per element, 16 to an `i32` (`[n / 16, 1]`,
