@@ -255,8 +255,10 @@ impl Pointwise for Flex {
         let shape = x.shape();
         let x = flex_contiguous(x);
         let x = flex_f32(&x);
-        let mut out = vec![0.0; x.len()];
-        crate::host::gelu(x, &mut out);
+        let mut out = Vec::with_capacity(x.len());
+        crate::host::gelu(x, &mut out.spare_capacity_mut()[..x.len()]);
+        // SAFETY: `gelu` wrote every element.
+        unsafe { out.set_len(x.len()) };
         Self::float_from_data(TensorData::new(out, shape), &Default::default())
     }
 
@@ -267,8 +269,10 @@ impl Pointwise for Flex {
         let shape = x.shape();
         let (x, g) = (flex_contiguous(x), flex_contiguous(g));
         let (x, g) = (flex_f32(&x), flex_f32(&g));
-        let mut out = vec![0.0; x.len()];
-        crate::host::gelu_grad(x, g, &mut out);
+        let mut out = Vec::with_capacity(x.len());
+        crate::host::gelu_grad(x, g, &mut out.spare_capacity_mut()[..x.len()]);
+        // SAFETY: `gelu_grad` wrote every element.
+        unsafe { out.set_len(x.len()) };
         Self::float_from_data(TensorData::new(out, shape), &Default::default())
     }
 }

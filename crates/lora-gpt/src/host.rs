@@ -11,6 +11,7 @@
 //! scalar libm form instead.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// `0.044715`, the cubic's coefficient in GELU's tanh approximation.
 pub(crate) const GELU_A: f64 = 0.044715;
@@ -211,8 +212,15 @@ fn softmax_grad_task_v4(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
     softmax_grad_task(p, dp, t, scale)
 }
 
+/// `v` as the output slice of the kernels below (which write every element).
+#[cfg(any(test, target_arch = "x86_64"))]
+fn as_out(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has f32's layout, and the kernels write only initialised values.
+    unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
 /// `out = x · sigmoid(c·(x + 0.044715·x³))`, `c = 2·√(2/π)`.
-pub(crate) fn gelu(x: &[f32], out: &mut [f32]) {
+pub(crate) fn gelu(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     let c = gelu_c() as f32;
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -223,12 +231,14 @@ pub(crate) fn gelu(x: &[f32], out: &mut [f32]) {
                 // SAFETY: as in `exp`.
                 return unsafe { simd::gelu(x, out, c) };
             }
-            out.iter_mut().zip(x).for_each(|(o, &x)| *o = gelu1(x, c));
+            out.iter_mut().zip(x).for_each(|(o, &x)| {
+                o.write(gelu1(x, c));
+            });
         });
 }
 
 /// `out = g · d gelu(x) / dx`.
-pub(crate) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32]) {
+pub(crate) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     let c = gelu_c() as f32;
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
@@ -240,7 +250,7 @@ pub(crate) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32]) {
                 return unsafe { simd::gelu_grad(x, g, out, c) };
             }
             for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-                *o = gelu_grad1(x, g, c);
+                o.write(gelu_grad1(x, g, c));
             }
         });
 }
@@ -249,6 +259,7 @@ pub(crate) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32]) {
 mod simd {
     use super::{A, A3, gelu_grad1, gelu1};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
     use std::sync::OnceLock;
 
     /// glibc's `__exp2f_data`: `tab[i] = bits(2^(i/32)) − (i << 47)`.
@@ -325,13 +336,13 @@ mod simd {
         if !x.iter().zip(&y).all(|(a, b)| same(a.exp(), *b)) {
             return false;
         }
-        gelu(x, &mut y, c);
+        gelu(x, super::as_out(&mut y), c);
         if !x.iter().zip(&y).all(|(&a, b)| same(gelu1(a, c), *b)) {
             return false;
         }
         // Gradients at moderate inputs (a large g times a tiny slope is an underflow either way).
         let xs: Vec<f32> = x.iter().map(|v| v.clamp(-20.0, 20.0)).collect();
-        gelu_grad(&xs, g, &mut y, c);
+        gelu_grad(&xs, g, super::as_out(&mut y), c);
         xs.iter()
             .zip(g)
             .zip(&y)
@@ -439,7 +450,7 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn gelu(x: &[f32], out: &mut [f32], c: f32) {
+    pub(super) fn gelu(x: &[f32], out: &mut [MaybeUninit<f32>], c: f32) {
         if v4::enabled() {
             // SAFETY: `enabled` checked AVX-512 F and DQ.
             return unsafe { v4::gelu(x, out, c) };
@@ -450,16 +461,16 @@ mod simd {
             // SAFETY: eight f32 in and out.
             unsafe {
                 let x = _mm256_loadu_ps(x.as_ptr());
-                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(x, gate8(x, cv)));
+                _mm256_storeu_ps(o.as_mut_ptr() as *mut f32, _mm256_mul_ps(x, gate8(x, cv)));
             }
         }
         for (o, &x) in out[n..].iter_mut().zip(&x[n..]) {
-            *o = gelu1(x, c);
+            o.write(gelu1(x, c));
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32], c: f32) {
+    pub(super) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>], c: f32) {
         if v4::enabled() {
             // SAFETY: as in `gelu`.
             return unsafe { v4::gelu_grad(x, g, out, c) };
@@ -483,11 +494,11 @@ mod simd {
                 );
                 let ds = _mm256_sub_ps(s, _mm256_mul_ps(s, s));
                 let d = _mm256_add_ps(s, _mm256_mul_ps(_mm256_mul_ps(x, ds), slope));
-                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(g, d));
+                _mm256_storeu_ps(o.as_mut_ptr() as *mut f32, _mm256_mul_ps(g, d));
             }
         }
         for ((o, &x), &g) in out[n..].iter_mut().zip(&x[n..]).zip(&g[n..]) {
-            *o = gelu_grad1(x, g, c);
+            o.write(gelu_grad1(x, g, c));
         }
     }
 
@@ -496,6 +507,7 @@ mod simd {
     mod v4 {
         use super::{A, A3, C0, C1, C2, INV_LN2_N, SHIFT, TAB, gelu_grad1, gelu1};
         use std::arch::x86_64::*;
+        use std::mem::MaybeUninit;
         use std::sync::OnceLock;
 
         /// AVX-512 F and DQ present.
@@ -589,23 +601,23 @@ mod simd {
         }
 
         #[target_feature(enable = "avx512f,avx512dq")]
-        pub(super) fn gelu(x: &[f32], out: &mut [f32], c: f32) {
+        pub(super) fn gelu(x: &[f32], out: &mut [MaybeUninit<f32>], c: f32) {
             let cv = _mm512_set1_ps(c);
             let n = x.len() / 16 * 16;
             for (o, x) in out[..n].chunks_exact_mut(16).zip(x[..n].chunks_exact(16)) {
                 // SAFETY: sixteen f32 in and out.
                 unsafe {
                     let x = _mm512_loadu_ps(x.as_ptr());
-                    _mm512_storeu_ps(o.as_mut_ptr(), _mm512_mul_ps(x, gate16(x, cv)));
+                    _mm512_storeu_ps(o.as_mut_ptr() as *mut f32, _mm512_mul_ps(x, gate16(x, cv)));
                 }
             }
             for (o, &x) in out[n..].iter_mut().zip(&x[n..]) {
-                *o = gelu1(x, c);
+                o.write(gelu1(x, c));
             }
         }
 
         #[target_feature(enable = "avx512f,avx512dq")]
-        pub(super) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32], c: f32) {
+        pub(super) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>], c: f32) {
             let cv = _mm512_set1_ps(c);
             let one = _mm512_set1_ps(1.0);
             let n = x.len() / 16 * 16;
@@ -625,11 +637,11 @@ mod simd {
                     );
                     let ds = _mm512_sub_ps(s, _mm512_mul_ps(s, s));
                     let d = _mm512_add_ps(s, _mm512_mul_ps(_mm512_mul_ps(x, ds), slope));
-                    _mm512_storeu_ps(o.as_mut_ptr(), _mm512_mul_ps(g, d));
+                    _mm512_storeu_ps(o.as_mut_ptr() as *mut f32, _mm512_mul_ps(g, d));
                 }
             }
             for ((o, &x), &g) in out[n..].iter_mut().zip(&x[n..]).zip(&g[n..]) {
-                *o = gelu_grad1(x, g, c);
+                o.write(gelu_grad1(x, g, c));
             }
         }
     }
@@ -701,9 +713,9 @@ mod tests {
         let x: Vec<f32> = sweep().into_iter().map(|v| v.clamp(-30.0, 30.0)).collect();
         let g: Vec<f32> = x.iter().rev().copied().collect();
         let mut y = vec![0.0; x.len()];
-        gelu(&x, &mut y);
+        gelu(&x, as_out(&mut y));
         same(&y, &x.iter().map(|&v| gelu1(v, c)).collect::<Vec<_>>());
-        gelu_grad(&x, &g, &mut y);
+        gelu_grad(&x, &g, as_out(&mut y));
         let want: Vec<f32> = x
             .iter()
             .zip(&g)
