@@ -73,16 +73,16 @@ fn host_mask<const D: usize>(shape: Shape, keep: f64, device: &Device) -> Tensor
     let threshold = (keep * 4_294_967_296.0) as u64; // keep when a 32-bit draw is below
     let scale = (1.0 / keep) as f32;
     let n = shape.num_elements();
-    let mut mask = vec![0f32; n.next_multiple_of(2)];
-    for pair in mask.chunks_exact_mut(2) {
+    let even = n.next_multiple_of(2);
+    let mut mask = Vec::<f32>::with_capacity(even);
+    for pair in mask.spare_capacity_mut()[..even].chunks_exact_mut(2) {
         let r = rng.next_u64();
-        pair[0] = if r & 0xffff_ffff < threshold {
-            scale
-        } else {
-            0.0
-        };
-        pair[1] = if r >> 32 < threshold { scale } else { 0.0 };
+        let kept = |bits: u64| if bits < threshold { scale } else { 0.0 };
+        pair[0].write(kept(r & 0xffff_ffff));
+        pair[1].write(kept(r >> 32));
     }
+    // SAFETY: the loop wrote all `even` elements.
+    unsafe { mask.set_len(even) };
     mask.truncate(n);
     Tensor::from_data(TensorData::new(mask, shape), device)
 }
