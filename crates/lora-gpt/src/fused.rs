@@ -88,7 +88,8 @@ pub trait GptKernels: Backend {
 }
 
 /// The element-wise kernels of the fused ops: Burn's ops, or (Flex, f32) the kernels of
-/// [`crate::host`], equal to them bit for bit; and how the head + loss op runs its products.
+/// [`crate::host`] (`exp` and GELU equal to Burn's ops bit for bit; the softmax rows sum in
+/// sixteen lanes, within rounding of them); and how the head + loss op runs its products.
 pub trait Pointwise: Matmul + MaskBits {
     /// Whether [`GptKernels::linear_cross_entropy`] computes its input gradient `d·wᵀ` as a sum
     /// over vocabulary slices ([`d_wt_split`]): on GPUs, not on the CPU (there it would only change
@@ -125,8 +126,7 @@ pub trait Pointwise: Matmul + MaskBits {
         dp: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let rows = Self::float_sum_dim(Self::float_mul(dp.clone(), p.clone()), 3);
-        Self::float_mul_scalar(Self::float_mul(p, Self::float_sub(dp, rows)), scale.into())
+        softmax_grad_composed::<Self>(p, dp, scale)
     }
 
     /// [`GptKernels::gelu_tanh`]'s forward values.
@@ -151,6 +151,15 @@ fn softmax_composed<B: Pointwise>(
     let exp = B::fused_exp(B::float_sub(scores, max));
     let sum = B::float_sum_dim(exp.clone(), 3);
     B::float_div(exp, sum)
+}
+
+fn softmax_grad_composed<B: Backend>(
+    p: FloatTensor<B>,
+    dp: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let rows = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
+    B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, rows)), scale.into())
 }
 
 fn gelu_composed<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
@@ -197,17 +206,14 @@ impl Pointwise for Flex {
         bias: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let s = scores.shape();
+        // The host kernel takes a bias of the scores' last two dims, broadcast over the others.
+        let (s, bs) = (scores.shape(), bias.shape());
         let r = s.num_dims();
-        let rows = (r >= 2).then(|| s[r - 2]);
-        let broadcast = bias.shape().iter().rev().skip(2).all(|&d| d == 1);
-        if scores.dtype() != DType::F32
-            || bias.dtype() != DType::F32
-            || bias.shape().num_dims() != r
-            || !broadcast
-            || Some(bias.shape()[r - 2]) != rows
-            || bias.shape()[r - 1] != s[r - 1]
-        {
+        let fits = r >= 2
+            && bs.num_dims() == r
+            && bs[r - 2..] == s[r - 2..]
+            && bs[..r - 2].iter().all(|&d| d == 1);
+        if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 || !fits {
             return softmax_composed::<Self>(scores, bias, scale);
         }
         let bias = flex_contiguous(bias);
@@ -229,11 +235,7 @@ impl Pointwise for Flex {
         scale: f64,
     ) -> FloatTensor<Self> {
         if p.dtype() != DType::F32 || dp.dtype() != DType::F32 || p.shape() != dp.shape() {
-            let rows = Self::float_sum_dim(Self::float_mul(dp.clone(), p.clone()), 3);
-            return Self::float_mul_scalar(
-                Self::float_mul(p, Self::float_sub(dp, rows)),
-                scale.into(),
-            );
+            return softmax_grad_composed::<Self>(p, dp, scale);
         }
         let t = p.shape()[p.shape().num_dims() - 1];
         let p = flex_contiguous(p);
