@@ -534,8 +534,9 @@ fn finetune_variant(
         let (loss, grads) =
             crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1);
         let model = optim.step(1e-4, model, grads);
-        // Read a weight back so queued device work is done (before the clock stops).
+        // Read a weight back and wait for every queued kernel before the clock stops.
         let _ = model.ln_f.gamma.val().into_data();
+        device.sync().context("device sync")?;
         anyhow::ensure!(loss.is_finite(), "non-finite loss");
         Ok(model)
     };
@@ -991,9 +992,11 @@ fn lora_layer_variant(
         let xi = x.clone().require_grad();
         let y = forward(xi.clone());
         let grads = y.mean().backward();
-        // Read one gradient back so queued device work is done before the clock stops.
+        // Read one gradient back, then wait for every queued kernel (the read alone leaves the
+        // parameter gradients' kernels running on a GPU) before the clock stops.
         let g = xi.grad(&grads).context("input gradient")?;
         let _ = g.slice([0..1, 0..1]).into_data();
+        device.sync().context("device sync")?;
         if i >= 3 {
             ms.push(1000.0 * t0.elapsed().as_secs_f64());
         }
