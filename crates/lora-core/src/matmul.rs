@@ -26,9 +26,47 @@ pub trait Matmul: Backend {
     fn mm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
     }
+
+    /// `xᵀ · dy`: x `[rows, m]`, dy `[rows, n]` -> `[m, n]` (a weight's gradient).
+    fn mm_tn(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::mm(Self::float_transpose(x), dy)
+    }
 }
 
-impl Matmul for Cube {}
+impl Matmul for Cube {
+    /// Split over the rows where the `[m, n]` output is too small to fill a GPU (LoRA's `[d, r]` and
+    /// `[r, d]` gradients over thousands of tokens): `parts` products of `rows / parts` rows as one
+    /// batched matmul, then their sum.
+    fn mm_tn(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        let ([rows, m], n) = (x.shape().dims::<2>(), dy.shape()[1]);
+        let parts = split_k_parts(rows, m * n);
+        if parts == 1 {
+            return Self::mm(Self::float_transpose(x), dy);
+        }
+        let k = rows / parts;
+        let x = Self::float_reshape(x, Shape::new([parts, k, m]));
+        let dy = Self::float_reshape(dy, Shape::new([parts, k, n]));
+        let p = Self::mm(Self::float_swap_dims(x, 1, 2), dy);
+        Self::float_reshape(Self::float_sum_dim(p, 0), Shape::new([m, n]))
+    }
+}
+
+/// Outputs below this many elements get their reduction split on a GPU (a 64 × 64 tile each is 16
+/// tiles; an H100 has 132 SMs).
+const SPLIT_K_OUTPUT: usize = 1 << 16;
+
+/// In how many parts [`Matmul::mm_tn`] on cubecl splits `rows`: 1 where the output (`out`
+/// elements) fills the GPU or the rows are few, else up to 32 equal parts of at least 256 rows.
+fn split_k_parts(rows: usize, out: usize) -> usize {
+    if out >= SPLIT_K_OUTPUT {
+        return 1;
+    }
+    (1..=5)
+        .map(|p| 1 << p)
+        .filter(|&p| rows.is_multiple_of(p) && rows / p >= 256)
+        .max()
+        .unwrap_or(1)
+}
 impl Matmul for NdArray {}
 
 impl Matmul for Flex {
@@ -169,7 +207,7 @@ impl<B: Matmul> Backward<B, 2> for Matmul2Backward {
             grads.register::<B>(node.id, B::mm(dy.clone(), B::float_transpose(w)));
         }
         if let (Some(node), Some(x)) = (node_w, x) {
-            grads.register::<B>(node.id, B::mm(B::float_transpose(x), dy));
+            grads.register::<B>(node.id, B::mm_tn(x, dy));
         }
     }
 }
