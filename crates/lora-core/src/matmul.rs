@@ -5,7 +5,9 @@
 //! vectors to 16-byte alignment): a memset and a memcpy per product, ~11 % of a minGPT sort step.
 //! [`Matmul::mm`] runs the same `gemm` kernels with Flex's parallel rules into an uninitialised
 //! `Vec<f32>`; [`matmul`] is the 2-D product as an autodiff op whose backward products are
-//! [`Matmul::mm`]s too (Burn's matmul node would call Flex's). Other backends: Burn's matmul.
+//! [`Matmul::mm`]s too (Burn's matmul node would call Flex's). Other backends: Burn's matmul,
+//! except that on cubecl a weight gradient with a small output (LoRA's `[d, r]`, `[r, d]`) is split
+//! over its rows ([`Matmul::mm_tn`]), so that the reduction keeps the GPU busy.
 
 #![allow(deprecated)] // `NdArray`: deprecated upstream, still one of our backends.
 
