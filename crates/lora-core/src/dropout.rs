@@ -184,14 +184,14 @@ impl<B: MaskBits> KeptMask<B> {
                 shape,
                 value,
                 dtype,
-            } => B::unpack_bits(bits, shape, value, dtype),
+            } => burn_unpack::<B>(bits, shape, value, dtype),
         }
     }
 }
 
 /// A dropout mask to bits and back ([`KeptMask`]'s layout: `[n / 16, 1]` `i32` words, bit i of
-/// word w element `16·w + i`); Burn's int ops, or host loops on flex (Burn's ops there were ~6 %
-/// of a GPT-2 training step).
+/// word w element `16·w + i`); Burn's int ops, or host loops on flex that pack and multiply by the
+/// bits (Burn's ops there were ~6 % of a GPT-2 training step; flex never needs the mask rebuilt).
 pub trait MaskBits: Backend {
     /// Whether [`MaskBits::mul_bits`] multiplies by the bits without rebuilding the mask.
     const MUL_PACKED: bool = false;
@@ -199,16 +199,6 @@ pub trait MaskBits: Backend {
     /// `mask [n]` (`n` a multiple of 16, any shape) -> `[n / 16, 1]` words of its ≠ 0 bits.
     fn pack_bits(mask: FloatTensor<Self>) -> IntTensor<Self> {
         burn_pack::<Self>(mask)
-    }
-
-    /// [`MaskBits::pack_bits`]'s words -> the `shape`, `dtype` mask `{0, value}`.
-    fn unpack_bits(
-        bits: IntTensor<Self>,
-        shape: Shape,
-        value: f64,
-        dtype: FloatDType,
-    ) -> FloatTensor<Self> {
-        burn_unpack::<Self>(bits, shape, value, dtype)
     }
 
     /// `x · mask`: the mask of [`MaskBits::pack_bits`]'s words `bits`, `{0, value}`, x's shape.
@@ -234,7 +224,7 @@ pub(crate) fn burn_pack<B: Backend>(mask: FloatTensor<B>) -> IntTensor<B> {
     B::int_sum_dim(B::int_mul(ones, weights), 1)
 }
 
-/// [`MaskBits::unpack_bits`] in Burn's int ops.
+/// [`MaskBits::pack_bits`]'s words -> the `shape`, `dtype` mask `{0, value}`, in Burn's int ops.
 pub(crate) fn burn_unpack<B: Backend>(
     bits: IntTensor<B>,
     shape: Shape,
@@ -252,7 +242,15 @@ pub(crate) fn burn_unpack<B: Backend>(
 impl MaskBits for Cube {}
 impl MaskBits for NdArray {}
 
-/// Words per rayon task of flex's packing loops (1 Mi mask elements).
+/// `t` in row-major order (a copy only where it is a strided view).
+fn contiguous(t: FloatTensor<Flex>) -> FloatTensor<Flex> {
+    match t.is_contiguous() {
+        true => t,
+        false => t.to_contiguous(),
+    }
+}
+
+/// Words per rayon task of flex's mask loops (1 Mi mask elements).
 const WORDS_PER_TASK: usize = 1 << 16;
 
 impl MaskBits for Flex {
@@ -262,10 +260,7 @@ impl MaskBits for Flex {
         if mask.dtype() != DType::F32 {
             return burn_pack::<Self>(mask);
         }
-        let mask = match mask.is_contiguous() {
-            true => mask,
-            false => mask.to_contiguous(),
-        };
+        let mask = contiguous(mask);
         let m = mask.as_slice::<f32>().expect("contiguous f32");
         let mut words = vec![0i32; m.len() / MASK_BITS];
         words
@@ -276,34 +271,13 @@ impl MaskBits for Flex {
         Self::int_from_data(TensorData::new(words, [n, 1]), &Default::default())
     }
 
-    fn unpack_bits(
-        bits: IntTensor<Self>,
-        shape: Shape,
-        value: f64,
-        dtype: FloatDType,
-    ) -> FloatTensor<Self> {
-        if dtype != FloatDType::F32 || bits.dtype() != DType::I32 || !bits.is_contiguous() {
-            return burn_unpack::<Self>(bits, shape, value, dtype);
-        }
-        let words = bits.as_slice::<i32>().expect("contiguous i32");
-        let value = value as f32;
-        let mut mask = vec![0f32; words.len() * MASK_BITS];
-        mask.par_chunks_mut(WORDS_PER_TASK * MASK_BITS)
-            .zip(words.par_chunks(WORDS_PER_TASK))
-            .for_each(|(m, words)| bits::unpack(m, words, value));
-        Self::float_from_data(TensorData::new(mask, shape), &Default::default())
-    }
-
     fn mul_bits(x: FloatTensor<Self>, bits: IntTensor<Self>, value: f64) -> FloatTensor<Self> {
         let fits = x.shape().num_elements() == bits.shape().num_elements() * MASK_BITS;
         if x.dtype() != DType::F32 || bits.dtype() != DType::I32 || !bits.is_contiguous() || !fits {
             return burn_mul_bits::<Self>(x, bits, value);
         }
         let shape = x.shape();
-        let x = match x.is_contiguous() {
-            true => x,
-            false => x.to_contiguous(),
-        };
+        let x = contiguous(x);
         let (words, x) = (
             bits.as_slice::<i32>().expect("i32"),
             x.as_slice::<f32>().expect("f32"),
@@ -411,24 +385,6 @@ mod bits {
         }
     }
 
-    /// `m[16·w + i]` ← value where bit i of `words[w]` is set, else 0.
-    pub(super) fn unpack(m: &mut [f32], words: &[i32], value: f32) {
-        #[cfg(target_arch = "x86_64")]
-        if avx512() {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { v4::unpack(m, words, value) };
-        }
-        unpack_scalar(m, words, value)
-    }
-
-    fn unpack_scalar(m: &mut [f32], words: &[i32], value: f32) {
-        for (m, &w) in m.chunks_exact_mut(MASK_BITS).zip(words) {
-            for (i, v) in m.iter_mut().enumerate() {
-                *v = if (w >> i) & 1 != 0 { value } else { 0.0 };
-            }
-        }
-    }
-
     /// `out` ← `x · mask` as `x * mask` rounds it: `x · value`, or `x · 0` (±0; NaN for ±inf).
     pub(super) fn mul(out: &mut [MaybeUninit<f32>], x: &[f32], words: &[i32], value: f32) {
         #[cfg(target_arch = "x86_64")]
@@ -464,15 +420,6 @@ mod bits {
                 let v = unsafe { _mm512_loadu_ps(m.as_ptr()) };
                 // Unordered ≠: NaN counts as kept, as `v != 0.0` does.
                 *w = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(v, zero) as i32;
-            }
-        }
-
-        #[target_feature(enable = "avx512f")]
-        pub(super) fn unpack(m: &mut [f32], words: &[i32], value: f32) {
-            let value = _mm512_set1_ps(value);
-            for (m, &w) in m.chunks_exact_mut(MASK_BITS).zip(words) {
-                // SAFETY: `m` holds 16 f32.
-                unsafe { _mm512_storeu_ps(m.as_mut_ptr(), _mm512_maskz_mov_ps(w as u16, value)) };
             }
         }
 
@@ -526,10 +473,6 @@ mod bits {
         unsafe { v4::pack(&mut b, &x) };
         assert_eq!(a, b);
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let (mut ma, mut mb) = (vec![1.0; x.len()], vec![1.0; x.len()]);
-        unpack_scalar(&mut ma, &a, 1.25);
-        unsafe { v4::unpack(&mut mb, &a, 1.25) };
-        assert_eq!(bits(&ma), bits(&mb));
         let mut oa = vec![MaybeUninit::new(7.0f32); x.len()];
         let mut ob = oa.clone();
         mul_scalar(&mut oa, &x, &a, 1.25);

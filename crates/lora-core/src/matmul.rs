@@ -48,9 +48,19 @@ impl Matmul for Cube {
         let k = rows / parts;
         let x = Self::float_reshape(x, Shape::new([parts, k, m]));
         let dy = Self::float_reshape(dy, Shape::new([parts, k, n]));
-        let p = Self::mm(Self::float_swap_dims(x, 1, 2), dy);
-        Self::float_reshape(Self::float_sum_dim(p, 0), Shape::new([m, n]))
+        sum_of_products::<Self>(Self::float_swap_dims(x, 1, 2), dy, [m, n])
     }
+}
+
+/// `Σₛ lhs[s]·rhs[s]`: lhs `[parts, m, k]`, rhs `[parts, k, n]` -> `[m, n]` (`out`), the parts of a
+/// product split along its reduction run as one batched matmul, then summed.
+pub fn sum_of_products<B: Backend>(
+    lhs: FloatTensor<B>,
+    rhs: FloatTensor<B>,
+    out: [usize; 2],
+) -> FloatTensor<B> {
+    let parts = B::float_matmul(lhs, rhs);
+    B::float_reshape(B::float_sum_dim(parts, 0), Shape::new(out))
 }
 
 /// Outputs below this many elements get their reduction split on a GPU (a 64 × 64 tile each is 16

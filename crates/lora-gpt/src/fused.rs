@@ -196,8 +196,7 @@ impl Pointwise for Flex {
             return Self::float_exp(x);
         }
         let mut x = flex_contiguous(x);
-        let (a, b) = x.layout().contiguous_offsets().expect("contiguous");
-        crate::host::exp(&mut x.storage_mut::<f32>()[a..b]);
+        crate::host::exp(flex_f32_mut(&mut x));
         x
     }
 
@@ -218,12 +217,10 @@ impl Pointwise for Flex {
         }
         let bias = flex_contiguous(bias);
         let mut x = flex_contiguous(scores);
-        let (a, b) = x.layout().contiguous_offsets().expect("contiguous");
-        let t = s[r - 1];
         crate::host::softmax_rows(
-            &mut x.storage_mut::<f32>()[a..b],
+            flex_f32_mut(&mut x),
             flex_f32(&bias),
-            t,
+            s[r - 1],
             scale as f32,
         );
         x
@@ -240,13 +237,7 @@ impl Pointwise for Flex {
         let t = p.shape()[p.shape().num_dims() - 1];
         let p = flex_contiguous(p);
         let mut dp = flex_contiguous(dp);
-        let (a, b) = dp.layout().contiguous_offsets().expect("contiguous");
-        crate::host::softmax_grad_rows(
-            flex_f32(&p),
-            &mut dp.storage_mut::<f32>()[a..b],
-            t,
-            scale as f32,
-        );
+        crate::host::softmax_grad_rows(flex_f32(&p), flex_f32_mut(&mut dp), t, scale as f32);
         dp
     }
 
@@ -291,6 +282,13 @@ fn flex_contiguous(t: FloatTensor<Flex>) -> FloatTensor<Flex> {
 /// The f32 values of a contiguous Flex tensor.
 fn flex_f32(t: &FloatTensor<Flex>) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
+}
+
+/// The f32 values of a contiguous Flex tensor, to overwrite in place (its storage is copied
+/// first where another tensor shares it).
+fn flex_f32_mut(t: &mut FloatTensor<Flex>) -> &mut [f32] {
+    let (a, b) = t.layout().contiguous_offsets().expect("contiguous");
+    &mut t.storage_mut::<f32>()[a..b]
 }
 
 /// `sigmoid(2u)` of [`GptKernels::gelu_tanh`].
@@ -449,7 +447,7 @@ fn linear_ce<B: Pointwise>(
         let d = minus_onehot::<B>(B::float_div(p.exp, p.sum), tc);
         let d = B::float_cast(B::float_mul(d, wc), dt.into());
         if grad_w {
-            let g = B::mm(B::float_transpose(hc), d.clone());
+            let g = B::mm_tn(hc, d.clone());
             dw = Some(accumulate::<B>(dw, g));
         }
         if grad_h {
@@ -483,8 +481,7 @@ fn d_wt_split<B: Backend>(d: FloatTensor<B>, rhs: FloatTensor<B>, s: usize) -> F
     let [rows, v] = d.shape().dims::<2>();
     let k = rhs.shape()[2];
     let lhs = B::float_permute(B::float_reshape(d, [rows, s, v / s].into()), &[1, 0, 2]);
-    let parts = B::float_matmul(lhs, rhs);
-    B::float_reshape(B::float_sum_dim(parts, 0), [rows, k].into())
+    lora_core::matmul::sum_of_products::<B>(lhs, rhs, [rows, k])
 }
 
 macro_rules! plain_backend {

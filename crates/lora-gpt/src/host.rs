@@ -60,23 +60,11 @@ fn gelu_grad1(x: f32, g: f32, c: f32) -> f32 {
 
 /// `x ← exp(x)`.
 pub(crate) fn exp(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).with_min_len(4).for_each(|x| {
-        #[cfg(target_arch = "x86_64")]
-        if simd::enabled() {
-            // SAFETY: `enabled` checked AVX2 and FMA.
-            return unsafe { simd::exp(x) };
-        }
-        x.iter_mut().for_each(|v| *v = v.exp());
-    });
+    x.par_chunks_mut(CHUNK).with_min_len(4).for_each(exp_serial);
 }
 
 /// `x ← exp(x)` on this thread.
 fn exp_serial(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd::v4_enabled() {
-        // SAFETY: `v4_enabled` checked AVX-512 F and DQ (and `enabled` AVX2 and FMA).
-        return unsafe { simd::exp_v4(x) };
-    }
     #[cfg(target_arch = "x86_64")]
     if simd::enabled() {
         // SAFETY: `enabled` checked AVX2 and FMA.
@@ -437,14 +425,12 @@ mod simd {
         enabled() && v4::enabled()
     }
 
-    /// [`exp`] sixteen lanes at a time (the same values).
-    #[target_feature(enable = "avx2,fma,avx512f,avx512dq")]
-    pub(super) fn exp_v4(x: &mut [f32]) {
-        v4::exp(x)
-    }
-
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn exp(x: &mut [f32]) {
+        if v4::enabled() {
+            // SAFETY: `enabled` checked AVX-512 F and DQ.
+            return unsafe { v4::exp(x) };
+        }
         let mut it = x.chunks_exact_mut(8);
         for v in &mut it {
             // SAFETY: eight f32 in and out.
