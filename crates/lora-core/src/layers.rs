@@ -6,7 +6,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer};
 use burn::tensor::module::embedding;
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{DType, Device, Distribution, Int, Tensor};
 
 /// How the adapter output is scaled.
 #[derive(Config, Debug, Copy, PartialEq)]
@@ -91,7 +91,9 @@ fn fold(
             let sign = if merge { 1.0 } else { -1.0 };
             weight.map(|w| {
                 let require_grad = w.is_require_grad();
-                (w.detach() + delta.mul_scalar(sign)).set_require_grad(require_grad)
+                // A frozen base kept in half precision takes the delta rounded to it.
+                let delta = cast_to(delta.mul_scalar(sign), w.dtype());
+                (w.detach() + delta).set_require_grad(require_grad)
             })
         }
         _ => weight,
@@ -265,6 +267,24 @@ impl LoraLinear {
         scaling: Scaling,
     ) -> Self {
         Self::from_base(base.weight, base.bias, rank, alpha, dropout, scaling)
+    }
+
+    /// Keep a frozen base (weight and bias not trained) in `dtype`, the compute dtype of
+    /// half-precision training: [`forward`](Self::forward) casts the base to the input's dtype on
+    /// every call, and a frozen base casts to the same values each time, so this changes no
+    /// result; it drops the f32 copy and the per-step cast. A trained base is left as it is (its
+    /// f32 values are the master weights); call it on the training model, since on a device
+    /// without autodiff nothing requires a gradient. Merging into a half-precision base rounds
+    /// to it.
+    pub fn store_frozen_base_in(mut self, dtype: DType) -> Self {
+        if !self.weight.val().is_require_grad() {
+            self.weight = self.weight.map(|w| cast_to(w, dtype));
+        }
+        self.bias = self.bias.map(|b| match b.val().is_require_grad() {
+            true => b,
+            false => b.map(|b| cast_to(b, dtype)),
+        });
+        self
     }
 
     /// The adapter rank (0 without an adapter).

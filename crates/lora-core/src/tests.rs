@@ -205,6 +205,43 @@ fn merge_roundtrip_and_idempotence() {
 }
 
 #[test]
+fn frozen_base_in_half_precision() {
+    use burn::tensor::DType;
+    let d = Device::flex().autodiff();
+    d.seed(7);
+    let l = mark_only_lora_as_trainable(layer(&d, 8));
+    let x = Tensor::<2>::random([64, 48], Distribution::Normal(0.0, 1.0), &d).cast(DType::F16);
+    let cast_on_use = l.forward(x.clone());
+    let stored = l.clone().store_frozen_base_in(DType::F16);
+    assert_eq!(stored.weight.val().dtype(), DType::F16);
+    assert_eq!(stored.bias.as_ref().unwrap().val().dtype(), DType::F16);
+    assert_eq!(stored.lora_a.as_ref().unwrap().val().dtype(), DType::F32);
+    assert_eq!(stored.lora_b.as_ref().unwrap().val().dtype(), DType::F32);
+    let y = stored.forward(x.clone());
+    let f32s = |t: Tensor<2>| vals(t.cast(DType::F32));
+    assert_eq!(
+        f32s(y.clone()),
+        f32s(cast_on_use),
+        "same values as casting on use"
+    );
+    // The adapter still trains; the base gets no gradient.
+    let grads = y.cast(DType::F32).sum().backward();
+    assert!(stored.lora_a.as_ref().unwrap().val().grad(&grads).is_some());
+    assert!(stored.weight.val().grad(&grads).is_none());
+    // Merging rounds the delta to the base's dtype.
+    let merged = stored.merge();
+    assert_eq!(merged.weight.val().dtype(), DType::F16);
+    let err = max_abs(
+        merged.forward(x.clone()).cast(DType::F32),
+        l.forward(x.clone()).cast(DType::F32),
+    );
+    assert!(err < 0.05, "merged f16 base off by {err}");
+    // A trained base (full fine-tuning) keeps its f32 master weights.
+    let all = layer(&d, 8).store_frozen_base_in(DType::F16);
+    assert_eq!(all.weight.val().dtype(), DType::F32);
+}
+
+#[test]
 fn embedding_forward_and_merge() {
     let d = dev();
     let mut e = LoraEmbeddingConfig::new(24, 16)

@@ -418,8 +418,9 @@ pub struct Gpt {
     pub lm_head: Option<Linear>,
     /// `merge` gave a tied head its own copy of the base table (`wte` has LoRA); `unmerge` re-ties.
     pub head_untied_by_merge: bool,
-    /// Half-precision compute: the blocks and the head run in f16 (weights stay f32 and are cast
-    /// on use, so gradients and optimizer state stay f32); norms and the loss in f32.
+    /// Half-precision compute: the blocks and the head run in f16 (weights are cast on use, so
+    /// trained weights, their gradients and optimizer state stay f32); norms and the loss in f32.
+    /// See [`half_precision`](Self::half_precision).
     pub f16: bool,
     /// Longest sequence.
     pub block_size: usize,
@@ -446,6 +447,27 @@ pub fn cross_entropy_ignore(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tenso
 }
 
 impl Gpt {
+    /// Half-precision compute ([`f16`](Self::f16)) with the frozen linears' base weights kept in
+    /// f16 ([`LoraLinear::store_frozen_base_in`]): the same values (they were cast on every use),
+    /// without their f32 copies and per-step casts. Trained weights stay f32; embeddings, norms
+    /// and a tied head read f32 tables as before. Call it on the training model.
+    pub fn half_precision(mut self) -> Self {
+        self.f16 = true;
+        self.h = self
+            .h
+            .into_iter()
+            .map(|mut block| {
+                let half = |l: LoraLinear| l.store_frozen_base_in(DType::F16);
+                block.attn.c_attn = half(block.attn.c_attn);
+                block.attn.c_proj = half(block.attn.c_proj);
+                block.mlp.c_fc = half(block.mlp.c_fc);
+                block.mlp.c_proj = half(block.mlp.c_proj);
+                block
+            })
+            .collect();
+        self
+    }
+
     /// `idx [batch, seq]` -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
         self.head(self.hidden(idx))

@@ -85,6 +85,52 @@ fn parity_on_the_training_path() {
 }
 
 #[test]
+fn half_precision_stores_frozen_bases_in_f16_with_the_same_results() {
+    use burn::tensor::DType;
+    let device = Device::flex().autodiff();
+    let cfg = nano(24)
+        .with_embd_pdrop(0.0)
+        .with_attn_pdrop(0.0)
+        .with_resid_pdrop(0.0);
+    let model = load_mingpt(cfg.init(&device), FIXTURE, "fixture", "finetuned/").unwrap();
+    let model = lora_core::mark_only_lora_as_trainable(model);
+    let cast_on_use = Gpt {
+        f16: true,
+        ..model.clone()
+    };
+    let stored = model.half_precision();
+    let (x, shape) = fixture_i64("batch/x");
+    let (y, _) = fixture_i64("batch/y");
+    let (idx, targets) = (ids_tensor(x, shape, &device), ids_tensor(y, shape, &device));
+    let run = |m: &Gpt| {
+        let loss = m.loss(idx.clone(), targets.clone());
+        let grads = loss.clone().backward();
+        let mut out = vec![loss.into_scalar::<f32>()];
+        for b in &m.h {
+            for l in [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj] {
+                assert_eq!(
+                    l.weight.val().dtype(),
+                    m.h[0].attn.c_attn.weight.val().dtype()
+                );
+                for p in [&l.lora_a, &l.lora_b].into_iter().flatten() {
+                    assert_eq!(p.val().dtype(), DType::F32, "LoRA factors stay f32");
+                    out.extend(p.val().grad(&grads).unwrap().into_data().iter::<f32>());
+                }
+            }
+        }
+        out
+    };
+    assert_eq!(stored.h[0].attn.c_attn.weight.val().dtype(), DType::F16);
+    assert_eq!(
+        cast_on_use.h[0].attn.c_attn.weight.val().dtype(),
+        DType::F32
+    );
+    let (a, b) = (run(&cast_on_use), run(&stored));
+    assert!(a.len() > 1 && a[0].is_finite());
+    assert_eq!(a, b, "loss and LoRA gradients bit for bit");
+}
+
+#[test]
 fn parity_on_ndarray() {
     #[allow(deprecated)]
     parity_on(&Device::ndarray(), 1e-5);

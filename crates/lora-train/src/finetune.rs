@@ -84,10 +84,12 @@ impl Compute {
 
     /// `model` computing in this precision; dropout masks kept as asked (process-wide,
     /// [`lora_core::dropout::set_packed_masks`]).
-    pub fn apply(self, mut model: Gpt) -> Gpt {
-        model.f16 = self.precision == Precision::F16;
+    pub fn apply(self, model: Gpt) -> Gpt {
         lora_core::dropout::set_packed_masks(!self.dense_dropout_masks);
-        model
+        match self.precision {
+            Precision::F32 => model,
+            Precision::F16 => model.half_precision(),
+        }
     }
 
     /// The command-line flags that give these settings (the defaults give none).
