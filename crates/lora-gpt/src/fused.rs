@@ -105,6 +105,31 @@ pub trait Pointwise: Matmul + MaskBits {
         false
     }
 
+    /// Whether the attention backward pass recomputes the probabilities from the forward pass's
+    /// per-row log-sum-exp, `exp(scores·scale + bias − lse)` (one element-wise pass over the
+    /// scores, as FlashAttention does), rather than the whole softmax (two row reductions more):
+    /// on GPUs. The CPU keeps the softmax kernel, whose values the forward pass had.
+    const PROBS_FROM_LSE: bool = false;
+
+    /// One chunk of [`GptKernels::linear_cross_entropy`]: logits `[rows, vocab]` (the head's
+    /// dtype), targets `[rows, 1]`, weights `[rows, 1]` (f32) -> `Σ weight·nll` `[1]` (f32) and,
+    /// when `grad`, `weight·(softmax − onehot(target))` `[rows, vocab]` in the logits' dtype.
+    fn ce_chunk(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let dt = logits.dtype();
+        let p = nll_parts::<Self>(Self::float_cast(logits, FloatDType::F32), targets.clone());
+        let loss = Self::float_sum(Self::float_mul(p.nll, weights.clone()));
+        let d = grad.then(|| {
+            let d = minus_onehot::<Self>(Self::float_div(p.exp, p.sum), targets);
+            Self::float_cast(Self::float_mul(d, weights), dt.into())
+        });
+        (loss, d)
+    }
+
     /// `exp(x)`.
     fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_exp(x)
@@ -183,6 +208,34 @@ fn gelu_grad_composed<B: Backend>(x: FloatTensor<B>, g: FloatTensor<B>) -> Float
 
 impl Pointwise for Cube {
     const SPLIT_VOCAB: bool = true;
+    const PROBS_FROM_LSE: bool = true;
+
+    /// The logits are read twice (the row max, then `Σ exp` with the cast and the shift fused
+    /// into the reduction) and once more for the gradient, one element-wise pass; nothing of
+    /// `[rows, vocab]` in f32 is stored. (The composed form ran eight passes over f32 copies.)
+    fn ce_chunk(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let dt = logits.dtype();
+        let f32 = |x| Self::float_cast(x, FloatDType::F32);
+        let max = f32(Self::float_max_dim(logits.clone(), 1));
+        let shifted = Self::float_sub(f32(logits.clone()), max.clone());
+        let sum = Self::float_sum_dim(Self::float_exp(shifted), 1);
+        let lse = Self::float_add(max, Self::float_log(sum));
+        let target = f32(Self::float_gather(1, logits.clone(), targets.clone()));
+        let nll = Self::float_sub(lse.clone(), target);
+        let loss = Self::float_sum(Self::float_mul(nll, weights.clone()));
+        let d = grad.then(|| {
+            let p = Self::float_exp(Self::float_sub(f32(logits), lse));
+            let d = Self::float_cast(Self::float_mul(p, weights.clone()), dt.into());
+            let minus_w = Self::float_cast(Self::float_neg(weights), dt.into());
+            Self::float_scatter(1, d, targets, minus_w, IndexingUpdateOp::Add)
+        });
+        (loss, d)
+    }
 
     fn contiguous_heads(seq: usize) -> bool {
         seq >= 64
@@ -340,20 +393,60 @@ fn merge_heads<B: Backend>(
     B::float_reshape(B::float_cat(parts, 2), [b, t, 3 * h * hs].into())
 }
 
+/// The attention output and, with `lse` (for [`Pointwise::PROBS_FROM_LSE`]), the scores' per-row
+/// log-sum-exp `[batch, head, seq, 1]` (f32).
 fn attention_forward<B: Pointwise>(
     qkv: FloatTensor<B>,
     bias: FloatTensor<B>,
     keep: Option<FloatTensor<B>>,
     n_head: usize,
     scale: f64,
-) -> FloatTensor<B> {
+    lse: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let [q, k, v] = split_heads::<B>(qkv, n_head);
-    let p = probs::<B>(q, k, bias, scale);
+    let (p, lse) = match lse {
+        true => {
+            let (p, lse) = softmax_lse::<B>(B::mm(q, B::float_swap_dims(k, 2, 3)), bias, scale);
+            (p, Some(lse))
+        }
+        false => (probs::<B>(q, k, bias, scale), None),
+    };
     let p = match keep {
         Some(m) => B::float_mul(p, m),
         None => p,
     };
-    B::mm(p, v)
+    (B::mm(p, v), lse)
+}
+
+/// [`softmax_composed`] (the same values) and the per-row `max + log Σ exp(x − max)` in f32.
+fn softmax_lse<B: Backend>(
+    scores: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let scores = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
+    let max = B::float_max_dim(scores.clone(), 3);
+    let exp = B::float_exp(B::float_sub(scores, max.clone()));
+    let sum = B::float_sum_dim(exp.clone(), 3);
+    let f32 = |x| B::float_cast(x, FloatDType::F32);
+    let lse = B::float_add(f32(max), B::float_log(f32(sum.clone())));
+    (B::float_div(exp, sum), lse)
+}
+
+/// The probabilities again from the log-sum-exp: `exp(q·kᵀ·scale + bias − lse)`, computed in f32,
+/// returned in q's dtype.
+fn probs_from_lse<B: Pointwise>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f64,
+    lse: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let dt = q.dtype();
+    let f32 = |x| B::float_cast(x, FloatDType::F32);
+    let scores = f32(B::mm(q, B::float_swap_dims(k, 2, 3)));
+    let x = B::float_add(B::float_mul_scalar(scores, scale.into()), f32(bias));
+    B::float_cast(B::float_exp(B::float_sub(x, lse)), dt.into())
 }
 
 /// Per row of `x [n, vocab]`: `−log_softmax(x)[target] = log Σ exp(x − max) − (x[target] − max)`,
@@ -418,7 +511,6 @@ fn linear_ce<B: Pointwise>(
     Option<FloatTensor<B>>,
 ) {
     let n = h.shape()[0];
-    let dt = h.dtype();
     let device = h.device();
     let rows = rows.max(1);
     let wt = B::float_transpose(w.clone());
@@ -434,18 +526,10 @@ fn linear_ce<B: Pointwise>(
         let hc = B::float_select(h.clone(), 0, idx.clone());
         let tc = B::int_select(targets.clone(), 0, idx.clone());
         let wc = B::float_select(weights.clone(), 0, idx);
-        let logits = B::float_cast(B::mm(hc.clone(), w.clone()), FloatDType::F32);
-        let p = nll_parts::<B>(logits, tc.clone());
-        loss = Some(accumulate::<B>(
-            loss,
-            B::float_sum(B::float_mul(p.nll, wc.clone())),
-        ));
-        if !(grad_h || grad_w) {
-            continue;
-        }
         // d/dlogits = weight·(softmax − onehot(target)).
-        let d = minus_onehot::<B>(B::float_div(p.exp, p.sum), tc);
-        let d = B::float_cast(B::float_mul(d, wc), dt.into());
+        let (l, d) = B::ce_chunk(B::mm(hc.clone(), w.clone()), tc, wc, grad_h || grad_w);
+        loss = Some(accumulate::<B>(loss, l));
+        let Some(d) = d else { continue };
         if grad_w {
             let g = B::mm_tn(hc, d.clone());
             dw = Some(accumulate::<B>(dw, g));
@@ -495,7 +579,7 @@ macro_rules! plain_backend {
                 scale: f64,
             ) -> FloatTensor<Self> {
                 let keep = keep.into_option().map(|(m, _)| m);
-                attention_forward::<Self>(qkv, bias, keep, n_head, scale)
+                attention_forward::<Self>(qkv, bias, keep, n_head, scale, false).0
             }
 
             fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
@@ -524,13 +608,14 @@ plain_backend!(Cube, Flex, NdArray);
 #[derive(Debug)]
 struct AttentionBackward;
 
-/// `qkv`, bias, the dropout mask, `n_head`, scale.
+/// `qkv`, bias, the dropout mask, `n_head`, scale, the log-sum-exp ([`Pointwise::PROBS_FROM_LSE`]).
 type AttentionState<B> = (
     FloatTensor<B>,
     FloatTensor<B>,
     Option<KeptMask<B>>,
     usize,
     f64,
+    Option<FloatTensor<B>>,
 );
 
 impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
@@ -540,11 +625,14 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         let [node] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let Some(node) = node else { return };
-        let (qkv, bias, keep, n_head, scale) = ops.state;
+        let (qkv, bias, keep, n_head, scale, lse) = ops.state;
         let [q, k, v] = split_heads::<B>(qkv, n_head);
         let keep = keep.map(KeptMask::for_mul);
         // Recompute the probabilities; the dropped ones are `p·keep`.
-        let p = probs::<B>(q.clone(), k.clone(), bias, scale);
+        let p = match lse {
+            Some(lse) => probs_from_lse::<B>(q.clone(), k.clone(), bias, scale, lse),
+            None => probs::<B>(q.clone(), k.clone(), bias, scale),
+        };
         let pd = match &keep {
             Some(m) => m.mul(p.clone()),
             None => p.clone(),
@@ -638,17 +726,19 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
             .stateful();
         let (qkv, bias) = (qkv.into_primitive(), bias.into_primitive());
         let keep = keep.into_option().map(|(m, p)| (m.into_primitive(), p));
-        let out = attention_forward::<B>(
+        let tracked = matches!(prep, OpsKind::Tracked(_));
+        let (out, lse) = attention_forward::<B>(
             qkv.clone(),
             bias.clone(),
             keep.as_ref().map(|(m, _)| m.clone()),
             n_head,
             scale,
+            tracked && B::PROBS_FROM_LSE,
         );
         match prep {
             OpsKind::Tracked(prep) => {
                 let keep = keep.map(|(m, p)| KeptMask::pack(m, 1.0 / p));
-                prep.finish((qkv, bias, keep, n_head, scale), out)
+                prep.finish((qkv, bias, keep, n_head, scale, lse), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
