@@ -111,25 +111,6 @@ pub trait Pointwise: Matmul + MaskBits {
     /// on GPUs. The CPU keeps the softmax kernel, whose values the forward pass had.
     const PROBS_FROM_LSE: bool = false;
 
-    /// One chunk of [`GptKernels::linear_cross_entropy`]: logits `[rows, vocab]` (the head's
-    /// dtype), targets `[rows, 1]`, weights `[rows, 1]` (f32) -> `Σ weight·nll` `[1]` (f32) and,
-    /// when `grad`, `weight·(softmax − onehot(target))` `[rows, vocab]` in the logits' dtype.
-    fn ce_chunk(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        weights: FloatTensor<Self>,
-        grad: bool,
-    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        let dt = logits.dtype();
-        let p = nll_parts::<Self>(Self::float_cast(logits, FloatDType::F32), targets.clone());
-        let loss = Self::float_sum(Self::float_mul(p.nll, weights.clone()));
-        let d = grad.then(|| {
-            let d = minus_onehot::<Self>(Self::float_div(p.exp, p.sum), targets);
-            Self::float_cast(Self::float_mul(d, weights), dt.into())
-        });
-        (loss, d)
-    }
-
     /// `exp(x)`.
     fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_exp(x)
@@ -170,12 +151,22 @@ fn softmax_composed<B: Pointwise>(
     bias: FloatTensor<B>,
     scale: f64,
 ) -> FloatTensor<B> {
-    // Softmax as Burn's autodiff composes it (max, exp, sum, divide).
+    let (exp, _, sum) = softmax_parts::<B>(scores, bias, scale);
+    B::float_div(exp, sum)
+}
+
+/// Softmax as Burn's autodiff composes it (max, exp, sum; then a divide): `exp(x − max)`, the
+/// row max and the row sum of `x = scores·scale + bias`.
+fn softmax_parts<B: Pointwise>(
+    scores: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let scores = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
     let max = B::float_max_dim(scores.clone(), 3);
-    let exp = B::fused_exp(B::float_sub(scores, max));
+    let exp = B::fused_exp(B::float_sub(scores, max.clone()));
     let sum = B::float_sum_dim(exp.clone(), 3);
-    B::float_div(exp, sum)
+    (exp, max, sum)
 }
 
 fn softmax_grad_composed<B: Backend>(
@@ -209,33 +200,6 @@ fn gelu_grad_composed<B: Backend>(x: FloatTensor<B>, g: FloatTensor<B>) -> Float
 impl Pointwise for Cube {
     const SPLIT_VOCAB: bool = true;
     const PROBS_FROM_LSE: bool = true;
-
-    /// The logits are read twice (the row max, then `Σ exp` with the cast and the shift fused
-    /// into the reduction) and once more for the gradient, one element-wise pass; nothing of
-    /// `[rows, vocab]` in f32 is stored. (The composed form ran eight passes over f32 copies.)
-    fn ce_chunk(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        weights: FloatTensor<Self>,
-        grad: bool,
-    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        let dt = logits.dtype();
-        let f32 = |x| Self::float_cast(x, FloatDType::F32);
-        let max = f32(Self::float_max_dim(logits.clone(), 1));
-        let shifted = Self::float_sub(f32(logits.clone()), max.clone());
-        let sum = Self::float_sum_dim(Self::float_exp(shifted), 1);
-        let lse = Self::float_add(max, Self::float_log(sum));
-        let target = f32(Self::float_gather(1, logits.clone(), targets.clone()));
-        let nll = Self::float_sub(lse.clone(), target);
-        let loss = Self::float_sum(Self::float_mul(nll, weights.clone()));
-        let d = grad.then(|| {
-            let p = Self::float_exp(Self::float_sub(f32(logits), lse));
-            let d = Self::float_cast(Self::float_mul(p, weights.clone()), dt.into());
-            let minus_w = Self::float_cast(Self::float_neg(weights), dt.into());
-            Self::float_scatter(1, d, targets, minus_w, IndexingUpdateOp::Add)
-        });
-        (loss, d)
-    }
 
     fn contiguous_heads(seq: usize) -> bool {
         seq >= 64
@@ -419,15 +383,12 @@ fn attention_forward<B: Pointwise>(
 }
 
 /// [`softmax_composed`] (the same values) and the per-row `max + log Σ exp(x − max)` in f32.
-fn softmax_lse<B: Backend>(
+fn softmax_lse<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
     scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let scores = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
-    let max = B::float_max_dim(scores.clone(), 3);
-    let exp = B::float_exp(B::float_sub(scores, max.clone()));
-    let sum = B::float_sum_dim(exp.clone(), 3);
+    let (exp, max, sum) = softmax_parts::<B>(scores, bias, scale);
     let f32 = |x| B::float_cast(x, FloatDType::F32);
     let lse = B::float_add(f32(max), B::float_log(f32(sum.clone())));
     (B::float_div(exp, sum), lse)
@@ -511,6 +472,7 @@ fn linear_ce<B: Pointwise>(
     Option<FloatTensor<B>>,
 ) {
     let n = h.shape()[0];
+    let dt = h.dtype();
     let device = h.device();
     let rows = rows.max(1);
     let wt = B::float_transpose(w.clone());
@@ -526,10 +488,18 @@ fn linear_ce<B: Pointwise>(
         let hc = B::float_select(h.clone(), 0, idx.clone());
         let tc = B::int_select(targets.clone(), 0, idx.clone());
         let wc = B::float_select(weights.clone(), 0, idx);
+        let logits = B::float_cast(B::mm(hc.clone(), w.clone()), FloatDType::F32);
+        let p = nll_parts::<B>(logits, tc.clone());
+        loss = Some(accumulate::<B>(
+            loss,
+            B::float_sum(B::float_mul(p.nll, wc.clone())),
+        ));
+        if !(grad_h || grad_w) {
+            continue;
+        }
         // d/dlogits = weight·(softmax − onehot(target)).
-        let (l, d) = B::ce_chunk(B::mm(hc.clone(), w.clone()), tc, wc, grad_h || grad_w);
-        loss = Some(accumulate::<B>(loss, l));
-        let Some(d) = d else { continue };
+        let d = minus_onehot::<B>(B::float_div(p.exp, p.sum), tc);
+        let d = B::float_cast(B::float_mul(d, wc), dt.into());
         if grad_w {
             let g = B::mm_tn(hc, d.clone());
             dw = Some(accumulate::<B>(dw, g));
