@@ -47,8 +47,9 @@ pub enum Precision {
     /// f32 throughout.
     #[default]
     F32,
-    /// Blocks and head in f16, weights, gradients and optimizer state in f32 (norms and the loss
-    /// in f32): mixed precision as `torch.autocast(dtype=float16)` does it.
+    /// Blocks and head in f16, trained weights, gradients and optimizer state in f32, frozen
+    /// linear weights kept in f16 (norms and the loss in f32): mixed precision as
+    /// `torch.autocast(dtype=float16)` does it.
     F16,
 }
 
