@@ -572,6 +572,46 @@ fn flex_mm_takes_strided_views() {
 
 /// Flex's host `MaskBits` against Burn's int ops: the same words, Burn's ops rebuild the mask from
 /// them, and flex's multiply by the bits is `x * mask`; on a contiguous mask and a strided view.
+/// The packed mask in f16 on a wgpu device with f16 (a GPU; cubecl packs and unpacks with float
+/// ops): `masked` is `x * mask` bit for bit, values and gradients. Mesa's llvmpipe has no f16:
+/// there the test says so and checks nothing.
+#[test]
+fn masked_in_f16_on_wgpu() {
+    use burn::tensor::DType;
+    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    if !d.supports_dtype(DType::F16) {
+        eprintln!("masked_in_f16_on_wgpu: this wgpu device has no f16; nothing checked");
+        return;
+    }
+    d.seed(3);
+    let shape = [4, 16, 1024];
+    let half = |t: Tensor<3>| t.cast(DType::F16);
+    let normal = || {
+        half(Tensor::<3>::random(
+            shape,
+            Distribution::Normal(0.0, 1.0),
+            &d,
+        ))
+    };
+    let (x, w) = (normal(), normal());
+    let mask = Tensor::<3>::random(shape, Distribution::Bernoulli(0.9), &d);
+    let mask = half(mask).mul_scalar(1.0 / 0.9);
+    let run = |fused: bool| {
+        let xi = x.clone().require_grad();
+        let y = match fused {
+            true => dropout::masked(xi.clone(), mask.clone(), 0.9),
+            false => xi.clone() * mask.clone(),
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let g = xi.grad(&grads).expect("a gradient");
+        (vals(y.cast(DType::F32)), vals(g.cast(DType::F32)))
+    };
+    let ((y0, g0), (y1, g1)) = (run(false), run(true));
+    assert!(y0.iter().any(|&v| v == 0.0) && y0.iter().any(|&v| v != 0.0));
+    assert_eq!(y0, y1, "values");
+    assert_eq!(g0, g1, "gradients");
+}
+
 #[test]
 fn flex_mask_bits_match_burn_ops() {
     use burn::backend::ops::FloatTensorOps;
