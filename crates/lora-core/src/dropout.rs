@@ -242,14 +242,6 @@ pub(crate) fn burn_unpack<B: Backend>(
 impl MaskBits for Cube {}
 impl MaskBits for NdArray {}
 
-/// `t` in row-major order (a copy only where it is a strided view).
-fn contiguous(t: FloatTensor<Flex>) -> FloatTensor<Flex> {
-    match t.is_contiguous() {
-        true => t,
-        false => t.to_contiguous(),
-    }
-}
-
 /// Words per rayon task of flex's mask loops (1 Mi mask elements).
 const WORDS_PER_TASK: usize = 1 << 16;
 
@@ -260,7 +252,7 @@ impl MaskBits for Flex {
         if mask.dtype() != DType::F32 {
             return burn_pack::<Self>(mask);
         }
-        let mask = contiguous(mask);
+        let mask = crate::utils::flex_contiguous(mask);
         let m = mask.as_slice::<f32>().expect("contiguous f32");
         let mut words = vec![0i32; m.len() / MASK_BITS];
         words
@@ -277,7 +269,7 @@ impl MaskBits for Flex {
             return burn_mul_bits::<Self>(x, bits, value);
         }
         let shape = x.shape();
-        let x = contiguous(x);
+        let x = crate::utils::flex_contiguous(x);
         let (words, x) = (
             bits.as_slice::<i32>().expect("i32"),
             x.as_slice::<f32>().expect("f32"),

@@ -192,6 +192,17 @@ pub fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
     if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
+/// A Flex tensor in row-major order (a copy only where it is a strided view): what the host
+/// kernels that read Flex's storage as a slice take.
+pub fn flex_contiguous(
+    t: burn::backend::tensor::FloatTensor<burn::backend::Flex>,
+) -> burn::backend::tensor::FloatTensor<burn::backend::Flex> {
+    match t.is_contiguous() {
+        true => t,
+        false => t.to_contiguous(),
+    }
+}
+
 /// 64-bit FNV-1a of `bytes`: stable across runs, platforms and Rust versions.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

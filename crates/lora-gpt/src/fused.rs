@@ -29,6 +29,7 @@ use burn::tensor::{Int, Tensor};
 use crate::host::{GELU_A, gelu_c};
 use lora_core::dropout::{KeptMask, MaskBits};
 use lora_core::matmul::Matmul;
+use lora_core::utils::flex_contiguous;
 
 /// The dropout mask of [`GptKernels::causal_attention`].
 #[derive(ExtensionType)]
@@ -287,15 +288,6 @@ impl Pointwise for Flex {
     }
 }
 
-/// `t` in row-major order (a copy only where it is a strided view).
-fn flex_contiguous(t: FloatTensor<Flex>) -> FloatTensor<Flex> {
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
 /// The f32 values of a contiguous Flex tensor.
 fn flex_f32(t: &FloatTensor<Flex>) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
@@ -315,6 +307,11 @@ fn gelu_gate<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     B::sigmoid(B::float_mul_scalar(u2, gelu_c().into()))
 }
 
+/// Attention scores `q·kᵀ`, `[batch, head, seq, seq]`.
+fn scores<B: Pointwise>(q: FloatTensor<B>, k: FloatTensor<B>) -> FloatTensor<B> {
+    B::mm(q, B::float_swap_dims(k, 2, 3))
+}
+
 /// Attention probabilities `softmax(q·kᵀ·scale + bias)`, `[batch, head, seq, seq]`.
 fn probs<B: Pointwise>(
     q: FloatTensor<B>,
@@ -322,7 +319,7 @@ fn probs<B: Pointwise>(
     bias: FloatTensor<B>,
     scale: f64,
 ) -> FloatTensor<B> {
-    B::fused_softmax(B::mm(q, B::float_swap_dims(k, 2, 3)), bias, scale)
+    B::fused_softmax(scores::<B>(q, k), bias, scale)
 }
 
 /// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
@@ -369,10 +366,7 @@ fn attention_forward<B: Pointwise>(
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let [q, k, v] = split_heads::<B>(qkv, n_head);
     let (p, lse) = match lse {
-        true => {
-            let (p, lse) = softmax_lse::<B>(B::mm(q, B::float_swap_dims(k, 2, 3)), bias, scale);
-            (p, Some(lse))
-        }
+        true => softmax_lse::<B>(scores::<B>(q, k), bias, scale),
         false => (probs::<B>(q, k, bias, scale), None),
     };
     let p = match keep {
@@ -387,11 +381,11 @@ fn softmax_lse<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
     scale: f64,
-) -> (FloatTensor<B>, FloatTensor<B>) {
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let (exp, max, sum) = softmax_parts::<B>(scores, bias, scale);
     let f32 = |x| B::float_cast(x, FloatDType::F32);
     let lse = B::float_add(f32(max), B::float_log(f32(sum.clone())));
-    (B::float_div(exp, sum), lse)
+    (B::float_div(exp, sum), Some(lse))
 }
 
 /// The probabilities again from the log-sum-exp: `exp(q·kᵀ·scale + bias − lse)`, computed in f32,
@@ -405,8 +399,8 @@ fn probs_from_lse<B: Pointwise>(
 ) -> FloatTensor<B> {
     let dt = q.dtype();
     let f32 = |x| B::float_cast(x, FloatDType::F32);
-    let scores = f32(B::mm(q, B::float_swap_dims(k, 2, 3)));
-    let x = B::float_add(B::float_mul_scalar(scores, scale.into()), f32(bias));
+    let x = B::float_mul_scalar(f32(scores::<B>(q, k)), scale.into());
+    let x = B::float_add(x, f32(bias));
     B::float_cast(B::float_exp(B::float_sub(x, lse)), dt.into())
 }
 
