@@ -27,6 +27,7 @@ use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Slice, TensorData};
 use burn::tensor::{Int, Tensor};
 
 use crate::host::{GELU_A, gelu_c};
+use crate::kernels::RowKernels;
 use lora_core::dropout::{KeptMask, MaskBits};
 use lora_core::matmul::Matmul;
 use lora_core::utils::flex_contiguous;
@@ -145,6 +146,45 @@ pub trait Pointwise: Matmul + MaskBits {
     fn fused_gelu_grad(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
         gelu_grad_composed::<Self>(x, g)
     }
+
+    /// [`Pointwise::fused_softmax`]'s probabilities and the per-row log-sum-exp
+    /// `max + log Σ exp(x − max)` `[b, h, t, 1]` (f32) of `x = scores·scale + bias`.
+    fn fused_softmax_lse(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        softmax_lse_composed::<Self>(scores, bias, scale)
+    }
+
+    /// Per row of `logits [n, v]` with targets `[n, 1]` and weights `[n, 1]` (f32): the weighted
+    /// loss `w·(−log_softmax(x)[t]) [n, 1]` (f32) and, when `grad`, its gradient
+    /// `w·(softmax(x) − onehot(t)) [n, v]` in the logits' dtype.
+    fn ce_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        ce_rows_composed::<Self>(logits, targets, weights, grad)
+    }
+}
+
+fn ce_rows_composed<B: Pointwise>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    weights: FloatTensor<B>,
+    grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let dt = logits.dtype();
+    let p = nll_parts::<B>(B::float_cast(logits, FloatDType::F32), targets.clone());
+    let loss = B::float_mul(p.nll, weights.clone());
+    let d = grad.then(|| {
+        // d/dlogits = weight·(softmax − onehot(target)).
+        let d = minus_onehot::<B>(B::float_div(p.exp, p.sum), targets);
+        B::float_cast(B::float_mul(d, weights), dt.into())
+    });
+    (loss, d)
 }
 
 fn softmax_composed<B: Pointwise>(
@@ -205,6 +245,66 @@ impl Pointwise for Cube {
     fn contiguous_heads(seq: usize) -> bool {
         seq >= 64
     }
+
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads.
+    fn fused_softmax(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        match bias_is_one_matrix::<Self>(&scores, &bias) {
+            true => <Self as RowKernels>::softmax_lse(scores, bias, scale).0,
+            false => softmax_composed::<Self>(scores, bias, scale),
+        }
+    }
+
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads.
+    fn fused_softmax_lse(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match bias_is_one_matrix::<Self>(&scores, &bias) {
+            true => <Self as RowKernels>::softmax_lse(scores, bias, scale),
+            false => softmax_lse_composed::<Self>(scores, bias, scale),
+        }
+    }
+
+    /// One row kernel ([`crate::kernels`]).
+    fn fused_softmax_grad(
+        p: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        match p.shape() == dp.shape() && p.dtype() == dp.dtype() {
+            true => <Self as RowKernels>::softmax_grad(p, dp, scale),
+            false => softmax_grad_composed::<Self>(p, dp, scale),
+        }
+    }
+
+    /// One kernel ([`crate::kernels`]) from a vocabulary of 1024 up (GPT-2's head); Burn's ops
+    /// below (a 256-unit cube per row would idle).
+    fn ce_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if logits.shape()[1] < 1024 {
+            return ce_rows_composed::<Self>(logits, targets, weights, grad);
+        }
+        let weights = Self::float_cast(weights, FloatDType::F32);
+        match grad {
+            true => {
+                let (loss, d) = <Self as RowKernels>::ce_rows(logits, targets, weights);
+                (loss, Some(d))
+            }
+            false => (
+                <Self as RowKernels>::ce_rows_loss(logits, targets, weights),
+                None,
+            ),
+        }
+    }
 }
 impl Pointwise for NdArray {}
 
@@ -223,24 +323,14 @@ impl Pointwise for Flex {
         bias: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        // The host kernel takes a bias of the scores' last two dims, broadcast over the others.
-        let (s, bs) = (scores.shape(), bias.shape());
-        let r = s.num_dims();
-        let fits = r >= 2
-            && bs.num_dims() == r
-            && bs[r - 2..] == s[r - 2..]
-            && bs[..r - 2].iter().all(|&d| d == 1);
+        let fits = bias_is_one_matrix::<Self>(&scores, &bias);
         if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 || !fits {
             return softmax_composed::<Self>(scores, bias, scale);
         }
+        let t = scores.shape()[scores.shape().num_dims() - 1];
         let bias = flex_contiguous(bias);
         let mut x = flex_contiguous(scores);
-        crate::host::softmax_rows(
-            flex_f32_mut(&mut x),
-            flex_f32(&bias),
-            s[r - 1],
-            scale as f32,
-        );
+        crate::host::softmax_rows(flex_f32_mut(&mut x), flex_f32(&bias), t, scale as f32);
         x
     }
 
@@ -286,6 +376,14 @@ impl Pointwise for Flex {
         unsafe { out.set_len(x.len()) };
         Self::float_from_data(TensorData::new(out, shape), &Default::default())
     }
+}
+
+/// Whether `bias` is one matrix of the scores' last two dims, broadcast over the others (what the
+/// row kernels take).
+fn bias_is_one_matrix<B: Backend>(scores: &FloatTensor<B>, bias: &FloatTensor<B>) -> bool {
+    let (s, b) = (scores.shape(), bias.shape());
+    let r = s.num_dims();
+    r >= 2 && b.num_dims() == r && b[r - 2..] == s[r - 2..] && b[..r - 2].iter().all(|&d| d == 1)
 }
 
 /// The f32 values of a contiguous Flex tensor.
@@ -366,7 +464,10 @@ fn attention_forward<B: Pointwise>(
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let [q, k, v] = split_heads::<B>(qkv, n_head);
     let (p, lse) = match lse {
-        true => softmax_lse::<B>(scores::<B>(q, k), bias, scale),
+        true => {
+            let (p, lse) = B::fused_softmax_lse(scores::<B>(q, k), bias, scale);
+            (p, Some(lse))
+        }
         false => (probs::<B>(q, k, bias, scale), None),
     };
     let p = match keep {
@@ -377,15 +478,15 @@ fn attention_forward<B: Pointwise>(
 }
 
 /// [`softmax_composed`] (the same values) and the per-row `max + log Σ exp(x − max)` in f32.
-fn softmax_lse<B: Pointwise>(
+fn softmax_lse_composed<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
     scale: f64,
-) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+) -> (FloatTensor<B>, FloatTensor<B>) {
     let (exp, max, sum) = softmax_parts::<B>(scores, bias, scale);
     let f32 = |x| B::float_cast(x, FloatDType::F32);
     let lse = B::float_add(f32(max), B::float_log(f32(sum.clone())));
-    (B::float_div(exp, sum), Some(lse))
+    (B::float_div(exp, sum), lse)
 }
 
 /// The probabilities again from the log-sum-exp: `exp(q·kᵀ·scale + bias − lse)`, computed in f32,
@@ -466,7 +567,6 @@ fn linear_ce<B: Pointwise>(
     Option<FloatTensor<B>>,
 ) {
     let n = h.shape()[0];
-    let dt = h.dtype();
     let device = h.device();
     let rows = rows.max(1);
     let wt = B::float_transpose(w.clone());
@@ -482,18 +582,12 @@ fn linear_ce<B: Pointwise>(
         let hc = B::float_select(h.clone(), 0, idx.clone());
         let tc = B::int_select(targets.clone(), 0, idx.clone());
         let wc = B::float_select(weights.clone(), 0, idx);
-        let logits = B::float_cast(B::mm(hc.clone(), w.clone()), FloatDType::F32);
-        let p = nll_parts::<B>(logits, tc.clone());
-        loss = Some(accumulate::<B>(
-            loss,
-            B::float_sum(B::float_mul(p.nll, wc.clone())),
-        ));
-        if !(grad_h || grad_w) {
+        let logits = B::mm(hc.clone(), w.clone());
+        let (nll, d) = B::ce_rows(logits, tc, wc, grad_h || grad_w);
+        loss = Some(accumulate::<B>(loss, B::float_sum(nll)));
+        let Some(d) = d else {
             continue;
-        }
-        // d/dlogits = weight·(softmax − onehot(target)).
-        let d = minus_onehot::<B>(B::float_div(p.exp, p.sum), tc);
-        let d = B::float_cast(B::float_mul(d, wc), dt.into());
+        };
         if grad_w {
             let g = B::mm_tn(hc, d.clone());
             dw = Some(accumulate::<B>(dw, g));

@@ -4,6 +4,7 @@ pub mod export;
 pub mod fused;
 pub mod gpt2;
 mod host;
+mod kernels;
 pub mod mingpt;
 pub mod optim;
 pub mod pytorch;
