@@ -200,7 +200,8 @@ fn softmax_grad_kernel<F: Float>(
     let mut half = CUBE_DIM_X as usize / 2;
     while half > 0 {
         if unit < half {
-            sh[unit] = sh[unit] + sh[unit + half];
+            let total = sh[unit] + sh[unit + half];
+            sh[unit] = total;
         }
         sync_cube();
         half /= 2;
