@@ -7,6 +7,7 @@
 //! the attention scores' softmax and its backward pass. One cube of [`UNITS`] units per row, f32
 //! arithmetic, the row's reduction in shared memory.
 
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -16,13 +17,37 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::ir::{ElemType, FloatKind, IntKind};
 use cubecl::prelude::*;
 
 /// Units per row: one cube of 256 strides over the vocabulary.
 const UNITS: usize = 256;
 /// Cubes along x before a second grid dimension is used.
 const MAX_X: usize = 65_535;
+
+/// This cube's row on the 2-D grid of [`row_cubes`].
+#[cube]
+fn cube_row() -> usize {
+    CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
+}
+
+/// Tree reduction of each unit's running `(max, Σ exp(x − max))`, `sm[unit]` and `ss[unit]`:
+/// the row's pair ends in `sm[0]`, `ss[0]`.
+#[cube]
+fn reduce_max_sum(sm: &mut Shared<[f32]>, ss: &mut Shared<[f32]>, unit: usize) {
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if unit < half {
+            let m1 = sm[unit];
+            let m2 = sm[unit + half];
+            let mx = f32::max(m1, m2);
+            ss[unit] = ss[unit] * (m1 - mx).exp() + ss[unit + half] * (m2 - mx).exp();
+            sm[unit] = mx;
+        }
+        sync_cube();
+        half /= 2;
+    }
+}
 
 /// Per row of `logits [rows, v]` with target `t` and weight `w`: `w·(log Σ exp(x) − x[t])` into
 /// `nll [rows, 1]` (f32) and, when `grad`, `w·(softmax(x) − onehot(t))` into `d [rows, v]`
@@ -38,7 +63,7 @@ fn ce_rows_kernel<F: Float, I: Int>(
     #[comptime] grad: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
-    let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }
@@ -61,24 +86,11 @@ fn ce_rows_kernel<F: Float, I: Int>(
         c += UNITS;
     }
 
-    // Tree reduction of the (max, sum) pairs in shared memory.
     let mut sm = Shared::<[f32]>::new_slice(UNITS);
     let mut ss = Shared::<[f32]>::new_slice(UNITS);
     sm[unit] = m;
     ss[unit] = s;
-    sync_cube();
-    let mut half = CUBE_DIM_X as usize / 2;
-    while half > 0 {
-        if unit < half {
-            let m1 = sm[unit];
-            let m2 = sm[unit + half];
-            let mx = f32::max(m1, m2);
-            ss[unit] = ss[unit] * (m1 - mx).exp() + ss[unit + half] * (m2 - mx).exp();
-            sm[unit] = mx;
-        }
-        sync_cube();
-        half /= 2;
-    }
+    reduce_max_sum(&mut sm, &mut ss, unit);
     let gm = sm[0];
     let gs = ss[0];
 
@@ -117,7 +129,7 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     scale: f32,
     #[define(F, B)] _dtypes: [ElemType; 2],
 ) {
-    let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }
@@ -144,19 +156,7 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     let mut ss = Shared::<[f32]>::new_slice(UNITS);
     sm[unit] = m;
     ss[unit] = s;
-    sync_cube();
-    let mut half = CUBE_DIM_X as usize / 2;
-    while half > 0 {
-        if unit < half {
-            let m1 = sm[unit];
-            let m2 = sm[unit + half];
-            let mx = f32::max(m1, m2);
-            ss[unit] = ss[unit] * (m1 - mx).exp() + ss[unit + half] * (m2 - mx).exp();
-            sm[unit] = mx;
-        }
-        sync_cube();
-        half /= 2;
-    }
+    reduce_max_sum(&mut sm, &mut ss, unit);
     let gm = sm[0];
     let gs = ss[0];
     if unit == 0 {
@@ -181,7 +181,7 @@ fn softmax_grad_kernel<F: Float>(
     scale: f32,
     #[define(F)] _dtype: ElemType,
 ) {
-    let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }
@@ -231,20 +231,6 @@ fn as_rows(x: CubeTensor) -> (CubeTensor, usize, usize) {
     (x, rows, t)
 }
 
-fn elem_type(dtype: DType) -> ElemType {
-    match dtype {
-        DType::F16 => ElemType::Float(FloatKind::F16),
-        DType::BF16 => ElemType::Float(FloatKind::BF16),
-        DType::F64 => ElemType::Float(FloatKind::F64),
-        DType::I64 => ElemType::Int(IntKind::I64),
-        DType::I32 => ElemType::Int(IntKind::I32),
-        DType::I16 => ElemType::Int(IntKind::I16),
-        DType::I8 => ElemType::Int(IntKind::I8),
-        DType::F32 => ElemType::Float(FloatKind::F32),
-        other => panic!("ce_rows: unsupported dtype {other:?}"),
-    }
-}
-
 fn launch_ce_rows(
     logits: CubeTensor,
     targets: CubeTensor,
@@ -273,7 +259,10 @@ fn launch_ce_rows(
         empty_device_dtype(client.clone(), device, Shape::new([1, 1]), logits.dtype)
     });
     let count = row_cubes(rows);
-    let dtypes = [elem_type(logits.dtype), elem_type(targets.dtype)];
+    let dtypes = [
+        dtype_to_storage_type(logits.dtype),
+        dtype_to_storage_type(targets.dtype),
+    ];
     // Safety: every index is in bounds (`c < v`, `t < v` for valid targets, `row < rows`).
     unsafe {
         ce_rows_kernel::launch_unchecked(
@@ -306,11 +295,11 @@ fn launch_softmax_lse(
     let bias = CubeBackend::float_reshape(into_contiguous(bias), Shape::new([seq, t]));
     let (client, device) = (scores.client.clone(), scores.device.clone());
     let p = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
-    let mut lse_shape = shape;
-    let last = lse_shape.num_dims() - 1;
-    lse_shape[last] = 1;
-    let lse = empty_device_dtype(client.clone(), device, lse_shape, DType::F32);
-    let dtypes = [elem_type(scores.dtype), elem_type(bias.dtype)];
+    let lse = empty_device_dtype(client.clone(), device, row_shape(&shape), DType::F32);
+    let dtypes = [
+        dtype_to_storage_type(scores.dtype),
+        dtype_to_storage_type(bias.dtype),
+    ];
     // Safety: rows `< rows`, columns `< t`, bias rows `% seq`.
     unsafe {
         softmax_lse_kernel::launch_unchecked(
@@ -335,7 +324,7 @@ fn launch_softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor 
     let (dp, _, _) = as_rows(dp);
     let (client, device) = (dp.client.clone(), dp.device.clone());
     let ds = empty_device_dtype(client.clone(), device, shape, dp.dtype);
-    let dtype = elem_type(dp.dtype);
+    let dtype = dtype_to_storage_type(dp.dtype);
     // Safety: rows `< rows`, columns `< t`.
     unsafe {
         softmax_grad_kernel::launch_unchecked(
@@ -353,11 +342,16 @@ fn launch_softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor 
     ds
 }
 
-fn lse_spec(scores: &TensorSpec) -> TensorSpec {
-    let mut shape = scores.shape.clone();
+/// `shape` with its last dim 1: one value per row.
+fn row_shape(shape: &Shape) -> Shape {
+    let mut shape = shape.clone();
     let last = shape.num_dims() - 1;
     shape[last] = 1;
-    TensorSpec::new(shape, DType::F32)
+    shape
+}
+
+fn lse_spec(scores: &TensorSpec) -> TensorSpec {
+    TensorSpec::new(row_shape(&scores.shape), DType::F32)
 }
 
 fn nll_spec(logits: &TensorSpec) -> TensorSpec {
