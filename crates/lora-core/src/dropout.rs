@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether `device` runs on cubecl (a GPU, or its CPU runtime): its own RNG and matmul kernels.
-pub(crate) fn on_cubecl(device: &Device) -> bool {
+pub fn on_cubecl(device: &Device) -> bool {
     device.identity().is_some()
 }
 
@@ -56,6 +56,13 @@ pub fn dropout_mask<const D: usize>(
     // The mask is {0, 1}: x·(m/keep) rounds exactly as Burn's (x·m)·(1/keep).
     let mask = Tensor::random(shape, Distribution::Bernoulli(keep), (device, dtype));
     Some(mask.mul_scalar(1.0 / keep))
+}
+
+/// The seed of a dropout drawn inside a kernel from a hash of the seed and each element's position
+/// (ops that recompute their mask in the backward pass instead of keeping it): two uniforms in
+/// `[0, 1)` `[2]` (f32) from the device's generator, or `None` where `d` drops nothing.
+pub fn dropout_seed(d: &Dropout, device: &Device) -> Option<Tensor<1>> {
+    active(d, device).then(|| Tensor::random([2], Distribution::Default, (device, DType::F32)))
 }
 
 /// A `{0, 1/keep}` f32 mask on a host backend: one draw from the device generator (48 bits: f32

@@ -23,6 +23,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{
     Autodiff, Backend, Cube, Dispatch, ExtensionType, Flex, NdArray, backend_extension,
 };
+use burn::nn::Dropout;
 use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Slice, TensorData};
 use burn::tensor::{Int, Tensor};
 
@@ -32,22 +33,16 @@ use lora_core::dropout::{KeptMask, MaskBits};
 use lora_core::matmul::Matmul;
 use lora_core::utils::flex_contiguous;
 
-/// The dropout mask of [`GptKernels::causal_attention`].
-#[derive(ExtensionType)]
+/// The dropout of [`GptKernels::causal_attention`].
+#[derive(ExtensionType, Clone)]
 pub enum Keep<B: Backend> {
     /// `{0, 1/keep}` `[batch, head, seq, seq]`, and `keep` (the probability to keep a score).
     Mask(FloatTensor<B>, f64),
+    /// Hashed dropout ([`Pointwise::softmax_lse_hashed`]): the seed `[2]` (f32 uniforms in
+    /// `[0, 1)`) and `keep`.
+    Hashed(FloatTensor<B>, f64),
     /// No dropout.
     All,
-}
-
-impl<B: Backend> Keep<B> {
-    fn into_option(self) -> Option<(FloatTensor<B>, f64)> {
-        match self {
-            Keep::Mask(m, keep) => Some((m, keep)),
-            Keep::All => None,
-        }
-    }
 }
 
 /// The fused ops, per backend.
@@ -157,6 +152,49 @@ pub trait Pointwise: Matmul + MaskBits {
         softmax_lse_composed::<Self>(scores, bias, scale)
     }
 
+    /// [`Pointwise::fused_softmax_lse`] with hashed dropout: the probabilities times the
+    /// `{0, 1/keep}` mask that [`hashed_mask`] draws from `seed` (`[2]`, f32 uniforms), and the
+    /// log-sum-exp. The backward pass draws the same mask again ([`Pointwise::probs_hashed`],
+    /// [`Pointwise::softmax_grad_hashed`]) instead of keeping it. Composed here with the mask made
+    /// on the host; one kernel on cubecl.
+    fn softmax_lse_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        softmax_lse_hashed_composed::<Self>(scores, bias, seed, scale, keep)
+    }
+
+    /// The dropped probabilities of [`Pointwise::softmax_lse_hashed`] again, from its
+    /// log-sum-exp: `exp(scores·scale + bias − lse)·mask`.
+    fn probs_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> FloatTensor<Self> {
+        probs_hashed_composed::<Self>(scores, bias, lse, seed, scale, keep)
+    }
+
+    /// The softmax backward pass of [`Pointwise::softmax_lse_hashed`], times the scores' scale:
+    /// `p·(g − Σ g·p)·scale` with `p = exp(scores·scale + bias − lse)` and `g = dp·mask`.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_grad_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> FloatTensor<Self> {
+        softmax_grad_hashed_composed::<Self>(scores, bias, lse, dp, seed, scale, keep)
+    }
+
     /// Per row of `logits [n, v]` with targets `[n, 1]` and weights `[n, 1]` (f32): the weighted
     /// loss `w·(−log_softmax(x)[t]) [n, 1]` (f32) and, when `grad`, its gradient
     /// `w·(softmax(x) − onehot(t)) [n, v]` in the logits' dtype.
@@ -185,6 +223,48 @@ fn ce_rows_composed<B: Pointwise>(
         B::float_cast(B::float_mul(d, weights), dt.into())
     });
     (loss, d)
+}
+
+/// [`Pointwise::softmax_lse_hashed`] in Burn's ops, the mask made on the host ([`hashed_mask`]).
+fn softmax_lse_hashed_composed<B: Pointwise>(
+    scores: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    seed: FloatTensor<B>,
+    scale: f64,
+    keep: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (p, lse) = B::fused_softmax_lse(scores, bias, scale);
+    let mask = hashed_mask::<B>(seed, &p, keep);
+    (B::float_mul(p, mask), lse)
+}
+
+/// [`Pointwise::probs_hashed`] in Burn's ops, the mask made on the host.
+fn probs_hashed_composed<B: Pointwise>(
+    scores: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    seed: FloatTensor<B>,
+    scale: f64,
+    keep: f64,
+) -> FloatTensor<B> {
+    let p = probs_from_lse::<B>(scores, bias, scale, lse);
+    let mask = hashed_mask::<B>(seed, &p, keep);
+    B::float_mul(p, mask)
+}
+
+/// [`Pointwise::softmax_grad_hashed`] in Burn's ops, the mask made on the host.
+fn softmax_grad_hashed_composed<B: Pointwise>(
+    scores: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dp: FloatTensor<B>,
+    seed: FloatTensor<B>,
+    scale: f64,
+    keep: f64,
+) -> FloatTensor<B> {
+    let p = probs_from_lse::<B>(scores, bias, scale, lse);
+    let mask = hashed_mask::<B>(seed, &p, keep);
+    B::fused_softmax_grad(p, B::float_mul(dp, mask), scale)
 }
 
 fn softmax_composed<B: Pointwise>(
@@ -279,6 +359,58 @@ impl Pointwise for Cube {
         match p.shape() == dp.shape() && p.dtype() == dp.dtype() {
             true => <Self as RowKernels>::softmax_grad(p, dp, scale),
             false => softmax_grad_composed::<Self>(p, dp, scale),
+        }
+    }
+
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads: the
+    /// mask is a hash of the seed and each score's position, never a tensor.
+    fn softmax_lse_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match bias_is_one_matrix::<Self>(&scores, &bias) {
+            true => <Self as RowKernels>::softmax_lse_hashed(scores, bias, seed, scale, keep),
+            false => softmax_lse_hashed_composed::<Self>(scores, bias, seed, scale, keep),
+        }
+    }
+
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads.
+    fn probs_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> FloatTensor<Self> {
+        match bias_is_one_matrix::<Self>(&scores, &bias) {
+            true => <Self as RowKernels>::probs_hashed(scores, bias, lse, seed, scale, keep),
+            false => probs_hashed_composed::<Self>(scores, bias, lse, seed, scale, keep),
+        }
+    }
+
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads and dp
+    /// has the scores' shape and dtype.
+    fn softmax_grad_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> FloatTensor<Self> {
+        let fits = bias_is_one_matrix::<Self>(&scores, &bias)
+            && scores.shape() == dp.shape()
+            && scores.dtype() == dp.dtype();
+        match fits {
+            true => {
+                <Self as RowKernels>::softmax_grad_hashed(scores, bias, lse, dp, seed, scale, keep)
+            }
+            false => softmax_grad_hashed_composed::<Self>(scores, bias, lse, dp, seed, scale, keep),
         }
     }
 
@@ -452,29 +584,71 @@ fn merge_heads<B: Backend>(
     B::float_reshape(B::float_cat(parts, 2), [b, t, 3 * h * hs].into())
 }
 
-/// The attention output and, with `lse` (for [`Pointwise::PROBS_FROM_LSE`]), the scores' per-row
-/// log-sum-exp `[batch, head, seq, 1]` (f32).
+/// The attention output and, with `lse` (for [`Pointwise::PROBS_FROM_LSE`]) or hashed dropout,
+/// the scores' per-row log-sum-exp `[batch, head, seq, 1]` (f32).
 fn attention_forward<B: Pointwise>(
     qkv: FloatTensor<B>,
     bias: FloatTensor<B>,
-    keep: Option<FloatTensor<B>>,
+    keep: Keep<B>,
     n_head: usize,
     scale: f64,
     lse: bool,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let [q, k, v] = split_heads::<B>(qkv, n_head);
-    let (p, lse) = match lse {
-        true => {
-            let (p, lse) = B::fused_softmax_lse(scores::<B>(q, k), bias, scale);
+    let (p, lse) = match (keep, lse) {
+        (Keep::Hashed(seed, keep), _) => {
+            let (p, lse) = B::softmax_lse_hashed(scores::<B>(q, k), bias, seed, scale, keep);
             (p, Some(lse))
         }
-        false => (probs::<B>(q, k, bias, scale), None),
-    };
-    let p = match keep {
-        Some(m) => B::float_mul(p, m),
-        None => p,
+        (keep, true) => {
+            let (p, lse) = B::fused_softmax_lse(scores::<B>(q, k), bias, scale);
+            (masked_by(p, keep), Some(lse))
+        }
+        (keep, false) => (masked_by(probs::<B>(q, k, bias, scale), keep), None),
     };
     (B::mm(p, v), lse)
+}
+
+/// `p · mask` for [`Keep::Mask`], p otherwise.
+fn masked_by<B: Backend>(p: FloatTensor<B>, keep: Keep<B>) -> FloatTensor<B> {
+    match keep {
+        Keep::Mask(m, _) => B::float_mul(p, m),
+        _ => p,
+    }
+}
+
+/// The `{0, 1/keep}` mask of hashed dropout ([`Pointwise::softmax_lse_hashed`]) for a tensor like
+/// `like` (its shape, dtype and device), made on the host from `seed` (`[2]`, f32 uniforms): the
+/// kernels' hash ([`crate::kernels`]) over the rows of `like`'s last dim.
+fn hashed_mask<B: Backend>(
+    seed: FloatTensor<B>,
+    like: &FloatTensor<B>,
+    keep: f64,
+) -> FloatTensor<B> {
+    let seed = burn::tensor::read_sync(B::float_into_data(seed))
+        .expect("the dropout seed reads back")
+        .iter::<f32>()
+        .collect::<Vec<_>>();
+    let shape = like.shape();
+    let t = shape[shape.num_dims() - 1];
+    let mask = hashed_mask_values([seed[0], seed[1]], shape.num_elements() / t.max(1), t, keep);
+    let mask = B::float_from_data(TensorData::new(mask, shape), &like.device());
+    B::float_cast(mask, like.dtype().into())
+}
+
+/// Hashed dropout's `{0, 1/keep}` mask `[rows, t]` (row-major) for the seed's two uniforms.
+pub(crate) fn hashed_mask_values(seed: [f32; 2], rows: usize, t: usize, keep: f64) -> Vec<f32> {
+    let seeds = seed.map(|u| (u as f64 * 16_777_216.0) as u32);
+    let threshold = crate::kernels::keep_threshold(keep);
+    let value = (1.0 / keep) as f32;
+    (0..rows * t)
+        .map(
+            |i| match crate::kernels::kept_host(i / t, i % t, seeds, threshold) {
+                true => value,
+                false => 0.0,
+            },
+        )
+        .collect()
 }
 
 /// [`softmax_composed`] (the same values) and the per-row `max + log Σ exp(x − max)` in f32.
@@ -489,18 +663,17 @@ fn softmax_lse_composed<B: Pointwise>(
     (B::float_div(exp, sum), lse)
 }
 
-/// The probabilities again from the log-sum-exp: `exp(q·kᵀ·scale + bias − lse)`, computed in f32,
-/// returned in q's dtype.
+/// The probabilities again from the log-sum-exp: `exp(scores·scale + bias − lse)`, computed in
+/// f32, returned in the scores' dtype.
 fn probs_from_lse<B: Pointwise>(
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
+    scores: FloatTensor<B>,
     bias: FloatTensor<B>,
     scale: f64,
     lse: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let dt = q.dtype();
+    let dt = scores.dtype();
     let f32 = |x| B::float_cast(x, FloatDType::F32);
-    let x = B::float_mul_scalar(f32(scores::<B>(q, k)), scale.into());
+    let x = B::float_mul_scalar(f32(scores), scale.into());
     let x = B::float_add(x, f32(bias));
     B::float_cast(B::float_exp(B::float_sub(x, lse)), dt.into())
 }
@@ -636,7 +809,6 @@ macro_rules! plain_backend {
                 n_head: usize,
                 scale: f64,
             ) -> FloatTensor<Self> {
-                let keep = keep.into_option().map(|(m, _)| m);
                 attention_forward::<Self>(qkv, bias, keep, n_head, scale, false).0
             }
 
@@ -666,11 +838,22 @@ plain_backend!(Cube, Flex, NdArray);
 #[derive(Debug)]
 struct AttentionBackward;
 
-/// `qkv`, bias, the dropout mask, `n_head`, scale, the log-sum-exp ([`Pointwise::PROBS_FROM_LSE`]).
+/// The attention's dropout as its backward pass keeps it.
+#[derive(Clone, Debug)]
+enum Dropped<B: Pointwise> {
+    /// The mask, packed.
+    Mask(KeptMask<B>),
+    /// Hashed dropout's seed and keep probability: the mask is drawn again.
+    Hashed(FloatTensor<B>, f64),
+    None,
+}
+
+/// `qkv`, bias, the dropout, `n_head`, scale, the log-sum-exp ([`Pointwise::PROBS_FROM_LSE`], and
+/// always with hashed dropout).
 type AttentionState<B> = (
     FloatTensor<B>,
     FloatTensor<B>,
-    Option<KeptMask<B>>,
+    Dropped<B>,
     usize,
     f64,
     Option<FloatTensor<B>>,
@@ -683,26 +866,52 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         let [node] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let Some(node) = node else { return };
-        let (qkv, bias, keep, n_head, scale, lse) = ops.state;
+        let (qkv, bias, dropped, n_head, scale, lse) = ops.state;
         let [q, k, v] = split_heads::<B>(qkv, n_head);
-        let keep = keep.map(KeptMask::for_mul);
-        // Recompute the probabilities; the dropped ones are `p·keep`.
-        let p = match lse {
-            Some(lse) => probs_from_lse::<B>(q.clone(), k.clone(), bias, scale, lse),
-            None => probs::<B>(q.clone(), k.clone(), bias, scale),
+        let (ds, dv) = match (dropped, lse) {
+            // The scores again; the dropped probabilities and the softmax backward each in one
+            // pass over them, the mask drawn again in both.
+            (Dropped::Hashed(seed, keep), Some(lse)) => {
+                let s = scores::<B>(q.clone(), k.clone());
+                let pd = B::probs_hashed(
+                    s.clone(),
+                    bias.clone(),
+                    lse.clone(),
+                    seed.clone(),
+                    scale,
+                    keep,
+                );
+                let dv = B::mm(B::float_swap_dims(pd, 2, 3), dy.clone());
+                let dp = B::mm(dy, B::float_swap_dims(v, 2, 3));
+                let ds = B::softmax_grad_hashed(s, bias, lse, dp, seed, scale, keep);
+                (ds, dv)
+            }
+            (dropped, lse) => {
+                let keep = match dropped {
+                    Dropped::Mask(m) => Some(m.for_mul()),
+                    _ => None,
+                };
+                // Recompute the probabilities; the dropped ones are `p·keep`.
+                let p = match lse {
+                    Some(lse) => {
+                        probs_from_lse::<B>(scores::<B>(q.clone(), k.clone()), bias, scale, lse)
+                    }
+                    None => probs::<B>(q.clone(), k.clone(), bias, scale),
+                };
+                let pd = match &keep {
+                    Some(m) => m.mul(p.clone()),
+                    None => p.clone(),
+                };
+                let dv = B::mm(B::float_swap_dims(pd, 2, 3), dy.clone());
+                let dp = B::mm(dy, B::float_swap_dims(v, 2, 3));
+                let dp = match &keep {
+                    Some(m) => m.mul(dp),
+                    None => dp,
+                };
+                // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
+                (B::fused_softmax_grad(p, dp, scale), dv)
+            }
         };
-        let pd = match &keep {
-            Some(m) => m.mul(p.clone()),
-            None => p.clone(),
-        };
-        let dv = B::mm(B::float_swap_dims(pd, 2, 3), dy.clone());
-        let dp = B::mm(dy, B::float_swap_dims(v, 2, 3));
-        let dp = match &keep {
-            Some(m) => m.mul(dp),
-            None => dp,
-        };
-        // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
-        let ds = B::fused_softmax_grad(p, dp, scale);
         let dq = B::mm(ds.clone(), k);
         let dk = B::mm(B::float_swap_dims(ds, 2, 3), q);
         grads.register::<B>(node.id, merge_heads::<B>(dq, dk, dv));
@@ -783,20 +992,28 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
             .compute_bound()
             .stateful();
         let (qkv, bias) = (qkv.into_primitive(), bias.into_primitive());
-        let keep = keep.into_option().map(|(m, p)| (m.into_primitive(), p));
+        let keep = match keep {
+            Keep::Mask(m, p) => Keep::Mask(m.into_primitive(), p),
+            Keep::Hashed(seed, p) => Keep::Hashed(seed.into_primitive(), p),
+            Keep::All => Keep::All,
+        };
         let tracked = matches!(prep, OpsKind::Tracked(_));
         let (out, lse) = attention_forward::<B>(
             qkv.clone(),
             bias.clone(),
-            keep.as_ref().map(|(m, _)| m.clone()),
+            keep.clone(),
             n_head,
             scale,
             tracked && B::PROBS_FROM_LSE,
         );
         match prep {
             OpsKind::Tracked(prep) => {
-                let keep = keep.map(|(m, p)| KeptMask::pack(m, 1.0 / p));
-                prep.finish((qkv, bias, keep, n_head, scale, lse), out)
+                let dropped = match keep {
+                    Keep::Mask(m, p) => Dropped::Mask(KeptMask::pack(m, 1.0 / p)),
+                    Keep::Hashed(seed, p) => Dropped::Hashed(seed, p),
+                    Keep::All => Dropped::None,
+                };
+                prep.finish((qkv, bias, dropped, n_head, scale, lse), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
@@ -863,19 +1080,54 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
     }
 }
 
+/// The dropout of [`causal_attention`]'s probabilities.
+#[derive(Clone, Debug)]
+pub enum AttentionDropout {
+    /// The mask `{0, 1/keep}` `[batch, head, seq, seq]` and `keep`.
+    Mask(Tensor<4>, f64),
+    /// Dropout drawn in the attention kernels from a hash of the seed (`[2]`, f32 uniforms in
+    /// `[0, 1)`) and each score's position, and `keep`: no mask is made or kept (cubecl); other
+    /// backends make the same mask on the host.
+    Hashed(Tensor<1>, f64),
+}
+
+/// The dropout `d` applies to attention probabilities `[batch, head, seq, seq]` on `device`:
+/// hashed on cubecl devices (GPUs), a mask ([`lora_core::dropout_mask`]) on the host backends;
+/// none unless `d` is training on an autodiff device with `prob > 0`.
+pub fn attention_dropout(
+    d: &Dropout,
+    shape: [usize; 4],
+    device: &burn::tensor::Device,
+    dtype: DType,
+) -> Option<AttentionDropout> {
+    let keep = 1.0 - d.prob;
+    match lora_core::dropout::on_cubecl(device) {
+        true => {
+            lora_core::dropout::dropout_seed(d, device).map(|s| AttentionDropout::Hashed(s, keep))
+        }
+        false => lora_core::dropout_mask(d, shape, device, dtype)
+            .map(|m| AttentionDropout::Mask(m, keep)),
+    }
+}
+
 /// [`GptKernels::causal_attention`] on tensors: `qkv [batch, seq, 3·n_head·d]` ->
-/// `[batch, head, seq, d]`; `keep`: the dropout mask `{0, 1/p}` and `p`.
+/// `[batch, head, seq, d]`, with `dropout` on the probabilities.
 pub fn causal_attention(
     qkv: Tensor<3>,
     bias: Tensor<4>,
-    keep: Option<(Tensor<4>, f64)>,
+    dropout: Option<AttentionDropout>,
     n_head: usize,
     scale: f64,
 ) -> Tensor<4> {
+    let keep = match dropout {
+        Some(AttentionDropout::Mask(m, p)) => Keep::Mask(m.into_dispatch(), p),
+        Some(AttentionDropout::Hashed(seed, p)) => Keep::Hashed(seed.into_dispatch(), p),
+        None => Keep::All,
+    };
     Tensor::from_dispatch(<Dispatch as GptKernels>::causal_attention(
         qkv.into_dispatch(),
         bias.into_dispatch(),
-        keep.map_or(Keep::All, |(m, p)| Keep::Mask(m.into_dispatch(), p)),
+        keep,
         n_head,
         scale,
     ))

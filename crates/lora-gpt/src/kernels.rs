@@ -6,13 +6,17 @@
 //! and writes the gradient once; [`softmax_lse_kernel`] and [`softmax_grad_kernel`] do the same for
 //! the attention scores' softmax and its backward pass. One cube of [`UNITS`] units per row, f32
 //! arithmetic, the row's reduction in shared memory.
+//!
+//! The attention kernels also apply dropout drawn in the kernel ("hashed dropout", [`mix32`]): the
+//! mask is a hash of a seed and the element's position, so the backward pass draws it again instead
+//! of keeping it, and no mask is ever generated, stored, packed or multiplied in separate kernels.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, backend_extension};
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -47,6 +51,73 @@ fn reduce_max_sum(sm: &mut Shared<[f32]>, ss: &mut Shared<[f32]>, unit: usize) {
         sync_cube();
         half /= 2;
     }
+}
+
+/// Tree reduction of each unit's `sh[unit]`: the row's sum ends in `sh[0]`.
+#[cube]
+fn reduce_sum(sh: &mut Shared<[f32]>, unit: usize) {
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if unit < half {
+            let total = sh[unit] + sh[unit + half];
+            sh[unit] = total;
+        }
+        sync_cube();
+        half /= 2;
+    }
+}
+
+/// A 32-bit integer hash (Wellons' `lowbias32`), the mixing step of hashed dropout; [`mix32_host`]
+/// computes the same on the host.
+#[cube]
+fn mix32(x: u32) -> u32 {
+    let mut x = x;
+    x ^= x >> 16u32;
+    x *= 0x7feb_352du32;
+    x ^= x >> 15u32;
+    x *= 0x846c_a68bu32;
+    x ^= x >> 16u32;
+    x
+}
+
+/// [`mix32`] on the host.
+pub(crate) fn mix32_host(x: u32) -> u32 {
+    let mut x = x;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// The seeds of hashed dropout from the seed tensor's two uniforms in `[0, 1)` (24-bit multiples
+/// of 2⁻²⁴, as Burn draws them): `u·2²⁴`.
+#[cube]
+fn seed_at(seed: &Tensor<f32>, i: usize) -> u32 {
+    u32::cast_from(seed[i] * 16_777_216.0)
+}
+
+/// Hashed dropout's factor for element `col` of a row with key `mix32(row ^ s0)`: `1/keep` when
+/// `mix32(mix32(col ^ key) + s1) < threshold` (`threshold = keep·2³²`), else 0. [`kept_host`] is
+/// the same test on the host.
+#[cube]
+fn keep_factor(key: u32, col: usize, s1: u32, threshold: u32, inv_keep: f32) -> f32 {
+    let h = mix32(mix32(u32::cast_from(col) ^ key) + s1);
+    select(h < threshold, inv_keep, 0.0)
+}
+
+/// Whether hashed dropout keeps element `col` of row `row` (of all rows of the tensor, in order),
+/// with the seeds `s0, s1` and `threshold` of [`keep_factor`].
+pub(crate) fn kept_host(row: usize, col: usize, [s0, s1]: [u32; 2], threshold: u32) -> bool {
+    let key = mix32_host(row as u32 ^ s0);
+    mix32_host(mix32_host(col as u32 ^ key).wrapping_add(s1)) < threshold
+}
+
+/// `keep·2³²`, the hash threshold of a keep probability (`keep < 1`).
+pub(crate) fn keep_threshold(keep: f64) -> u32 {
+    (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32
 }
 
 /// Per row of `logits [rows, v]` with target `t` and weight `w`: `w·(log Σ exp(x) − x[t])` into
@@ -118,15 +189,21 @@ fn ce_rows_kernel<F: Float, I: Int>(
 }
 
 /// Per row of `x = scores·scale + bias` (scores `[rows, t]`; bias `[seq, t]` strided, row
-/// `r % seq`): `p = softmax(x)` in the scores' dtype and `lse = max + ln Σ exp(x − max)` (f32).
+/// `r % seq`): `p = softmax(x)` in the scores' dtype, times the hashed dropout factor
+/// ([`keep_factor`]) when `drop`, and `lse = max + ln Σ exp(x − max)` (f32).
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn softmax_lse_kernel<F: Float, B: Float>(
     scores: &Tensor<F>,
     bias: &Tensor<B>,
+    seed: &Tensor<f32>,
     p: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     rows: usize,
     scale: f32,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] drop: bool,
     #[define(F, B)] _dtypes: [ElemType; 2],
 ) {
     let row = cube_row();
@@ -163,10 +240,115 @@ fn softmax_lse_kernel<F: Float, B: Float>(
         lse[row] = gm + gs.ln();
     }
     let inv = 1.0 / gs;
+    let key = mix32(u32::cast_from(row) ^ seed_at(seed, 0));
+    let s1 = seed_at(seed, 1);
     let mut c = unit;
     while c < t {
         let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
-        p[base + c] = F::cast_from((x - gm).exp() * inv);
+        let mut v = (x - gm).exp() * inv;
+        if comptime![drop] {
+            v *= keep_factor(key, c, s1, threshold, inv_keep);
+        }
+        p[base + c] = F::cast_from(v);
+        c += UNITS;
+    }
+}
+
+/// Per row of `x = scores·scale + bias` (as [`softmax_lse_kernel`]) and its log-sum-exp
+/// `lse [rows, 1]`: the probabilities again, `exp(x − lse)`, times the hashed dropout factor
+/// when `drop`, in the scores' dtype.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn probs_kernel<F: Float, B: Float>(
+    scores: &Tensor<F>,
+    bias: &Tensor<B>,
+    lse: &Tensor<f32>,
+    seed: &Tensor<f32>,
+    p: &mut Tensor<F>,
+    rows: usize,
+    scale: f32,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] drop: bool,
+    #[define(F, B)] _dtypes: [ElemType; 2],
+) {
+    let row = cube_row();
+    if row >= rows {
+        terminate!();
+    }
+    let t = scores.shape(1);
+    let base = row * t;
+    let bbase = (row % bias.shape(0)) * bias.stride(0);
+    let bstep = bias.stride(1);
+    let l = lse[row];
+    let key = mix32(u32::cast_from(row) ^ seed_at(seed, 0));
+    let s1 = seed_at(seed, 1);
+    let mut c = UNIT_POS_X as usize;
+    while c < t {
+        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
+        let mut v = (x - l).exp();
+        if comptime![drop] {
+            v *= keep_factor(key, c, s1, threshold, inv_keep);
+        }
+        p[base + c] = F::cast_from(v);
+        c += UNITS;
+    }
+}
+
+/// Softmax's backward pass through hashed dropout, per row: with `p = exp(x − lse)` (as
+/// [`probs_kernel`]) and `g = dp·m` (m the dropout factor when `drop`, else 1),
+/// `ds = p·(g − Σ p·g)·scale` in dp's dtype.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn softmax_grad_lse_kernel<F: Float, B: Float>(
+    scores: &Tensor<F>,
+    bias: &Tensor<B>,
+    lse: &Tensor<f32>,
+    dp: &Tensor<F>,
+    seed: &Tensor<f32>,
+    ds: &mut Tensor<F>,
+    rows: usize,
+    scale: f32,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] drop: bool,
+    #[define(F, B)] _dtypes: [ElemType; 2],
+) {
+    let row = cube_row();
+    if row >= rows {
+        terminate!();
+    }
+    let t = scores.shape(1);
+    let base = row * t;
+    let bbase = (row % bias.shape(0)) * bias.stride(0);
+    let bstep = bias.stride(1);
+    let unit = UNIT_POS_X as usize;
+    let l = lse[row];
+    let key = mix32(u32::cast_from(row) ^ seed_at(seed, 0));
+    let s1 = seed_at(seed, 1);
+    let mut acc = f32::new(0.0);
+    let mut c = unit;
+    while c < t {
+        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
+        let mut g = f32::cast_from(dp[base + c]);
+        if comptime![drop] {
+            g *= keep_factor(key, c, s1, threshold, inv_keep);
+        }
+        acc += (x - l).exp() * g;
+        c += UNITS;
+    }
+    let mut sh = Shared::<[f32]>::new_slice(UNITS);
+    sh[unit] = acc;
+    reduce_sum(&mut sh, unit);
+    let total = sh[0];
+    let mut c = unit;
+    while c < t {
+        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
+        let mut g = f32::cast_from(dp[base + c]);
+        if comptime![drop] {
+            g *= keep_factor(key, c, s1, threshold, inv_keep);
+        }
+        ds[base + c] = F::cast_from((x - l).exp() * (g - total) * scale);
         c += UNITS;
     }
 }
@@ -196,16 +378,7 @@ fn softmax_grad_kernel<F: Float>(
     }
     let mut sh = Shared::<[f32]>::new_slice(UNITS);
     sh[unit] = acc;
-    sync_cube();
-    let mut half = CUBE_DIM_X as usize / 2;
-    while half > 0 {
-        if unit < half {
-            let total = sh[unit] + sh[unit + half];
-            sh[unit] = total;
-        }
-        sync_cube();
-        half /= 2;
-    }
+    reduce_sum(&mut sh, unit);
     let total = sh[0];
     let mut c = unit;
     while c < t {
@@ -282,17 +455,57 @@ fn launch_ce_rows(
     (nll, d)
 }
 
+/// Hashed dropout as the kernels take it: the seed tensor (two uniforms), `keep·2³²`, `1/keep`
+/// and whether to drop (without, a two-element stand-in the kernels never read).
+struct DropArgs {
+    seed: CubeTensor,
+    threshold: u32,
+    inv_keep: f32,
+    drop: bool,
+}
+
+impl DropArgs {
+    /// `drop`: the seed tensor `[2]` (f32) and `keep`, the probability to keep an element.
+    fn new(drop: Option<(CubeTensor, f64)>, like: &CubeTensor) -> Self {
+        match drop {
+            Some((seed, keep)) => Self {
+                seed: into_contiguous(CubeBackend::float_cast(seed, FloatDType::F32)),
+                threshold: keep_threshold(keep),
+                inv_keep: (1.0 / keep) as f32,
+                drop: true,
+            },
+            None => Self {
+                seed: empty_device_dtype(
+                    like.client.clone(),
+                    like.device.clone(),
+                    Shape::new([2]),
+                    DType::F32,
+                ),
+                threshold: 0,
+                inv_keep: 1.0,
+                drop: false,
+            },
+        }
+    }
+}
+
+/// bias `[1, .., 1, seq, t]`, broadcast over the leading dims, as `[seq, t]`.
+fn bias_rows(bias: CubeTensor, t: usize) -> CubeTensor {
+    let nb = bias.meta.num_dims();
+    let seq = bias.meta.shape[nb - 2];
+    CubeBackend::float_reshape(into_contiguous(bias), Shape::new([seq, t]))
+}
+
 fn launch_softmax_lse(
     scores: CubeTensor,
     bias: CubeTensor,
+    drop: Option<(CubeTensor, f64)>,
     scale: f64,
 ) -> (CubeTensor, CubeTensor) {
     let shape = scores.meta.shape.clone();
     let (scores, rows, t) = as_rows(scores);
-    // bias `[1, .., 1, seq, t]`, broadcast over the leading dims: `[seq, t]`.
-    let nb = bias.meta.num_dims();
-    let seq = bias.meta.shape[nb - 2];
-    let bias = CubeBackend::float_reshape(into_contiguous(bias), Shape::new([seq, t]));
+    let bias = bias_rows(bias, t);
+    let drop = DropArgs::new(drop, &scores);
     let (client, device) = (scores.client.clone(), scores.device.clone());
     let p = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
     let lse = empty_device_dtype(client.clone(), device, row_shape(&shape), DType::F32);
@@ -300,7 +513,7 @@ fn launch_softmax_lse(
         dtype_to_storage_type(scores.dtype),
         dtype_to_storage_type(bias.dtype),
     ];
-    // Safety: rows `< rows`, columns `< t`, bias rows `% seq`.
+    // Safety: rows `< rows`, columns `< t`, bias rows `% seq`, seed indices 0 and 1.
     unsafe {
         softmax_lse_kernel::launch_unchecked(
             &client,
@@ -308,14 +521,101 @@ fn launch_softmax_lse(
             CubeDim::new_1d(UNITS as u32),
             scores.into_tensor_arg(),
             bias.into_tensor_arg(),
+            drop.seed.into_tensor_arg(),
             p.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             rows,
             scale as f32,
+            drop.threshold,
+            drop.inv_keep,
+            drop.drop,
             dtypes,
         );
     }
     (p, lse)
+}
+
+fn launch_probs(
+    scores: CubeTensor,
+    bias: CubeTensor,
+    lse: CubeTensor,
+    drop: Option<(CubeTensor, f64)>,
+    scale: f64,
+) -> CubeTensor {
+    let shape = scores.meta.shape.clone();
+    let (scores, rows, t) = as_rows(scores);
+    let bias = bias_rows(bias, t);
+    let lse = into_contiguous(lse);
+    let drop = DropArgs::new(drop, &scores);
+    let (client, device) = (scores.client.clone(), scores.device.clone());
+    let p = empty_device_dtype(client.clone(), device, shape, scores.dtype);
+    let dtypes = [
+        dtype_to_storage_type(scores.dtype),
+        dtype_to_storage_type(bias.dtype),
+    ];
+    // Safety: rows `< rows`, columns `< t`, bias rows `% seq`, seed indices 0 and 1.
+    unsafe {
+        probs_kernel::launch_unchecked(
+            &client,
+            row_cubes(rows),
+            CubeDim::new_1d(UNITS as u32),
+            scores.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            drop.seed.into_tensor_arg(),
+            p.clone().into_tensor_arg(),
+            rows,
+            scale as f32,
+            drop.threshold,
+            drop.inv_keep,
+            drop.drop,
+            dtypes,
+        );
+    }
+    p
+}
+
+fn launch_softmax_grad_lse(
+    scores: CubeTensor,
+    bias: CubeTensor,
+    lse: CubeTensor,
+    dp: CubeTensor,
+    drop: Option<(CubeTensor, f64)>,
+    scale: f64,
+) -> CubeTensor {
+    let shape = dp.meta.shape.clone();
+    let (scores, rows, t) = as_rows(scores);
+    let (dp, _, _) = as_rows(dp);
+    let bias = bias_rows(bias, t);
+    let lse = into_contiguous(lse);
+    let drop = DropArgs::new(drop, &scores);
+    let (client, device) = (dp.client.clone(), dp.device.clone());
+    let ds = empty_device_dtype(client.clone(), device, shape, dp.dtype);
+    let dtypes = [
+        dtype_to_storage_type(scores.dtype),
+        dtype_to_storage_type(bias.dtype),
+    ];
+    // Safety: rows `< rows`, columns `< t`, bias rows `% seq`, seed indices 0 and 1.
+    unsafe {
+        softmax_grad_lse_kernel::launch_unchecked(
+            &client,
+            row_cubes(rows),
+            CubeDim::new_1d(UNITS as u32),
+            scores.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            dp.into_tensor_arg(),
+            drop.seed.into_tensor_arg(),
+            ds.clone().into_tensor_arg(),
+            rows,
+            scale as f32,
+            drop.threshold,
+            drop.inv_keep,
+            drop.drop,
+            dtypes,
+        );
+    }
+    ds
 }
 
 fn launch_softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor {
@@ -376,6 +676,42 @@ pub trait RowKernels: Backend {
     #[fusion(dtype = dp, shape = dp)]
     fn softmax_grad(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
 
+    /// [`softmax_lse`](Self::softmax_lse) with hashed dropout: p times the `{0, 1/keep}` mask drawn
+    /// from `seed` (`[2]` f32 uniforms) and each element's position, and the lse of p before it.
+    #[fusion(meta = |scores, _bias, _seed, _scale, _keep| (scores.clone(), lse_spec(scores)))]
+    fn softmax_lse_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The probabilities again from [`softmax_lse_hashed`](Self::softmax_lse_hashed)'s lse
+    /// `[.., seq, 1]`, `exp(scores·scale + bias − lse)`, times the same dropout mask.
+    #[fusion(dtype = scores, shape = scores)]
+    fn probs_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> FloatTensor<Self>;
+
+    /// Softmax's backward pass through the same dropout, times `scale`: `p·(g − Σ p·g)·scale` with
+    /// `p = exp(scores·scale + bias − lse)` and `g = dp·mask`; dp of the scores' shape and dtype.
+    #[fusion(dtype = dp, shape = dp)]
+    fn softmax_grad_hashed(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> FloatTensor<Self>;
+
     /// logits `[rows, v]`, targets `[rows, 1]` (each `< v`), weights `[rows, 1]` (f32) ->
     /// `w·nll [rows, 1]` (f32) and `w·(softmax − onehot) [rows, v]` (the logits' dtype).
     #[fusion(meta = |logits, _targets, _weights| (nll_spec(logits), logits.clone()))]
@@ -396,7 +732,40 @@ pub trait RowKernels: Backend {
 
 impl RowKernels for CubeBackend {
     fn softmax_lse(scores: CubeTensor, bias: CubeTensor, scale: f64) -> (CubeTensor, CubeTensor) {
-        launch_softmax_lse(scores, bias, scale)
+        launch_softmax_lse(scores, bias, None, scale)
+    }
+
+    fn softmax_lse_hashed(
+        scores: CubeTensor,
+        bias: CubeTensor,
+        seed: CubeTensor,
+        scale: f64,
+        keep: f64,
+    ) -> (CubeTensor, CubeTensor) {
+        launch_softmax_lse(scores, bias, Some((seed, keep)), scale)
+    }
+
+    fn probs_hashed(
+        scores: CubeTensor,
+        bias: CubeTensor,
+        lse: CubeTensor,
+        seed: CubeTensor,
+        scale: f64,
+        keep: f64,
+    ) -> CubeTensor {
+        launch_probs(scores, bias, lse, Some((seed, keep)), scale)
+    }
+
+    fn softmax_grad_hashed(
+        scores: CubeTensor,
+        bias: CubeTensor,
+        lse: CubeTensor,
+        dp: CubeTensor,
+        seed: CubeTensor,
+        scale: f64,
+        keep: f64,
+    ) -> CubeTensor {
+        launch_softmax_grad_lse(scores, bias, lse, dp, Some((seed, keep)), scale)
     }
 
     fn softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor {

@@ -13,9 +13,7 @@ use burn::nn::{
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use lora_core::layers::linear;
-use lora_core::{
-    LoraEmbedding, LoraLinear, LoraMerge, Scaling, cast_to, dropout_folded, dropout_mask,
-};
+use lora_core::{LoraEmbedding, LoraLinear, LoraMerge, Scaling, cast_to, dropout_folded};
 use serde::{Deserialize, Serialize};
 
 /// Which layers carry LoRA adapters, by module name (PEFT's `target_modules` for GPT-2).
@@ -329,8 +327,7 @@ impl CausalSelfAttention {
         let dt = qkv.dtype();
         // Training keeps qkv (and the dropout mask) in one autodiff node, not the scores.
         let keep = match training {
-            true => dropout_mask(&self.attn_dropout, [b, nh, t, t], &device, dt)
-                .map(|m| (m, 1.0 - self.attn_dropout.prob)),
+            true => fused::attention_dropout(&self.attn_dropout, [b, nh, t, t], &device, dt),
             false => None,
         };
         // Inference too: Burn's fused `attention` op on wgpu (f32) runs a flash kernel that took

@@ -1,6 +1,9 @@
 //! The fused ops against the composed Burn ops they replace: values and gradients.
 
-use crate::fused::{causal_attention, gelu_tanh, linear_cross_entropy_in_chunks};
+use crate::fused::{
+    AttentionDropout, causal_attention, gelu_tanh, hashed_mask_values,
+    linear_cross_entropy_in_chunks,
+};
 use crate::mingpt::cross_entropy_ignore;
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
@@ -34,18 +37,39 @@ fn composed(
     att.matmul(v)
 }
 
+/// The attention dropout of [`attention_case`].
+#[derive(Clone, Copy, Debug)]
+enum Drop {
+    No,
+    /// A mask made outside the op.
+    Mask,
+    /// Hashed dropout: the reference multiplies by the mask [`hashed_mask_values`] makes on the
+    /// host, the op draws it from the seed (in the kernels on cubecl).
+    Hashed,
+}
+
 /// `[b, h, t]` `[2, 3, 19]`: the backward pass keeps the dropout mask as it is (few scores, not a
 /// multiple of 16); `[8, 8, 32]`: packed to bits (65,536 scores).
-fn attention_case(device: &Device, dropout: bool, [b, h, t]: [usize; 3], tol: f32) {
+fn attention_case(device: &Device, dropout: Drop, [b, h, t]: [usize; 3], tol: f32) {
     device.seed(7);
     let d = 4;
     let qkv = Tensor::<3>::random([b, t, 3 * h * d], Distribution::Normal(0.0, 1.0), device);
     let w = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), device);
-    let keep = dropout.then(|| {
-        Tensor::<4>::random([b, h, t, t], Distribution::Bernoulli(0.7), device)
-            .mul_scalar(1.0 / 0.7)
-    });
-    let fused_keep = keep.clone().map(|m| (m, 0.7));
+    let (keep, fused_keep) = match dropout {
+        Drop::No => (None, None),
+        Drop::Mask => {
+            let m = Tensor::<4>::random([b, h, t, t], Distribution::Bernoulli(0.7), device)
+                .mul_scalar(1.0 / 0.7);
+            (Some(m.clone()), Some(AttentionDropout::Mask(m, 0.7)))
+        }
+        Drop::Hashed => {
+            let seed = Tensor::<1>::random([2], Distribution::Default, device);
+            let u = seed.to_data().iter::<f32>().collect::<Vec<_>>();
+            let m = hashed_mask_values([u[0], u[1]], b * h * t, t, 0.7);
+            let m = Tensor::<4>::from_data(TensorData::new(m, [b, h, t, t]), device);
+            (Some(m), Some(AttentionDropout::Hashed(seed, 0.7)))
+        }
+    };
     let bias = Tensor::<2>::zeros([t, t], device)
         .mask_fill(
             Tensor::<2, Bool>::tril_mask([t, t], 0, device),
@@ -75,7 +99,7 @@ fn attention_case(device: &Device, dropout: bool, [b, h, t]: [usize; 3], tol: f3
     };
     let (y0, g0) = run(false);
     let (y1, g1) = run(true);
-    let what = format!("{device:?}, dropout {dropout}");
+    let what = format!("{device:?}, dropout {dropout:?}");
     // Flex's softmax sums each row in sixteen lanes, the composed one in Flex's order.
     let diff = max_diff(y0, y1);
     assert!(diff < tol, "output {diff}, {what}");
@@ -86,10 +110,16 @@ fn attention_case(device: &Device, dropout: bool, [b, h, t]: [usize; 3], tol: f3
     let plain = device.clone().without_autodiff();
     let qkv = Tensor::<3>::from_data(qkv.to_data(), &plain);
     let to = |x: &Tensor<4>| Tensor::<4>::from_data(x.to_data(), &plain);
+    let plain_keep = fused_keep.map(|k| match k {
+        AttentionDropout::Mask(m, p) => AttentionDropout::Mask(to(&m), p),
+        AttentionDropout::Hashed(seed, p) => {
+            AttentionDropout::Hashed(Tensor::from_data(seed.to_data(), &plain), p)
+        }
+    });
     let y2 = causal_attention(
         qkv.clone(),
         Tensor::from_data(bias.to_data(), &plain),
-        fused_keep.as_ref().map(|(m, p)| (to(m), *p)),
+        plain_keep,
         h,
         s,
     );
@@ -236,9 +266,10 @@ fn devices() -> Vec<Device> {
 fn fused_attention_is_the_composed_attention() {
     for d in devices() {
         for shape in [[2, 3, 19], [8, 8, 32]] {
-            attention_case(&d.clone().autodiff(), true, shape, 1e-5);
+            attention_case(&d.clone().autodiff(), Drop::Mask, shape, 1e-5);
+            attention_case(&d.clone().autodiff(), Drop::Hashed, shape, 1e-5);
         }
-        attention_case(&d.autodiff(), false, [2, 3, 19], 1e-5);
+        attention_case(&d.autodiff(), Drop::No, [2, 3, 19], 1e-5);
     }
 }
 
@@ -269,8 +300,12 @@ fn fused_ops_on_wgpu() {
     let _one = crate::WGPU.lock();
     // CPU-only machines run this through Mesa's llvmpipe.
     let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
-    attention_case(&d, true, [2, 3, 19], 1e-4);
-    attention_case(&d, true, [8, 8, 32], 1e-4);
+    attention_case(&d, Drop::Mask, [2, 3, 19], 1e-4);
+    attention_case(&d, Drop::Mask, [8, 8, 32], 1e-4);
+    attention_case(&d, Drop::No, [8, 8, 32], 1e-4);
+    // The mask drawn in the kernels equals the host's, bit for bit (else far off).
+    attention_case(&d, Drop::Hashed, [2, 3, 19], 1e-4);
+    attention_case(&d, Drop::Hashed, [8, 8, 32], 1e-4);
     nll_case(&d, 1e-4);
     linear_ce_case(&d, 13, 1e-4);
     // 1031 (prime: one product for the input gradient); at 1030 (ten vocabulary slices)
@@ -337,9 +372,12 @@ fn attention_in_f16_on_wgpu() {
             f32::NEG_INFINITY,
         )
         .reshape([1, 1, t, t]);
+    // Hashed dropout: the same mask in both dtypes.
+    let seed = Tensor::<1>::random([2], Distribution::Default, &device);
     let run = |dt: DType| {
         let x = qkv.clone().cast(dt).require_grad();
-        let y = causal_attention(x.clone(), bias.clone().cast(dt), None, h, 0.25);
+        let drop = AttentionDropout::Hashed(seed.clone(), 0.9);
+        let y = causal_attention(x.clone(), bias.clone().cast(dt), Some(drop), h, 0.25);
         let grads = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
         let g = x.grad(&grads).expect("qkv's gradient").cast(DType::F32);
         (y.cast(DType::F32), g)
@@ -349,4 +387,37 @@ fn attention_in_f16_on_wgpu() {
     assert!(max_diff(y32, y16) < 1e-2, "attention values");
     let scale = g32.clone().abs().max().into_scalar::<f32>();
     assert!(max_diff(g32, g16) < 1e-2 * scale, "qkv grads");
+}
+
+/// Hashed dropout's mask: the kept fraction is `keep`, and masks of nearby rows, nearby columns
+/// and nearby seeds agree as independent draws would (`keep² + (1 − keep)²` of the elements).
+#[test]
+fn hashed_dropout_mask_is_bernoulli() {
+    let (rows, t, keep) = (512, 1024, 0.9);
+    let n = (rows * t) as f64;
+    let m = hashed_mask_values([0.25, 0.5], rows, t, keep);
+    let kept = m.iter().filter(|&&v| v != 0.0).count() as f64 / n;
+    // 4.5 standard deviations of a Bernoulli(0.9) mean over 524,288 draws: 0.0019.
+    assert!((kept - keep).abs() < 0.002, "kept {kept}");
+    assert!(m.iter().all(|&v| v == 0.0 || v == (1.0 / keep) as f32));
+    let agree = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| (**x == 0.0) == (**y == 0.0))
+            .count() as f64
+            / a.len() as f64
+    };
+    let expected = keep * keep + (1.0 - keep) * (1.0 - keep);
+    let next_seed = hashed_mask_values([0.25 + 1.0 / 16_777_216.0, 0.5], rows, t, keep);
+    let other_s1 = hashed_mask_values([0.25, 0.5 + 1.0 / 16_777_216.0], rows, t, keep);
+    let next_row = agree(&m[..m.len() - t], &m[t..]);
+    let next_col = agree(&m[..m.len() - 1], &m[1..]);
+    for (what, x) in [
+        ("seed + 1", agree(&m, &next_seed)),
+        ("second seed + 1", agree(&m, &other_s1)),
+        ("next row", next_row),
+        ("next column", next_col),
+    ] {
+        assert!((x - expected).abs() < 0.003, "{what}: {x} vs {expected}");
+    }
 }
