@@ -154,9 +154,9 @@ pub trait Pointwise: Matmul + MaskBits {
 
     /// [`Pointwise::fused_softmax_lse`] with hashed dropout: the probabilities times the
     /// `{0, 1/keep}` mask that [`hashed_mask`] draws from `seed` (`[2]`, f32 uniforms), and the
-    /// log-sum-exp. The backward pass draws the same mask again ([`Pointwise::probs_hashed`],
-    /// [`Pointwise::softmax_grad_hashed`]) instead of keeping it. Composed here with the mask made
-    /// on the host; one kernel on cubecl.
+    /// log-sum-exp. The backward pass draws the same mask again
+    /// ([`Pointwise::softmax_grad_hashed`]) instead of keeping it. Composed here with the mask
+    /// made on the host; one kernel on cubecl.
     fn softmax_lse_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -167,21 +167,9 @@ pub trait Pointwise: Matmul + MaskBits {
         softmax_lse_hashed_composed::<Self>(scores, bias, seed, scale, keep)
     }
 
-    /// The dropped probabilities of [`Pointwise::softmax_lse_hashed`] again, from its
-    /// log-sum-exp: `exp(scores·scale + bias − lse)·mask`.
-    fn probs_hashed(
-        scores: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        seed: FloatTensor<Self>,
-        scale: f64,
-        keep: f64,
-    ) -> FloatTensor<Self> {
-        probs_hashed_composed::<Self>(scores, bias, lse, seed, scale, keep)
-    }
-
-    /// The softmax backward pass of [`Pointwise::softmax_lse_hashed`], times the scores' scale:
-    /// `p·(g − Σ g·p)·scale` with `p = exp(scores·scale + bias − lse)` and `g = dp·mask`.
+    /// The backward pass of [`Pointwise::softmax_lse_hashed`] from its log-sum-exp: with
+    /// `p = exp(scores·scale + bias − lse)` again, the dropped probabilities `p·mask` (for the
+    /// gradient of v) and the softmax backward `p·(g − Σ g·p)·scale` for `g = dp·mask`.
     #[allow(clippy::too_many_arguments)]
     fn softmax_grad_hashed(
         scores: FloatTensor<Self>,
@@ -191,7 +179,7 @@ pub trait Pointwise: Matmul + MaskBits {
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
-    ) -> FloatTensor<Self> {
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         softmax_grad_hashed_composed::<Self>(scores, bias, lse, dp, seed, scale, keep)
     }
 
@@ -238,20 +226,6 @@ fn softmax_lse_hashed_composed<B: Pointwise>(
     (B::float_mul(p, mask), lse)
 }
 
-/// [`Pointwise::probs_hashed`] in Burn's ops, the mask made on the host.
-fn probs_hashed_composed<B: Pointwise>(
-    scores: FloatTensor<B>,
-    bias: FloatTensor<B>,
-    lse: FloatTensor<B>,
-    seed: FloatTensor<B>,
-    scale: f64,
-    keep: f64,
-) -> FloatTensor<B> {
-    let p = probs_from_lse::<B>(scores, bias, scale, lse);
-    let mask = hashed_mask::<B>(seed, &p, keep);
-    B::float_mul(p, mask)
-}
-
 /// [`Pointwise::softmax_grad_hashed`] in Burn's ops, the mask made on the host.
 fn softmax_grad_hashed_composed<B: Pointwise>(
     scores: FloatTensor<B>,
@@ -261,10 +235,11 @@ fn softmax_grad_hashed_composed<B: Pointwise>(
     seed: FloatTensor<B>,
     scale: f64,
     keep: f64,
-) -> FloatTensor<B> {
+) -> (FloatTensor<B>, FloatTensor<B>) {
     let p = probs_from_lse::<B>(scores, bias, scale, lse);
     let mask = hashed_mask::<B>(seed, &p, keep);
-    B::fused_softmax_grad(p, B::float_mul(dp, mask), scale)
+    let pd = B::float_mul(p.clone(), mask.clone());
+    (pd, B::fused_softmax_grad(p, B::float_mul(dp, mask), scale))
 }
 
 fn softmax_composed<B: Pointwise>(
@@ -377,21 +352,6 @@ impl Pointwise for Cube {
         }
     }
 
-    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads.
-    fn probs_hashed(
-        scores: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        seed: FloatTensor<Self>,
-        scale: f64,
-        keep: f64,
-    ) -> FloatTensor<Self> {
-        match bias_is_one_matrix::<Self>(&scores, &bias) {
-            true => <Self as RowKernels>::probs_hashed(scores, bias, lse, seed, scale, keep),
-            false => probs_hashed_composed::<Self>(scores, bias, lse, seed, scale, keep),
-        }
-    }
-
     /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads and dp
     /// has the scores' shape and dtype.
     fn softmax_grad_hashed(
@@ -402,7 +362,7 @@ impl Pointwise for Cube {
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
-    ) -> FloatTensor<Self> {
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let fits = bias_is_one_matrix::<Self>(&scores, &bias)
             && scores.shape() == dp.shape()
             && scores.dtype() == dp.dtype();
@@ -869,22 +829,13 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         let (qkv, bias, dropped, n_head, scale, lse) = ops.state;
         let [q, k, v] = split_heads::<B>(qkv, n_head);
         let (ds, dv) = match (dropped, lse) {
-            // The scores again; the dropped probabilities and the softmax backward each in one
-            // pass over them, the mask drawn again in both.
+            // The scores again; the dropped probabilities and the softmax backward in one pass
+            // over them, the mask drawn again.
             (Dropped::Hashed(seed, keep), Some(lse)) => {
                 let s = scores::<B>(q.clone(), k.clone());
-                let pd = B::probs_hashed(
-                    s.clone(),
-                    bias.clone(),
-                    lse.clone(),
-                    seed.clone(),
-                    scale,
-                    keep,
-                );
-                let dv = B::mm(B::float_swap_dims(pd, 2, 3), dy.clone());
-                let dp = B::mm(dy, B::float_swap_dims(v, 2, 3));
-                let ds = B::softmax_grad_hashed(s, bias, lse, dp, seed, scale, keep);
-                (ds, dv)
+                let dp = B::mm(dy.clone(), B::float_swap_dims(v, 2, 3));
+                let (pd, ds) = B::softmax_grad_hashed(s, bias, lse, dp, seed, scale, keep);
+                (ds, B::mm(B::float_swap_dims(pd, 2, 3), dy))
             }
             (dropped, lse) => {
                 let keep = match dropped {

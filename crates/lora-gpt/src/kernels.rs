@@ -92,27 +92,28 @@ pub(crate) fn mix32_host(x: u32) -> u32 {
     x
 }
 
-/// The seeds of hashed dropout from the seed tensor's two uniforms in `[0, 1)` (24-bit multiples
-/// of 2⁻²⁴, as Burn draws them): `u·2²⁴`.
+/// Hashed dropout's key of row `row`: `mix32(mix32(row ^ s0) + s1)`, with the seeds `s0, s1` of
+/// the seed tensor's two uniforms in `[0, 1)` (24-bit multiples of 2⁻²⁴, as Burn draws them),
+/// `u·2²⁴`. [`kept_host`] computes the same on the host.
 #[cube]
-fn seed_at(seed: &Tensor<f32>, i: usize) -> u32 {
-    u32::cast_from(seed[i] * 16_777_216.0)
+fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
+    let s0 = u32::cast_from(seed[0] * 16_777_216.0);
+    let s1 = u32::cast_from(seed[1] * 16_777_216.0);
+    mix32(mix32(u32::cast_from(row) ^ s0) + s1)
 }
 
-/// Hashed dropout's factor for element `col` of a row with key `mix32(row ^ s0)`: `1/keep` when
-/// `mix32(mix32(col ^ key) + s1) < threshold` (`threshold = keep·2³²`), else 0. [`kept_host`] is
-/// the same test on the host.
+/// Hashed dropout's factor for element `col` of a row with key `key` ([`row_key`]): `1/keep`
+/// when `mix32(col ^ key) < threshold` (`threshold = keep·2³²`), else 0.
 #[cube]
-fn keep_factor(key: u32, col: usize, s1: u32, threshold: u32, inv_keep: f32) -> f32 {
-    let h = mix32(mix32(u32::cast_from(col) ^ key) + s1);
-    select(h < threshold, inv_keep, 0.0)
+fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32) -> f32 {
+    select(mix32(u32::cast_from(col) ^ key) < threshold, inv_keep, 0.0)
 }
 
-/// Whether hashed dropout keeps element `col` of row `row` (of all rows of the tensor, in order),
-/// with the seeds `s0, s1` and `threshold` of [`keep_factor`].
+/// Whether hashed dropout keeps element `col` of row `row` (of all rows of the tensor, in order):
+/// [`row_key`] and [`keep_factor`] on the host, for the seeds `s0, s1` and `threshold`.
 pub(crate) fn kept_host(row: usize, col: usize, [s0, s1]: [u32; 2], threshold: u32) -> bool {
-    let key = mix32_host(row as u32 ^ s0);
-    mix32_host(mix32_host(col as u32 ^ key).wrapping_add(s1)) < threshold
+    let key = mix32_host(mix32_host(row as u32 ^ s0).wrapping_add(s1));
+    mix32_host(col as u32 ^ key) < threshold
 }
 
 /// `keep·2³²`, the hash threshold of a keep probability (`keep < 1`).
@@ -188,6 +189,26 @@ fn ce_rows_kernel<F: Float, I: Int>(
     }
 }
 
+/// `x = score·scale + bias` at column `c` of a row (scores from `base`, bias from `bbase` in
+/// steps of `bstep`), the score not read where the bias is a mask (≤ −10³⁰, as the −∞ above the
+/// causal diagonal: its probability is 0; `x` = the bias).
+#[cube]
+fn logit<F: Float, B: Float>(
+    scores: &Tensor<F>,
+    bias: &Tensor<B>,
+    base: usize,
+    bbase: usize,
+    bstep: usize,
+    c: usize,
+    scale: f32,
+) -> f32 {
+    let mut x = f32::cast_from(bias[bbase + c * bstep]);
+    if x > f32::new(-1.0e30) {
+        x += f32::cast_from(scores[base + c]) * scale;
+    }
+    x
+}
+
 /// Per row of `x = scores·scale + bias` (scores `[rows, t]`; bias `[seq, t]` strided, row
 /// `r % seq`): `p = softmax(x)` in the scores' dtype, times the hashed dropout factor
 /// ([`keep_factor`]) when `drop`, and `lse = max + ln Σ exp(x − max)` (f32).
@@ -220,7 +241,7 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     let mut s = f32::new(0.0);
     let mut c = unit;
     while c < t {
-        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
+        let x = logit(scores, bias, base, bbase, bstep, c, scale);
         if x > m {
             s = s * (m - x).exp() + 1.0;
             m = x;
@@ -240,64 +261,24 @@ fn softmax_lse_kernel<F: Float, B: Float>(
         lse[row] = gm + gs.ln();
     }
     let inv = 1.0 / gs;
-    let key = mix32(u32::cast_from(row) ^ seed_at(seed, 0));
-    let s1 = seed_at(seed, 1);
+    let key = row_key(seed, row);
     let mut c = unit;
     while c < t {
-        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
+        let x = logit(scores, bias, base, bbase, bstep, c, scale);
         let mut v = (x - gm).exp() * inv;
         if comptime![drop] {
-            v *= keep_factor(key, c, s1, threshold, inv_keep);
+            v *= keep_factor(key, c, threshold, inv_keep);
         }
         p[base + c] = F::cast_from(v);
         c += UNITS;
     }
 }
 
-/// Per row of `x = scores·scale + bias` (as [`softmax_lse_kernel`]) and its log-sum-exp
-/// `lse [rows, 1]`: the probabilities again, `exp(x − lse)`, times the hashed dropout factor
-/// when `drop`, in the scores' dtype.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn probs_kernel<F: Float, B: Float>(
-    scores: &Tensor<F>,
-    bias: &Tensor<B>,
-    lse: &Tensor<f32>,
-    seed: &Tensor<f32>,
-    p: &mut Tensor<F>,
-    rows: usize,
-    scale: f32,
-    threshold: u32,
-    inv_keep: f32,
-    #[comptime] drop: bool,
-    #[define(F, B)] _dtypes: [ElemType; 2],
-) {
-    let row = cube_row();
-    if row >= rows {
-        terminate!();
-    }
-    let t = scores.shape(1);
-    let base = row * t;
-    let bbase = (row % bias.shape(0)) * bias.stride(0);
-    let bstep = bias.stride(1);
-    let l = lse[row];
-    let key = mix32(u32::cast_from(row) ^ seed_at(seed, 0));
-    let s1 = seed_at(seed, 1);
-    let mut c = UNIT_POS_X as usize;
-    while c < t {
-        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
-        let mut v = (x - l).exp();
-        if comptime![drop] {
-            v *= keep_factor(key, c, s1, threshold, inv_keep);
-        }
-        p[base + c] = F::cast_from(v);
-        c += UNITS;
-    }
-}
-
-/// Softmax's backward pass through hashed dropout, per row: with `p = exp(x − lse)` (as
-/// [`probs_kernel`]) and `g = dp·m` (m the dropout factor when `drop`, else 1),
-/// `ds = p·(g − Σ p·g)·scale` in dp's dtype.
+/// Softmax's backward pass through hashed dropout, per row of `x = scores·scale + bias` (as
+/// [`softmax_lse_kernel`]) with its log-sum-exp `lse [rows, 1]`: with the probabilities again,
+/// `p = exp(x − lse)`, and m the dropout factor ([`keep_factor`]) when `drop` (else 1), the
+/// dropped probabilities `pd = p·m` and `ds = p·(g − Σ p·g)·scale` for `g = dp·m`, both in the
+/// scores' dtype. dp is not read where the bias is a mask.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn softmax_grad_lse_kernel<F: Float, B: Float>(
@@ -306,6 +287,7 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     lse: &Tensor<f32>,
     dp: &Tensor<F>,
     seed: &Tensor<f32>,
+    pd: &mut Tensor<F>,
     ds: &mut Tensor<F>,
     rows: usize,
     scale: f32,
@@ -324,17 +306,18 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     let bstep = bias.stride(1);
     let unit = UNIT_POS_X as usize;
     let l = lse[row];
-    let key = mix32(u32::cast_from(row) ^ seed_at(seed, 0));
-    let s1 = seed_at(seed, 1);
+    let key = row_key(seed, row);
     let mut acc = f32::new(0.0);
     let mut c = unit;
     while c < t {
-        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
-        let mut g = f32::cast_from(dp[base + c]);
-        if comptime![drop] {
-            g *= keep_factor(key, c, s1, threshold, inv_keep);
+        let x = logit(scores, bias, base, bbase, bstep, c, scale);
+        if x > f32::new(-1.0e30) {
+            let mut g = f32::cast_from(dp[base + c]);
+            if comptime![drop] {
+                g *= keep_factor(key, c, threshold, inv_keep);
+            }
+            acc += (x - l).exp() * g;
         }
-        acc += (x - l).exp() * g;
         c += UNITS;
     }
     let mut sh = Shared::<[f32]>::new_slice(UNITS);
@@ -343,12 +326,20 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     let total = sh[0];
     let mut c = unit;
     while c < t {
-        let x = f32::cast_from(scores[base + c]) * scale + f32::cast_from(bias[bbase + c * bstep]);
-        let mut g = f32::cast_from(dp[base + c]);
-        if comptime![drop] {
-            g *= keep_factor(key, c, s1, threshold, inv_keep);
+        let x = logit(scores, bias, base, bbase, bstep, c, scale);
+        let mut pv = f32::new(0.0);
+        let mut dv = f32::new(0.0);
+        if x > f32::new(-1.0e30) {
+            let p = (x - l).exp();
+            let mut m = f32::new(1.0);
+            if comptime![drop] {
+                m = keep_factor(key, c, threshold, inv_keep);
+            }
+            pv = p * m;
+            dv = p * (f32::cast_from(dp[base + c]) * m - total) * scale;
         }
-        ds[base + c] = F::cast_from((x - l).exp() * (g - total) * scale);
+        pd[base + c] = F::cast_from(pv);
+        ds[base + c] = F::cast_from(dv);
         c += UNITS;
     }
 }
@@ -535,46 +526,6 @@ fn launch_softmax_lse(
     (p, lse)
 }
 
-fn launch_probs(
-    scores: CubeTensor,
-    bias: CubeTensor,
-    lse: CubeTensor,
-    drop: Option<(CubeTensor, f64)>,
-    scale: f64,
-) -> CubeTensor {
-    let shape = scores.meta.shape.clone();
-    let (scores, rows, t) = as_rows(scores);
-    let bias = bias_rows(bias, t);
-    let lse = into_contiguous(lse);
-    let drop = DropArgs::new(drop, &scores);
-    let (client, device) = (scores.client.clone(), scores.device.clone());
-    let p = empty_device_dtype(client.clone(), device, shape, scores.dtype);
-    let dtypes = [
-        dtype_to_storage_type(scores.dtype),
-        dtype_to_storage_type(bias.dtype),
-    ];
-    // Safety: rows `< rows`, columns `< t`, bias rows `% seq`, seed indices 0 and 1.
-    unsafe {
-        probs_kernel::launch_unchecked(
-            &client,
-            row_cubes(rows),
-            CubeDim::new_1d(UNITS as u32),
-            scores.into_tensor_arg(),
-            bias.into_tensor_arg(),
-            lse.into_tensor_arg(),
-            drop.seed.into_tensor_arg(),
-            p.clone().into_tensor_arg(),
-            rows,
-            scale as f32,
-            drop.threshold,
-            drop.inv_keep,
-            drop.drop,
-            dtypes,
-        );
-    }
-    p
-}
-
 fn launch_softmax_grad_lse(
     scores: CubeTensor,
     bias: CubeTensor,
@@ -582,7 +533,7 @@ fn launch_softmax_grad_lse(
     dp: CubeTensor,
     drop: Option<(CubeTensor, f64)>,
     scale: f64,
-) -> CubeTensor {
+) -> (CubeTensor, CubeTensor) {
     let shape = dp.meta.shape.clone();
     let (scores, rows, t) = as_rows(scores);
     let (dp, _, _) = as_rows(dp);
@@ -590,6 +541,7 @@ fn launch_softmax_grad_lse(
     let lse = into_contiguous(lse);
     let drop = DropArgs::new(drop, &scores);
     let (client, device) = (dp.client.clone(), dp.device.clone());
+    let pd = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
     let ds = empty_device_dtype(client.clone(), device, shape, dp.dtype);
     let dtypes = [
         dtype_to_storage_type(scores.dtype),
@@ -606,6 +558,7 @@ fn launch_softmax_grad_lse(
             lse.into_tensor_arg(),
             dp.into_tensor_arg(),
             drop.seed.into_tensor_arg(),
+            pd.clone().into_tensor_arg(),
             ds.clone().into_tensor_arg(),
             rows,
             scale as f32,
@@ -615,7 +568,7 @@ fn launch_softmax_grad_lse(
             dtypes,
         );
     }
-    ds
+    (pd, ds)
 }
 
 fn launch_softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor {
@@ -687,21 +640,11 @@ pub trait RowKernels: Backend {
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// The probabilities again from [`softmax_lse_hashed`](Self::softmax_lse_hashed)'s lse
-    /// `[.., seq, 1]`, `exp(scores·scale + bias − lse)`, times the same dropout mask.
-    #[fusion(dtype = scores, shape = scores)]
-    fn probs_hashed(
-        scores: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        seed: FloatTensor<Self>,
-        scale: f64,
-        keep: f64,
-    ) -> FloatTensor<Self>;
-
-    /// Softmax's backward pass through the same dropout, times `scale`: `p·(g − Σ p·g)·scale` with
-    /// `p = exp(scores·scale + bias − lse)` and `g = dp·mask`; dp of the scores' shape and dtype.
-    #[fusion(dtype = dp, shape = dp)]
+    /// The backward pass of [`softmax_lse_hashed`](Self::softmax_lse_hashed) from its lse
+    /// `[.., seq, 1]`: with `p = exp(scores·scale + bias − lse)` again, the dropped probabilities
+    /// `p·mask` and the softmax backward `p·(g − Σ p·g)·scale` for `g = dp·mask`; dp of the
+    /// scores' shape and dtype.
+    #[fusion(meta = |scores, _bias, _lse, dp, _seed, _scale, _keep| (scores.clone(), dp.clone()))]
     fn softmax_grad_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -710,7 +653,7 @@ pub trait RowKernels: Backend {
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
-    ) -> FloatTensor<Self>;
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// logits `[rows, v]`, targets `[rows, 1]` (each `< v`), weights `[rows, 1]` (f32) ->
     /// `w·nll [rows, 1]` (f32) and `w·(softmax − onehot) [rows, v]` (the logits' dtype).
@@ -745,17 +688,6 @@ impl RowKernels for CubeBackend {
         launch_softmax_lse(scores, bias, Some((seed, keep)), scale)
     }
 
-    fn probs_hashed(
-        scores: CubeTensor,
-        bias: CubeTensor,
-        lse: CubeTensor,
-        seed: CubeTensor,
-        scale: f64,
-        keep: f64,
-    ) -> CubeTensor {
-        launch_probs(scores, bias, lse, Some((seed, keep)), scale)
-    }
-
     fn softmax_grad_hashed(
         scores: CubeTensor,
         bias: CubeTensor,
@@ -764,7 +696,7 @@ impl RowKernels for CubeBackend {
         seed: CubeTensor,
         scale: f64,
         keep: f64,
-    ) -> CubeTensor {
+    ) -> (CubeTensor, CubeTensor) {
         launch_softmax_grad_lse(scores, bias, lse, dp, Some((seed, keep)), scale)
     }
 
