@@ -1,4 +1,4 @@
-//! Training attention, cross-entropy and GELU as one autodiff node each.
+//! Training attention, cross-entropy, GELU and LayerNorm as one autodiff node each.
 //!
 //! Written with Burn's tensor ops, Burn's autodiff keeps every intermediate of causal attention
 //! (scores, the mask fill, softmax's pieces, the dropout product: several `[batch, head, seq, seq]`
@@ -77,6 +77,16 @@ pub trait GptKernels: Backend {
         targets: IntTensor<Self>,
         weights: FloatTensor<Self>,
         rows: usize,
+    ) -> FloatTensor<Self>;
+
+    /// LayerNorm over the last dim, computed in f32 and returned in x's dtype: x `[.., d]`, gamma,
+    /// beta `[d]` -> `(x − mean)/√(var + eps)·gamma + beta` (biased var). On an autodiff device it
+    /// keeps x and the per-row mean and `1/√(var + eps)` for its backward pass.
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
     ) -> FloatTensor<Self>;
 
     /// GELU, tanh approximation (GPT-2's `gelu_new`), any shape: `x·sigmoid(2u)`,
@@ -183,6 +193,30 @@ pub trait Pointwise: Matmul + MaskBits {
         softmax_grad_hashed_composed::<Self>(scores, bias, lse, dp, seed, scale, keep)
     }
 
+    /// [`GptKernels::layer_norm`]'s value and, per row, the mean and `rstd = 1/√(var + eps)`
+    /// `[.., 1]` (f32). One kernel on cubecl.
+    fn layer_norm_stats(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        layer_norm_composed::<Self>(x, gamma, beta, eps)
+    }
+
+    /// LayerNorm's input gradient from [`Pointwise::layer_norm_stats`]'s mean and rstd: with
+    /// `x̂ = (x − mean)·rstd` and `g = dy·gamma`, `rstd·(g − mean(g) − x̂·mean(g·x̂))` in x's
+    /// dtype. One kernel on cubecl.
+    fn layer_norm_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        layer_norm_grad_composed::<Self>(x, gamma, mean, rstd, dy)
+    }
+
     /// Per row of `logits [n, v]` with targets `[n, 1]` and weights `[n, 1]` (f32): the weighted
     /// loss `w·(−log_softmax(x)[t]) [n, 1]` (f32) and, when `grad`, its gradient
     /// `w·(softmax(x) − onehot(t)) [n, v]` in the logits' dtype.
@@ -211,6 +245,64 @@ fn ce_rows_composed<B: Pointwise>(
         B::float_cast(B::float_mul(d, weights), dt.into())
     });
     (loss, d)
+}
+
+/// `t [d]` as `[1, .., 1, d]` of rank `rank`, in f32.
+fn along_last<B: Backend>(t: FloatTensor<B>, rank: usize) -> FloatTensor<B> {
+    let mut dims = vec![1; rank];
+    dims[rank - 1] = t.shape()[0];
+    B::float_reshape(B::float_cast(t, FloatDType::F32), dims.into())
+}
+
+/// `(x − mean)·rstd` in f32.
+fn normalized<B: Backend>(
+    x: FloatTensor<B>,
+    mean: FloatTensor<B>,
+    rstd: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let x = B::float_cast(x, FloatDType::F32);
+    B::float_mul(B::float_sub(x, mean), rstd)
+}
+
+/// [`Pointwise::layer_norm_stats`] in Burn's ops (Burn's `layer_norm`, with its mean and rstd).
+fn layer_norm_composed<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    beta: FloatTensor<B>,
+    eps: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (dt, rank) = (x.dtype(), x.shape().num_dims());
+    let x = B::float_cast(x, FloatDType::F32);
+    let mean = B::float_mean_dim(x.clone(), rank - 1);
+    let centered = B::float_sub(x, mean.clone());
+    let var = B::float_mean_dim(B::float_mul(centered.clone(), centered.clone()), rank - 1);
+    let rstd = B::float_recip(B::float_sqrt(B::float_add_scalar(var, eps.into())));
+    let y = B::float_mul(
+        B::float_mul(centered, rstd.clone()),
+        along_last::<B>(gamma, rank),
+    );
+    let y = B::float_add(y, along_last::<B>(beta, rank));
+    (B::float_cast(y, dt.into()), mean, rstd)
+}
+
+/// [`Pointwise::layer_norm_grad`] in Burn's ops.
+fn layer_norm_grad_composed<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    mean: FloatTensor<B>,
+    rstd: FloatTensor<B>,
+    dy: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let (dt, rank) = (x.dtype(), x.shape().num_dims());
+    let xh = normalized::<B>(x, mean, rstd.clone());
+    let g = B::float_mul(
+        B::float_cast(dy, FloatDType::F32),
+        along_last::<B>(gamma, rank),
+    );
+    let mg = B::float_mean_dim(g.clone(), rank - 1);
+    let mgx = B::float_mean_dim(B::float_mul(g.clone(), xh.clone()), rank - 1);
+    let dx = B::float_sub(B::float_sub(g, mg), B::float_mul(xh, mgx));
+    B::float_cast(B::float_mul(dx, rstd), dt.into())
 }
 
 /// [`Pointwise::softmax_lse_hashed`] in Burn's ops, the mask made on the host ([`hashed_mask`]).
@@ -372,6 +464,27 @@ impl Pointwise for Cube {
             }
             false => softmax_grad_hashed_composed::<Self>(scores, bias, lse, dp, seed, scale, keep),
         }
+    }
+
+    /// One row kernel ([`crate::kernels`]).
+    fn layer_norm_stats(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        <Self as RowKernels>::layer_norm(x, gamma, beta, eps)
+    }
+
+    /// One row kernel ([`crate::kernels`]).
+    fn layer_norm_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        <Self as RowKernels>::layer_norm_grad(x, gamma, mean, rstd, dy)
     }
 
     /// One kernel ([`crate::kernels`]) from a vocabulary of 1024 up (GPT-2's head); Burn's ops
@@ -789,6 +902,15 @@ macro_rules! plain_backend {
             fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
                 Self::fused_gelu(x)
             }
+
+            fn layer_norm(
+                x: FloatTensor<Self>,
+                gamma: FloatTensor<Self>,
+                beta: FloatTensor<Self>,
+                eps: f64,
+            ) -> FloatTensor<Self> {
+                Self::layer_norm_stats(x, gamma, beta, eps).0
+            }
         }
     )*};
 }
@@ -930,6 +1052,44 @@ impl<B: Pointwise> Backward<B, 1> for GeluBackward {
     }
 }
 
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl<B: Pointwise> Backward<B, 3> for LayerNormBackward {
+    /// x, gamma, the per-row mean and rstd (f32).
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, gamma, mean, rstd) = ops.state;
+        let d = gamma.shape()[0];
+        let gamma_dt: FloatDType = gamma.dtype().into();
+        // Σ over the rows of an f32 `[.., d]` -> `[d]` in gamma's dtype.
+        let column_sums = |t: FloatTensor<B>| {
+            let rows = t.shape().num_elements() / d;
+            let s = B::float_sum_dim(B::float_reshape(t, [rows, d].into()), 0);
+            B::float_cast(B::float_reshape(s, [d].into()), gamma_dt)
+        };
+        let dy32 = || B::float_cast(dy.clone(), FloatDType::F32);
+        if let Some(node) = node_beta {
+            grads.register::<B>(node.id, column_sums(dy32()));
+        }
+        if let Some(node) = node_gamma {
+            let xh = normalized::<B>(x.clone(), mean.clone(), rstd.clone());
+            grads.register::<B>(node.id, column_sums(B::float_mul(dy32(), xh)));
+        }
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::layer_norm_grad(x, gamma, mean, rstd, dy));
+        }
+    }
+}
+
 impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
     fn causal_attention(
         qkv: FloatTensor<Self>,
@@ -980,6 +1140,28 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
         match prep {
             OpsKind::Tracked(prep) => prep.finish(x, out),
             OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let prep = LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        let (x, gamma, beta) = (
+            x.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+        );
+        let (y, mean, rstd) = B::layer_norm_stats(x.clone(), gamma.clone(), beta, eps);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((x, gamma, mean, rstd), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
 
@@ -1134,4 +1316,19 @@ pub fn linear_cross_entropy_in_chunks(
 /// [`GptKernels::gelu_tanh`] on tensors.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as GptKernels>::gelu_tanh(x.into_dispatch()))
+}
+
+/// [`GptKernels::layer_norm`] on tensors: x `[.., d]`, gamma, beta `[d]` -> x's shape and dtype.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as GptKernels>::layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
 }

@@ -1,4 +1,4 @@
-//! Custom CubeCL kernels (GPUs): row-wise softmax work in one kernel each.
+//! Custom CubeCL kernels (GPUs): row-wise softmax and LayerNorm work in one kernel each.
 //!
 //! Composed from Burn ops, the head's loss and its gradient over `[rows, vocab]` logits were six
 //! kernels that each read and wrote the whole chunk (cast to f32, row max, subtract, exp, row sum,
@@ -62,6 +62,23 @@ fn reduce_sum(sh: &mut Shared<[f32]>, unit: usize) {
         if unit < half {
             let total = sh[unit] + sh[unit + half];
             sh[unit] = total;
+        }
+        sync_cube();
+        half /= 2;
+    }
+}
+
+/// Tree reduction of two sums at once, `sa[unit]` and `sb[unit]`: the row's end in `sa[0]`, `sb[0]`.
+#[cube]
+fn reduce_sum2(sa: &mut Shared<[f32]>, sb: &mut Shared<[f32]>, unit: usize) {
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if unit < half {
+            let a = sa[unit] + sa[unit + half];
+            let b = sb[unit] + sb[unit + half];
+            sa[unit] = a;
+            sb[unit] = b;
         }
         sync_cube();
         half /= 2;
@@ -380,6 +397,114 @@ fn softmax_grad_kernel<F: Float>(
     }
 }
 
+/// LayerNorm per row of x `[rows, d]`, in f32: the mean, `rstd = 1/√(var + eps)` (biased var)
+/// into `mean`, `rstd` `[rows, 1]` (f32) and `y = (x − mean)·rstd·gamma + beta` (x's dtype);
+/// gamma, beta `[d]`. Two passes over the row for the variance, as PyTorch's kernel.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_kernel<F: Float, G: Float>(
+    x: &Tensor<F>,
+    gamma: &Tensor<G>,
+    beta: &Tensor<G>,
+    y: &mut Tensor<F>,
+    mean: &mut Tensor<f32>,
+    rstd: &mut Tensor<f32>,
+    rows: usize,
+    inv_d: f32,
+    eps: f32,
+    #[define(F, G)] _dtypes: [ElemType; 2],
+) {
+    let row = cube_row();
+    if row >= rows {
+        terminate!();
+    }
+    let d = x.shape(1);
+    let base = row * d;
+    let unit = UNIT_POS_X as usize;
+    let mut acc = f32::new(0.0);
+    let mut c = unit;
+    while c < d {
+        acc += f32::cast_from(x[base + c]);
+        c += UNITS;
+    }
+    let mut sa = Shared::<[f32]>::new_slice(UNITS);
+    sa[unit] = acc;
+    reduce_sum(&mut sa, unit);
+    let mu = sa[0] * inv_d;
+    let mut acc = f32::new(0.0);
+    let mut c = unit;
+    while c < d {
+        let v = f32::cast_from(x[base + c]) - mu;
+        acc += v * v;
+        c += UNITS;
+    }
+    let mut sb = Shared::<[f32]>::new_slice(UNITS);
+    sb[unit] = acc;
+    reduce_sum(&mut sb, unit);
+    let r = 1.0 / f32::sqrt(sb[0] * inv_d + eps);
+    if unit == 0 {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+    let mut c = unit;
+    while c < d {
+        let v = (f32::cast_from(x[base + c]) - mu) * r;
+        y[base + c] = F::cast_from(v * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]));
+        c += UNITS;
+    }
+}
+
+/// LayerNorm's input gradient per row of x `[rows, d]` from [`layer_norm_kernel`]'s mean and rstd:
+/// with `x̂ = (x − mean)·rstd` and `g = dy·gamma`, `dx = rstd·(g − mean(g) − x̂·mean(g·x̂))` (x's
+/// dtype), in f32.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_grad_kernel<F: Float, G: Float>(
+    x: &Tensor<F>,
+    gamma: &Tensor<G>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    dy: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    rows: usize,
+    inv_d: f32,
+    #[define(F, G)] _dtypes: [ElemType; 2],
+) {
+    let row = cube_row();
+    if row >= rows {
+        terminate!();
+    }
+    let d = x.shape(1);
+    let base = row * d;
+    let unit = UNIT_POS_X as usize;
+    let mu = mean[row];
+    let r = rstd[row];
+    let mut sg = f32::new(0.0);
+    let mut sgx = f32::new(0.0);
+    let mut c = unit;
+    while c < d {
+        let xh = (f32::cast_from(x[base + c]) - mu) * r;
+        let g = f32::cast_from(dy[base + c]) * f32::cast_from(gamma[c]);
+        sg += g;
+        sgx += g * xh;
+        c += UNITS;
+    }
+    let mut sa = Shared::<[f32]>::new_slice(UNITS);
+    let mut sb = Shared::<[f32]>::new_slice(UNITS);
+    sa[unit] = sg;
+    sb[unit] = sgx;
+    reduce_sum2(&mut sa, &mut sb, unit);
+    let mg = sa[0] * inv_d;
+    let mgx = sb[0] * inv_d;
+    let mut c = unit;
+    while c < d {
+        let xh = (f32::cast_from(x[base + c]) - mu) * r;
+        let g = f32::cast_from(dy[base + c]) * f32::cast_from(gamma[c]);
+        dx[base + c] = F::cast_from(r * (g - mg - xh * mgx));
+        c += UNITS;
+    }
+}
+
 /// One cube per row, `rows` of them over a 2-D grid.
 fn row_cubes(rows: usize) -> CubeCount {
     let x = rows.clamp(1, MAX_X);
@@ -595,6 +720,91 @@ fn launch_softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor 
     ds
 }
 
+fn launch_layer_norm(
+    x: CubeTensor,
+    gamma: CubeTensor,
+    beta: CubeTensor,
+    eps: f64,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let shape = x.meta.shape.clone();
+    let (x, rows, d) = as_rows(x);
+    let gamma = into_contiguous(gamma);
+    let beta = into_contiguous(CubeBackend::float_cast(beta, gamma.dtype.into()));
+    let (client, device) = (x.client.clone(), x.device.clone());
+    let y = empty_device_dtype(client.clone(), device.clone(), shape.clone(), x.dtype);
+    let stat = || {
+        empty_device_dtype(
+            client.clone(),
+            device.clone(),
+            row_shape(&shape),
+            DType::F32,
+        )
+    };
+    let (mean, rstd) = (stat(), stat());
+    let dtypes = [
+        dtype_to_storage_type(x.dtype),
+        dtype_to_storage_type(gamma.dtype),
+    ];
+    // Safety: rows `< rows`, columns `< d` (gamma and beta `[d]`).
+    unsafe {
+        layer_norm_kernel::launch_unchecked(
+            &client,
+            row_cubes(rows),
+            CubeDim::new_1d(UNITS as u32),
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            beta.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            mean.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            rows,
+            1.0 / d as f32,
+            eps as f32,
+            dtypes,
+        );
+    }
+    (y, mean, rstd)
+}
+
+fn launch_layer_norm_grad(
+    x: CubeTensor,
+    gamma: CubeTensor,
+    mean: CubeTensor,
+    rstd: CubeTensor,
+    dy: CubeTensor,
+) -> CubeTensor {
+    let shape = x.meta.shape.clone();
+    let dtype = x.dtype;
+    let (x, rows, d) = as_rows(x);
+    let (dy, _, _) = as_rows(CubeBackend::float_cast(dy, dtype.into()));
+    let gamma = into_contiguous(gamma);
+    let (mean, rstd) = (into_contiguous(mean), into_contiguous(rstd));
+    let (client, device) = (x.client.clone(), x.device.clone());
+    let dx = empty_device_dtype(client.clone(), device, shape, dtype);
+    let dtypes = [
+        dtype_to_storage_type(dtype),
+        dtype_to_storage_type(gamma.dtype),
+    ];
+    // Safety: rows `< rows`, columns `< d` (gamma `[d]`).
+    unsafe {
+        layer_norm_grad_kernel::launch_unchecked(
+            &client,
+            row_cubes(rows),
+            CubeDim::new_1d(UNITS as u32),
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            mean.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            dy.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            rows,
+            1.0 / d as f32,
+            dtypes,
+        );
+    }
+    dx
+}
+
 /// `shape` with its last dim 1: one value per row.
 fn row_shape(shape: &Shape) -> Shape {
     let mut shape = shape.clone();
@@ -655,6 +865,27 @@ pub trait RowKernels: Backend {
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
+    /// LayerNorm over the last dim in f32: x `[.., d]`, gamma, beta `[d]` -> y (x's shape and
+    /// dtype) and per row the mean and `rstd = 1/√(var + eps)` `[.., 1]` (f32).
+    #[fusion(meta = |x, _gamma, _beta, _eps| (x.clone(), lse_spec(x), lse_spec(x)))]
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// LayerNorm's input gradient from [`layer_norm`](Self::layer_norm)'s mean and rstd: x, dy
+    /// `[.., d]` -> dx (x's shape and dtype).
+    #[fusion(dtype = x, shape = x)]
+    fn layer_norm_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
     /// logits `[rows, v]`, targets `[rows, 1]` (each `< v`), weights `[rows, 1]` (f32) ->
     /// `w·nll [rows, 1]` (f32) and `w·(softmax − onehot) [rows, v]` (the logits' dtype).
     #[fusion(meta = |logits, _targets, _weights| (nll_spec(logits), logits.clone()))]
@@ -702,6 +933,25 @@ impl RowKernels for CubeBackend {
 
     fn softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor {
         launch_softmax_grad(p, dp, scale)
+    }
+
+    fn layer_norm(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        beta: CubeTensor,
+        eps: f64,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        launch_layer_norm(x, gamma, beta, eps)
+    }
+
+    fn layer_norm_grad(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        mean: CubeTensor,
+        rstd: CubeTensor,
+        dy: CubeTensor,
+    ) -> CubeTensor {
+        launch_layer_norm_grad(x, gamma, mean, rstd, dy)
     }
 
     fn ce_rows(

@@ -271,6 +271,7 @@ impl GptConfig {
                     c_proj: self.linear(4 * e, e, proj_std, t.mlp_c_proj, device),
                     dropout: DropoutConfig::new(self.resid_pdrop).init(),
                 },
+                layer_norm_eps: self.layer_norm_eps,
             })
             .collect();
         let lm_head = (!self.tie_word_embeddings).then(|| {
@@ -290,6 +291,7 @@ impl GptConfig {
             ln_f: LayerNormConfig::new(e)
                 .with_epsilon(self.layer_norm_eps)
                 .init(device),
+            layer_norm_eps: self.layer_norm_eps,
             lm_head,
             head_untied_by_merge: false,
             f16: false,
@@ -382,20 +384,32 @@ pub struct Block {
     pub ln_2: LayerNorm,
     /// MLP.
     pub mlp: Mlp,
+    /// The norms' epsilon (for the fused norm on GPUs; Burn's LayerNorm keeps its own private).
+    pub layer_norm_eps: f64,
 }
 
 impl Block {
     /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(norm(&self.ln_1, x));
-        x.clone() + self.mlp.forward(norm(&self.ln_2, x))
+        let eps = self.layer_norm_eps;
+        let x = x.clone() + self.attn.forward(norm(&self.ln_1, eps, x));
+        x.clone() + self.mlp.forward(norm(&self.ln_2, eps, x))
     }
 }
 
-/// `ln(x)` computed in f32, returned in `x`'s dtype.
-fn norm(ln: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
-    let dtype = x.dtype();
-    cast_to(ln.forward(cast_to(x, DType::F32)), dtype)
+/// `ln(x)` computed in f32, returned in `x`'s dtype; on cubecl devices (GPUs) one fused op
+/// ([`fused::layer_norm`]: a row kernel each way, keeping x and two floats per row for the
+/// backward pass), elsewhere Burn's LayerNorm between two casts. `eps`: the norm's epsilon.
+fn norm(ln: &LayerNorm, eps: f64, x: Tensor<3>) -> Tensor<3> {
+    match &ln.beta {
+        Some(beta) if lora_core::dropout::on_cubecl(&x.device()) => {
+            fused::layer_norm(x, ln.gamma.val(), beta.val(), eps)
+        }
+        _ => {
+            let dtype = x.dtype();
+            cast_to(ln.forward(cast_to(x, DType::F32)), dtype)
+        }
+    }
 }
 
 /// minGPT's GPT with LoRA layers.
@@ -411,6 +425,8 @@ pub struct Gpt {
     pub h: Vec<Block>,
     /// Final norm.
     pub ln_f: LayerNorm,
+    /// The final norm's epsilon.
+    pub layer_norm_eps: f64,
     /// Output head `[n_embd, vocab_size]`, no bias; `None`: tied to `wte`'s base table.
     pub lm_head: Option<Linear>,
     /// `merge` gave a tied head its own copy of the base table (`wte` has LoRA); `unmerge` re-ties.
@@ -483,7 +499,7 @@ impl Gpt {
         let x = dropout_folded(&self.drop, self.wte.forward(idx) + self.wpe.forward(pos));
         let x = if self.f16 { x.cast(DType::F16) } else { x };
         let x = self.h.iter().fold(x, |x, block| block.forward(x));
-        norm(&self.ln_f, x)
+        norm(&self.ln_f, self.layer_norm_eps, x)
     }
 
     /// `idx [batch, seq]` -> the last position's logits `[batch, vocab]`, the head run on that row

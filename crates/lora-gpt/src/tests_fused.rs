@@ -1,7 +1,7 @@
 //! The fused ops against the composed Burn ops they replace: values and gradients.
 
 use crate::fused::{
-    AttentionDropout, causal_attention, gelu_tanh, hashed_mask_values,
+    AttentionDropout, causal_attention, gelu_tanh, hashed_mask_values, layer_norm,
     linear_cross_entropy_in_chunks,
 };
 use crate::mingpt::cross_entropy_ignore;
@@ -256,6 +256,46 @@ fn gelu_case(device: &Device, tol: f32) {
     assert!(max_diff(g0, g1) < tol, "gelu grads, {device:?}");
 }
 
+/// The fused LayerNorm against Burn's (its composed ops on every backend): values and the
+/// gradients of x, gamma and beta. `d` 50 (fewer columns than a cube's units) and 300 (more).
+fn layer_norm_case(device: &Device, d: usize, tol: f32) {
+    device.seed(9);
+    let shape = [2, 7, d];
+    let x = Tensor::<3>::random(shape, Distribution::Normal(0.5, 2.0), device);
+    let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), device);
+    let beta = Tensor::<1>::random([d], Distribution::Normal(0.0, 0.5), device);
+    let run = |fused: bool| {
+        let (x, g, b) = (
+            x.clone().require_grad(),
+            gamma.clone().require_grad(),
+            beta.clone().require_grad(),
+        );
+        let y = match fused {
+            true => layer_norm(x.clone(), g.clone(), b.clone(), 1e-5),
+            false => burn::tensor::module::layer_norm(x.clone(), g.clone(), Some(b.clone()), 1e-5),
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let grad = |t: &Tensor<1>| t.grad(&grads).expect("a gradient");
+        (y, x.grad(&grads).expect("x's gradient"), grad(&g), grad(&b))
+    };
+    let (y0, gx0, gg0, gb0) = run(false);
+    let (y1, gx1, gg1, gb1) = run(true);
+    let what = format!("{device:?}, d {d}");
+    let diffs = [
+        max_diff(y0, y1),
+        max_diff(gx0, gx1),
+        max_diff(gg0, gg1),
+        max_diff(gb0, gb1),
+    ];
+    // gamma and beta: sums over 14 rows.
+    let ok = diffs[0] < tol && diffs[1] < tol && diffs[2] < 10.0 * tol && diffs[3] < 10.0 * tol;
+    assert!(
+        ok,
+        "layer norm: |Δ| value, x, gamma, beta grads {diffs:?}, {what}"
+    );
+}
+
 fn devices() -> Vec<Device> {
     #[allow(deprecated)]
     let ndarray = Device::ndarray();
@@ -296,6 +336,14 @@ fn fused_gelu_is_the_composed_gelu() {
 }
 
 #[test]
+fn fused_layer_norm_is_burns_layer_norm() {
+    for d in devices() {
+        layer_norm_case(&d.clone().autodiff(), 50, 1e-5);
+        layer_norm_case(&d.autodiff(), 300, 1e-5);
+    }
+}
+
+#[test]
 fn fused_ops_on_wgpu() {
     let _one = crate::WGPU.lock();
     // CPU-only machines run this through Mesa's llvmpipe.
@@ -313,6 +361,9 @@ fn fused_ops_on_wgpu() {
     linear_ce_case(&d, 1031, 1e-4);
     split_product_case(&d, 1e-4);
     gelu_case(&d, 1e-4);
+    // The LayerNorm row kernels.
+    layer_norm_case(&d, 50, 1e-4);
+    layer_norm_case(&d, 300, 1e-4);
 }
 
 /// The rows kernel in f16 (where the wgpu device has f16): loss and input gradient within f16
@@ -387,6 +438,38 @@ fn attention_in_f16_on_wgpu() {
     assert!(max_diff(y32, y16) < 1e-2, "attention values");
     let scale = g32.clone().abs().max().into_scalar::<f32>();
     assert!(max_diff(g32, g16) < 1e-2 * scale, "qkv grads");
+}
+
+/// The LayerNorm kernels in f16 (where the wgpu device has f16): f16 in and out, f32 inside;
+/// values and the x gradient within f16 rounding of the f32 op's.
+#[test]
+fn layer_norm_in_f16_on_wgpu() {
+    use burn::tensor::DType;
+    let _one = crate::WGPU.lock();
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    if !device.supports_dtype(DType::F16) {
+        eprintln!("layer_norm_in_f16_on_wgpu: this wgpu device has no f16; nothing checked");
+        return;
+    }
+    device.seed(10);
+    let shape = [4, 33, 768];
+    let x = Tensor::<3>::random(shape, Distribution::Normal(0.5, 2.0), &device);
+    let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let gamma = Tensor::<1>::random([768], Distribution::Normal(1.0, 0.5), &device);
+    let beta = Tensor::<1>::random([768], Distribution::Normal(0.0, 0.5), &device);
+    let run = |dt: DType| {
+        let x = x.clone().cast(dt).require_grad();
+        let y = layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        assert_eq!(y.dtype(), dt);
+        let grads = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
+        let g = x.grad(&grads).expect("x's gradient").cast(DType::F32);
+        (y.cast(DType::F32), g)
+    };
+    let (y32, g32) = run(DType::F32);
+    let (y16, g16) = run(DType::F16);
+    assert!(max_diff(y32, y16) < 2e-2, "layer norm values");
+    let scale = g32.clone().abs().max().into_scalar::<f32>();
+    assert!(max_diff(g32, g16) < 1e-2 * scale, "x grads");
 }
 
 /// Hashed dropout's mask: the kept fraction is `keep`, and masks of nearby rows, nearby columns
