@@ -366,19 +366,26 @@ fn fused_ops_on_wgpu() {
     layer_norm_case(&d, 300, 1e-4);
 }
 
+/// The wgpu device (autodiff) while holding the wgpu lock, or `None` (said on stderr) where it
+/// has no f16 (llvmpipe): the f16 tests check nothing there.
+fn f16_wgpu(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Device)> {
+    let one = crate::WGPU.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    if !device.supports_dtype(burn::tensor::DType::F16) {
+        eprintln!("{test}: this wgpu device has no f16; nothing checked");
+        return None;
+    }
+    Some((one, device))
+}
+
 /// The rows kernel in f16 (where the wgpu device has f16): loss and input gradient within f16
 /// rounding of the f32 op's.
 #[test]
 fn linear_cross_entropy_in_f16_on_wgpu() {
     use burn::tensor::DType;
-    let _one = crate::WGPU.lock();
-    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
-    if !device.supports_dtype(DType::F16) {
-        eprintln!(
-            "linear_cross_entropy_in_f16_on_wgpu: this wgpu device has no f16; nothing checked"
-        );
+    let Some((_one, device)) = f16_wgpu("linear_cross_entropy_in_f16_on_wgpu") else {
         return;
-    }
+    };
     device.seed(6);
     let (n, d, v) = (64, 32, 1030);
     let h = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &device);
@@ -407,12 +414,9 @@ fn linear_cross_entropy_in_f16_on_wgpu() {
 #[test]
 fn attention_in_f16_on_wgpu() {
     use burn::tensor::DType;
-    let _one = crate::WGPU.lock();
-    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
-    if !device.supports_dtype(DType::F16) {
-        eprintln!("attention_in_f16_on_wgpu: this wgpu device has no f16; nothing checked");
+    let Some((_one, device)) = f16_wgpu("attention_in_f16_on_wgpu") else {
         return;
-    }
+    };
     device.seed(8);
     let (b, h, t, d) = (2, 4, 96, 16);
     let qkv = Tensor::<3>::random([b, t, 3 * h * d], Distribution::Normal(0.0, 1.0), &device);
@@ -445,12 +449,9 @@ fn attention_in_f16_on_wgpu() {
 #[test]
 fn layer_norm_in_f16_on_wgpu() {
     use burn::tensor::DType;
-    let _one = crate::WGPU.lock();
-    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
-    if !device.supports_dtype(DType::F16) {
-        eprintln!("layer_norm_in_f16_on_wgpu: this wgpu device has no f16; nothing checked");
+    let Some((_one, device)) = f16_wgpu("layer_norm_in_f16_on_wgpu") else {
         return;
-    }
+    };
     device.seed(10);
     let shape = [4, 33, 768];
     let x = Tensor::<3>::random(shape, Distribution::Normal(0.5, 2.0), &device);
