@@ -214,18 +214,27 @@ pub trait MaskBits: Backend {
     }
 }
 
-/// [`MaskBits::mul_bits`] in Burn's ops: the mask unpacked, then multiplied.
+/// [`MaskBits::mul_bits`] in Burn's ops: x seen as `[n / 16, 16]` (one row a word) times the
+/// unpacked words, then x's shape again. With no reshape between the unpacking and the product,
+/// burn-fusion runs them as one element-wise kernel.
 fn burn_mul_bits<B: Backend>(x: FloatTensor<B>, bits: IntTensor<B>, value: f64) -> FloatTensor<B> {
-    let mask = burn_unpack::<B>(bits, x.shape(), value, x.dtype().into());
-    B::float_mul(x, mask)
+    let shape = x.shape();
+    let dtype = x.dtype().into();
+    let x = B::float_reshape(x, word_rows(&shape));
+    B::float_reshape(B::float_mul(x, unpack_rows::<B>(bits, value, dtype)), shape)
 }
 
-/// [`MaskBits::pack_bits`] in Burn's int ops.
+/// `[n / 16, 16]`: a mask of `shape` one row a packed word.
+fn word_rows(shape: &Shape) -> Shape {
+    Shape::new([shape.num_elements() / MASK_BITS, MASK_BITS])
+}
+
+/// [`MaskBits::pack_bits`] in Burn's int ops (reshaped first, so that the element-wise ops fuse
+/// into the row sum).
 pub(crate) fn burn_pack<B: Backend>(mask: FloatTensor<B>) -> IntTensor<B> {
-    let n = mask.shape().num_elements();
     let device = mask.device();
+    let mask = B::float_reshape(mask.clone(), word_rows(&mask.shape()));
     let ones = B::float_into_int(B::float_sign(mask), IntDType::I32);
-    let ones = B::int_reshape(ones, Shape::new([n / MASK_BITS, MASK_BITS]));
     let weights = (0..MASK_BITS).map(|i| 1i32 << i).collect::<Vec<_>>();
     let weights = B::int_from_data(TensorData::new(weights, [1, MASK_BITS]), &device);
     B::int_sum_dim(B::int_mul(ones, weights), 1)
@@ -238,12 +247,16 @@ pub(crate) fn burn_unpack<B: Backend>(
     value: f64,
     dtype: FloatDType,
 ) -> FloatTensor<B> {
+    B::float_reshape(unpack_rows::<B>(bits, value, dtype), shape)
+}
+
+/// The words `[n / 16, 1]` -> the mask `{0, value}` as `[n / 16, 16]` (bit i of a word in column i).
+fn unpack_rows<B: Backend>(bits: IntTensor<B>, value: f64, dtype: FloatDType) -> FloatTensor<B> {
     let device = bits.device();
     let shifts = (0..MASK_BITS as i32).collect::<Vec<_>>();
     let shifts = B::int_from_data(TensorData::new(shifts, [1, MASK_BITS]), &device);
     let ones = B::bitwise_and_scalar(B::bitwise_right_shift(bits, shifts), 1.into());
-    let mask = B::float_mul_scalar(B::int_into_float(ones, dtype), value.into());
-    B::float_reshape(mask, shape)
+    B::float_mul_scalar(B::int_into_float(ones, dtype), value.into())
 }
 
 impl MaskBits for Cube {}
