@@ -229,15 +229,20 @@ fn word_rows(shape: &Shape) -> Shape {
     Shape::new([shape.num_elements() / MASK_BITS, MASK_BITS])
 }
 
-/// [`MaskBits::pack_bits`] in Burn's int ops (reshaped first, so that the element-wise ops fuse
-/// into the row sum).
+/// [`MaskBits::pack_bits`] in Burn's ops: per row of the mask seen as `[n / 16, 16]`, the f32 sum
+/// of `sign(m)·2ⁱ` (exact: distinct powers of two below 2¹⁶), then the `[n / 16, 1]` sums as i32.
+/// burn-fusion runs the sign, the cast and the weighting as one element-wise kernel (an i32 cast
+/// there ran as two more full-size kernels), then the row sum and the small cast.
 pub(crate) fn burn_pack<B: Backend>(mask: FloatTensor<B>) -> IntTensor<B> {
-    let device = mask.device();
-    let mask = B::float_reshape(mask.clone(), word_rows(&mask.shape()));
-    let ones = B::float_into_int(B::float_sign(mask), IntDType::I32);
-    let weights = (0..MASK_BITS).map(|i| 1i32 << i).collect::<Vec<_>>();
-    let weights = B::int_from_data(TensorData::new(weights, [1, MASK_BITS]), &device);
-    B::int_sum_dim(B::int_mul(ones, weights), 1)
+    // The weights first: an upload between the ops would cut their chain.
+    let weights = (0..MASK_BITS)
+        .map(|i| (1i32 << i) as f32)
+        .collect::<Vec<_>>();
+    let weights = B::float_from_data(TensorData::new(weights, [1, MASK_BITS]), &mask.device());
+    let rows = word_rows(&mask.shape());
+    let ones = B::float_cast(B::float_sign(B::float_reshape(mask, rows)), FloatDType::F32);
+    let words = B::float_sum_dim(B::float_mul(ones, weights), 1);
+    B::float_into_int(words, IntDType::I32)
 }
 
 /// [`MaskBits::pack_bits`]'s words -> the `shape`, `dtype` mask `{0, value}`, in Burn's int ops.
