@@ -197,7 +197,7 @@ impl<B: MaskBits> KeptMask<B> {
 }
 
 /// A dropout mask to bits and back ([`KeptMask`]'s layout: `[n / 16, 1]` `i32` words, bit i of
-/// word w element `16·w + i`); Burn's int ops, or host loops on flex that pack and multiply by the
+/// word w element `16·w + i`); Burn's tensor ops, or host loops on flex that pack and multiply by the
 /// bits (Burn's ops there were ~6 % of a GPT-2 training step; flex never needs the mask rebuilt).
 pub trait MaskBits: Backend {
     /// Whether [`MaskBits::mul_bits`] multiplies by the bits without rebuilding the mask.

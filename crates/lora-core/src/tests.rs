@@ -582,7 +582,7 @@ fn flex_mm_takes_strided_views() {
     }
 }
 
-/// Flex's host `MaskBits` against Burn's int ops: the same words, Burn's ops rebuild the mask from
+/// Flex's host `MaskBits` against Burn's tensor ops: the same words, Burn's ops rebuild the mask from
 /// them, and flex's multiply by the bits is `x * mask`; on a contiguous mask and a strided view.
 /// The packed mask in f16 on a wgpu device with f16 (a GPU): `masked` is `x * mask` bit for
 /// bit. Mesa's llvmpipe has no f16: there the test says so and checks nothing.
