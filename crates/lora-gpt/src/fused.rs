@@ -1076,13 +1076,15 @@ impl<B: Pointwise> Backward<B, 3> for LayerNormBackward {
             let s = B::float_sum_dim(B::float_reshape(t, [rows, d].into()), 0);
             B::float_cast(B::float_reshape(s, [d].into()), gamma_dt)
         };
-        let dy32 = || B::float_cast(dy.clone(), FloatDType::F32);
-        if let Some(node) = node_beta {
-            grads.register::<B>(node.id, column_sums(dy32()));
+        // dy in f32 once, only where gamma or beta is trained.
+        let dy32 = (node_beta.is_some() || node_gamma.is_some())
+            .then(|| B::float_cast(dy.clone(), FloatDType::F32));
+        if let (Some(node), Some(dy32)) = (node_beta, &dy32) {
+            grads.register::<B>(node.id, column_sums(dy32.clone()));
         }
-        if let Some(node) = node_gamma {
+        if let (Some(node), Some(dy32)) = (node_gamma, dy32) {
             let xh = normalized::<B>(x.clone(), mean.clone(), rstd.clone());
-            grads.register::<B>(node.id, column_sums(B::float_mul(dy32(), xh)));
+            grads.register::<B>(node.id, column_sums(B::float_mul(dy32, xh)));
         }
         if let Some(node) = node_x {
             grads.register::<B>(node.id, B::layer_norm_grad(x, gamma, mean, rstd, dy));

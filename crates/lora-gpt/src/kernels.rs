@@ -813,12 +813,10 @@ fn row_shape(shape: &Shape) -> Shape {
     shape
 }
 
-fn lse_spec(scores: &TensorSpec) -> TensorSpec {
-    TensorSpec::new(row_shape(&scores.shape), DType::F32)
-}
-
-fn nll_spec(logits: &TensorSpec) -> TensorSpec {
-    TensorSpec::new(Shape::new([logits.shape[0], 1]), DType::F32)
+/// One f32 value per row of `t` (`[.., 1]`): the kernels' per-row outputs (log-sum-exp, loss,
+/// LayerNorm's mean and rstd).
+fn row_stat_spec(t: &TensorSpec) -> TensorSpec {
+    TensorSpec::new(row_shape(&t.shape), DType::F32)
 }
 
 /// Row kernels on cubecl.
@@ -827,7 +825,7 @@ pub trait RowKernels: Backend {
     /// `softmax(scores·scale + bias)` over the last dim and its log-sum-exp: scores
     /// `[.., seq, t]`, bias `[1, .., 1, seq, t]` -> p (scores' shape and dtype) and lse
     /// `[.., seq, 1]` (f32).
-    #[fusion(meta = |scores, _bias, _scale| (scores.clone(), lse_spec(scores)))]
+    #[fusion(meta = |scores, _bias, _scale| (scores.clone(), row_stat_spec(scores)))]
     fn softmax_lse(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -841,7 +839,7 @@ pub trait RowKernels: Backend {
 
     /// [`softmax_lse`](Self::softmax_lse) with hashed dropout: p times the `{0, 1/keep}` mask drawn
     /// from `seed` (`[2]` f32 uniforms) and each element's position, and the lse of p before it.
-    #[fusion(meta = |scores, _bias, _seed, _scale, _keep| (scores.clone(), lse_spec(scores)))]
+    #[fusion(meta = |scores, _bias, _seed, _scale, _keep| (scores.clone(), row_stat_spec(scores)))]
     fn softmax_lse_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -867,7 +865,7 @@ pub trait RowKernels: Backend {
 
     /// LayerNorm over the last dim in f32: x `[.., d]`, gamma, beta `[d]` -> y (x's shape and
     /// dtype) and per row the mean and `rstd = 1/√(var + eps)` `[.., 1]` (f32).
-    #[fusion(meta = |x, _gamma, _beta, _eps| (x.clone(), lse_spec(x), lse_spec(x)))]
+    #[fusion(meta = |x, _gamma, _beta, _eps| (x.clone(), row_stat_spec(x), row_stat_spec(x)))]
     fn layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -888,7 +886,7 @@ pub trait RowKernels: Backend {
 
     /// logits `[rows, v]`, targets `[rows, 1]` (each `< v`), weights `[rows, 1]` (f32) ->
     /// `w·nll [rows, 1]` (f32) and `w·(softmax − onehot) [rows, v]` (the logits' dtype).
-    #[fusion(meta = |logits, _targets, _weights| (nll_spec(logits), logits.clone()))]
+    #[fusion(meta = |logits, _targets, _weights| (row_stat_spec(logits), logits.clone()))]
     fn ce_rows(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
@@ -896,7 +894,7 @@ pub trait RowKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// [`ce_rows`](Self::ce_rows)'s `w·nll [rows, 1]` alone.
-    #[fusion(meta = |logits, _targets, _weights| nll_spec(logits))]
+    #[fusion(meta = |logits, _targets, _weights| row_stat_spec(logits))]
     fn ce_rows_loss(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
