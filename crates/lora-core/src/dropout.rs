@@ -1,14 +1,16 @@
-//! Dropout with cheaper masks on host (CPU) backends, and a dropout product that keeps its mask
-//! packed for the backward pass.
+//! Dropout with cheaper masks on host (CPU) backends, a dropout product that keeps its mask
+//! packed for the backward pass, and on GPUs a dropout that keeps no mask at all ([`hashed`]).
 //!
 //! Burn's `Dropout::forward` draws one Bernoulli sample per element from the backend's ChaCha
 //! generator (a sampler built per element) and scales in a second pass: on the CPU backends that
 //! was ~23 ns per element, a fifth of a minGPT training step. Here one draw from the device RNG
 //! seeds a xoshiro generator that fills the `{0, 1/keep}` mask (~1 ns per element; another stream
 //! than Burn's, the same law, a function of `device.seed(..)`), applied in one multiply.
-//! Devices with their own RNG kernels (GPUs) use Burn's draws. The multiply is [`masked`]: one
-//! autodiff node whose backward pass keeps the mask as bits ([`KeptMask`]), where Burn's `x · mask`
-//! keeps it in floats (GPT-2 small at 8 × 1024: 37 masks of 25 MB).
+//! The multiply is [`masked`]: one autodiff node whose backward pass keeps the mask as bits
+//! ([`KeptMask`]), where Burn's `x · mask` keeps it in floats (GPT-2 small at 8 × 1024: 37 masks
+//! of 25 MB). On cubecl devices (GPUs) [`dropout_folded`] draws no mask: [`hashed`] computes it
+//! from a hash of a seed and each element's position, in Burn's int ops that burn-fusion fuses
+//! with the product, and again in the backward pass.
 
 #![allow(deprecated)] // `NdArray`: deprecated upstream, still one of our backends.
 
@@ -95,11 +97,19 @@ fn host_mask<const D: usize>(shape: Shape, keep: f64, device: &Device) -> Tensor
 }
 
 /// Burn's `Dropout::forward` (same law, same values and gradient as `x · mask / keep`), the `1/keep`
-/// scale folded into the mask, the product one [`masked`] op whose backward pass keeps the mask as
-/// bits. Burn's own masks on cubecl devices, [`host_mask`] on the host backends.
+/// scale folded into the mask. On cubecl devices the mask is [`hashed`] (no mask is drawn or kept);
+/// on the host backends [`host_mask`], the product one [`masked`] op whose backward pass keeps the
+/// mask as bits.
 pub fn dropout_folded<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    let keep = 1.0 - d.prob;
+    if on_cubecl(&x.device()) && D >= 2 {
+        return match dropout_seed(d, &x.device()) {
+            Some(seed) => hashed(x, seed, keep),
+            None => x,
+        };
+    }
     match dropout_mask(d, x.shape(), &x.device(), x.dtype()) {
-        Some(mask) => masked(x, mask, 1.0 - d.prob),
+        Some(mask) => masked(x, mask, keep),
         None => x,
     }
 }
@@ -312,11 +322,14 @@ impl MaskBits for Flex {
     }
 }
 
-/// The dropout product as one op per backend.
+/// The dropout products as one op per backend.
 #[backend_extension(Cube, Flex, NdArray, Autodiff)]
 pub trait DropoutKernels: Backend {
     /// `x · mask`: mask `{0, 1/keep}` of x's shape, `keep` the probability to keep an element.
     fn masked(x: FloatTensor<Self>, mask: FloatTensor<Self>, keep: f64) -> FloatTensor<Self>;
+
+    /// `x · mask` with the mask of [`hashed`]: `seed` `[2]` (f32 uniforms), x of rank ≥ 2.
+    fn hashed(x: FloatTensor<Self>, seed: FloatTensor<Self>, keep: f64) -> FloatTensor<Self>;
 }
 
 macro_rules! plain_backend {
@@ -324,6 +337,10 @@ macro_rules! plain_backend {
         impl DropoutKernels for $b {
             fn masked(x: FloatTensor<Self>, mask: FloatTensor<Self>, _: f64) -> FloatTensor<Self> {
                 Self::float_mul(x, mask)
+            }
+
+            fn hashed(x: FloatTensor<Self>, seed: FloatTensor<Self>, keep: f64) -> FloatTensor<Self> {
+                HashKeys::<Self>::new(seed, &x.shape(), keep).mul(x)
             }
         }
     )*};
@@ -347,6 +364,21 @@ impl<B: MaskBits> Backward<B, 1> for MaskedBackward {
     }
 }
 
+#[derive(Debug)]
+struct HashedBackward;
+
+impl<B: Backend> Backward<B, 1> for HashedBackward {
+    type State = HashKeys<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        if let Some(node) = node {
+            grads.register::<B>(node.id, ops.state.mul(g));
+        }
+    }
+}
+
 impl<B: MaskBits, C: CheckpointStrategy> DropoutKernels for Autodiff<B, C> {
     fn masked(x: FloatTensor<Self>, mask: FloatTensor<Self>, keep: f64) -> FloatTensor<Self> {
         let prep = MaskedBackward
@@ -360,6 +392,132 @@ impl<B: MaskBits, C: CheckpointStrategy> DropoutKernels for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+
+    fn hashed(x: FloatTensor<Self>, seed: FloatTensor<Self>, keep: f64) -> FloatTensor<Self> {
+        let prep = HashedBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful();
+        let x = x.into_primitive();
+        let keys = HashKeys::<B>::new(seed.into_primitive(), &x.shape(), keep);
+        let out = keys.mul(x);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(keys, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// Hashed dropout's mask, as Burn's int ops compute it (element-wise, so burn-fusion runs the
+/// hash, the product and their neighbours as one kernel): element `(row, col)` of x seen as
+/// `[rows, cols]` is kept when the top 24 bits of `mix32(col ^ key(row))` are below `keep·2²⁴`,
+/// `key(row) = mix32(mix32(row ^ s0) + s1)` ([`mix32`]: Wellons' lowbias32; `s0, s1` the seed's two
+/// uniforms times 2²⁴). The backward pass keeps only the row keys and column indices and computes
+/// the mask again.
+#[derive(Clone, Debug)]
+pub struct HashKeys<B: Backend> {
+    /// `key(row)`, x's shape with a last dimension of 1 (i32).
+    keys: IntTensor<B>,
+    /// `0..cols`, `[1, …, 1, cols]` (i32).
+    cols: IntTensor<B>,
+    /// The probability to keep an element.
+    keep: f64,
+}
+
+impl<B: Backend> HashKeys<B> {
+    /// The keys of an x of `shape` (rank ≥ 2) for `seed` `[2]` (f32 uniforms in `[0, 1)`).
+    pub fn new(seed: FloatTensor<B>, shape: &Shape, keep: f64) -> Self {
+        let device = seed.device();
+        let d = shape.num_dims();
+        let cols = shape[d - 1];
+        let rows = shape.num_elements() / cols.max(1);
+        let (mut row_shape, mut col_shape) = (shape.clone(), Shape::from(vec![1; d]));
+        row_shape[d - 1] = 1;
+        col_shape[d - 1] = cols;
+        let iota = |n: usize, shape: Shape| {
+            let v = (0..n as i32).collect::<Vec<_>>();
+            B::int_from_data(TensorData::new(v, shape), &device)
+        };
+        let (row, cols) = (iota(rows, row_shape), iota(cols, col_shape));
+        let seed = B::float_mul_scalar(B::float_cast(seed, FloatDType::F32), 16_777_216f64.into());
+        let seed = B::float_into_int(seed, IntDType::I32);
+        let s = |i: usize| {
+            let si = B::int_slice(
+                seed.clone(),
+                &[burn::tensor::Slice::new(
+                    i as isize,
+                    Some(i as isize + 1),
+                    1,
+                )],
+            );
+            B::int_reshape(si, Shape::from(vec![1; d]))
+        };
+        let key = mix32_ops::<B>(B::bitwise_xor(row, s(0)));
+        let keys = mix32_ops::<B>(B::int_add(key, s(1)));
+        Self { keys, cols, keep }
+    }
+
+    /// `x · mask`, x of the shape the keys were made for: `x · ({0, 1} as x's dtype · 1/keep)`.
+    pub fn mul(&self, x: FloatTensor<B>) -> FloatTensor<B> {
+        let dtype = FloatDType::from(x.dtype());
+        let h = mix32_ops::<B>(B::bitwise_xor(self.cols.clone(), self.keys.clone()));
+        let top =
+            B::bitwise_and_scalar(B::bitwise_right_shift_scalar(h, 8.into()), 0xff_ffff.into());
+        // (top − threshold) < 0 exactly when kept: its sign bit (no overflow below 2²⁵).
+        let below = B::int_sub_scalar(top, (keep_threshold24(self.keep) as i64).into());
+        let kept = B::bitwise_and_scalar(B::bitwise_right_shift_scalar(below, 31.into()), 1.into());
+        let mask = B::float_mul_scalar(B::int_into_float(kept, dtype), (1.0 / self.keep).into());
+        B::float_mul(x, mask)
+    }
+}
+
+/// `keep·2²⁴`: hashed dropout keeps an element when the top 24 bits of its hash are below this.
+pub fn keep_threshold24(keep: f64) -> u32 {
+    (keep * 16_777_216.0).round().clamp(0.0, 16_777_216.0) as u32
+}
+
+/// Wellons' lowbias32 in i32 ops (wrapping products; right shifts masked to be logical).
+fn mix32_ops<B: Backend>(x: IntTensor<B>) -> IntTensor<B> {
+    let shift_xor = |x: IntTensor<B>, s: u32| {
+        let high = B::bitwise_and_scalar(
+            B::bitwise_right_shift_scalar(x.clone(), (s as i64).into()),
+            (((1u64 << (32 - s)) - 1) as i64).into(),
+        );
+        B::bitwise_xor(x, high)
+    };
+    let x = B::int_mul_scalar(shift_xor(x, 16), (0x7feb_352d_i64).into());
+    let x = B::int_mul_scalar(shift_xor(x, 15), (0x846c_a68b_u32 as i32 as i64).into());
+    shift_xor(x, 16)
+}
+
+/// Wellons' lowbias32 on the host ([`HashKeys`]' hash; the GPU attention kernels' too).
+pub fn mix32(x: u32) -> u32 {
+    let mut x = x;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// Whether [`hashed`] keeps element `(row, col)` (x seen as `[rows, cols]`) for the seeds
+/// `s0, s1` (the seed's uniforms times 2²⁴) and `keep` ([`HashKeys`]), on the host.
+pub fn hashed_kept(row: usize, col: usize, [s0, s1]: [u32; 2], keep: f64) -> bool {
+    let key = mix32(mix32(row as u32 ^ s0).wrapping_add(s1));
+    (mix32(col as u32 ^ key) >> 8) < keep_threshold24(keep)
+}
+
+/// `x · mask` for a `{0, 1/keep}` mask hashed from `seed` (`[2]` f32 uniforms in `[0, 1)`, e.g.
+/// [`dropout_seed`]) and each element's position ([`HashKeys`]); x of rank ≥ 2. The law of
+/// Bernoulli dropout, the values and gradient of `x * mask`; the backward pass computes the mask
+/// again from `[rows]` keys instead of keeping it.
+pub fn hashed<const D: usize>(x: Tensor<D>, seed: Tensor<1>, keep: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DropoutKernels>::hashed(
+        x.into_dispatch(),
+        seed.into_dispatch(),
+        keep,
+    ))
 }
 
 /// `x · mask` (mask `{0, 1/keep}`, x's shape) whose backward pass keeps the mask as bits

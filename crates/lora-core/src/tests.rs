@@ -625,3 +625,44 @@ fn flex_mask_bits_match_burn_ops() {
         assert_eq!(ours, Flex::float_mul(x, back).into_data());
     }
 }
+
+/// `dropout::hashed` is `x * mask` for the mask `hashed_kept` draws on the host (values and input
+/// gradient bit for bit), the dropped share is `1 − keep`, and another seed gives another mask; on
+/// flex, ndarray and wgpu.
+#[test]
+fn hashed_dropout_is_x_times_the_host_mask() {
+    use dropout::{hashed, hashed_kept};
+    for d in backends() {
+        let d = d.autodiff();
+        d.seed(9);
+        let shape = [4, 8, 300];
+        let x = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &d);
+        let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &d);
+        let seeds = [[0.25f32, 0.7], [0.125, 0.5]];
+        let mut masks = Vec::new();
+        for u in seeds {
+            let seed = Tensor::<1>::from_floats(u, &d);
+            let s = u.map(|v| (v * 16_777_216.0) as u32);
+            let value = (1.0f64 / 0.9) as f32;
+            let mask: Vec<f32> = (0..x.shape().num_elements())
+                .map(|i| match hashed_kept(i / 300, i % 300, s, 0.9) {
+                    true => value,
+                    false => 0.0,
+                })
+                .collect();
+            let host = Tensor::<3>::from_data(TensorData::new(mask.clone(), shape), &d);
+            let xi = x.clone().require_grad();
+            let y = hashed(xi.clone(), seed, 0.9);
+            let g = xi.grad(&(y.clone() * w.clone()).sum().backward()).unwrap();
+            assert_eq!(vals(y), vals(x.clone() * host.clone()), "values on {d:?}");
+            assert_eq!(vals(g), vals(w.clone() * host), "gradient on {d:?}");
+            let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+            assert!((dropped - 0.1).abs() < 0.01, "dropped share {dropped}");
+            masks.push(mask);
+        }
+        assert_ne!(masks[0], masks[1]);
+        // Rows differ from each other (the row key), and so do columns of a row.
+        let m = &masks[0];
+        assert_ne!(m[..300], m[300..600]);
+    }
+}

@@ -85,8 +85,8 @@ fn reduce_sum2(sa: &mut Shared<[f32]>, sb: &mut Shared<[f32]>, unit: usize) {
     }
 }
 
-/// A 32-bit integer hash (Wellons' `lowbias32`), the mixing step of hashed dropout; [`mix32_host`]
-/// computes the same on the host.
+/// A 32-bit integer hash (Wellons' `lowbias32`), the mixing step of hashed dropout;
+/// [`lora_core::dropout::mix32`] computes the same on the host.
 #[cube]
 fn mix32(x: u32) -> u32 {
     let mut x = x;
@@ -95,17 +95,6 @@ fn mix32(x: u32) -> u32 {
     x ^= x >> 15u32;
     x *= 0x846c_a68bu32;
     x ^= x >> 16u32;
-    x
-}
-
-/// [`mix32`] on the host.
-pub(crate) fn mix32_host(x: u32) -> u32 {
-    let mut x = x;
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
-    x ^= x >> 16;
     x
 }
 
@@ -129,8 +118,9 @@ fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32) -> f32 {
 /// Whether hashed dropout keeps element `col` of row `row` (of all rows of the tensor, in order):
 /// [`row_key`] and [`keep_factor`] on the host, for the seeds `s0, s1` and `threshold`.
 pub(crate) fn kept_host(row: usize, col: usize, [s0, s1]: [u32; 2], threshold: u32) -> bool {
-    let key = mix32_host(mix32_host(row as u32 ^ s0).wrapping_add(s1));
-    mix32_host(col as u32 ^ key) < threshold
+    use lora_core::dropout::mix32;
+    let key = mix32(mix32(row as u32 ^ s0).wrapping_add(s1));
+    mix32(col as u32 ^ key) < threshold
 }
 
 /// `keep·2³²`, the hash threshold of a keep probability (`keep < 1`).

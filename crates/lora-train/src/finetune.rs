@@ -66,7 +66,7 @@ pub struct Compute {
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Keep dropout masks for the backward pass as floats (16× their memory as bits, the default;
-    /// on GPUs the attention's dropout is drawn in its kernels and keeps no mask either way).
+    /// on GPUs dropout draws no mask: it is hashed from each element's position, either way).
     #[arg(long)]
     #[serde(default)]
     pub dense_dropout_masks: bool,
