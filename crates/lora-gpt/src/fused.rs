@@ -98,9 +98,8 @@ pub trait GptKernels: Backend {
 /// [`crate::host`] (`exp` and GELU equal to Burn's ops bit for bit; the softmax rows sum in
 /// sixteen lanes, within rounding of them); and how the head + loss op runs its products.
 pub trait Pointwise: Matmul + MaskBits {
-    /// Whether [`GptKernels::linear_cross_entropy`] computes its input gradient `d·wᵀ` as a sum
-    /// over vocabulary slices ([`d_wt_split`]): on GPUs, not on the CPU (there it would only change
-    /// the rounding).
+    /// Whether [`GptKernels::linear_cross_entropy`] computes its gradients over vocabulary slices
+    /// ([`VocabSlices`]): on GPUs, not on the CPU (there it would only change the rounding).
     const SPLIT_VOCAB: bool = false;
 
     /// Whether the attention op copies q, k, v contiguous at sequence length `seq`: cubecl from 64
@@ -227,6 +226,21 @@ pub trait Pointwise: Matmul + MaskBits {
         grad: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         ce_rows_composed::<Self>(logits, targets, weights, grad)
+    }
+
+    /// [`Pointwise::ce_rows`]'s loss and gradient, the gradient in vocabulary slices of `kp`
+    /// columns, `[⌈v / kp⌉, rows, kp]` ([`VocabSlices`]).
+    fn ce_rows_sliced(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        kp: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (loss, d) = Self::ce_rows(logits, targets, weights, true);
+        (
+            loss,
+            slice_vocab::<Self>(d.expect("asked for the gradient"), kp),
+        )
     }
 }
 
@@ -498,17 +512,33 @@ impl Pointwise for Cube {
         if logits.shape()[1] < 1024 {
             return ce_rows_composed::<Self>(logits, targets, weights, grad);
         }
+        let [rows, v] = logits.shape().dims::<2>();
         let weights = Self::float_cast(weights, FloatDType::F32);
         match grad {
             true => {
-                let (loss, d) = <Self as RowKernels>::ce_rows(logits, targets, weights);
-                (loss, Some(d))
+                let (loss, d) = <Self as RowKernels>::ce_rows(logits, targets, weights, v);
+                (loss, Some(Self::float_reshape(d, [rows, v].into())))
             }
             false => (
                 <Self as RowKernels>::ce_rows_loss(logits, targets, weights),
                 None,
             ),
         }
+    }
+
+    /// The rows kernel writes the slices itself, zeros included (from a vocabulary of 1024 up).
+    fn ce_rows_sliced(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        kp: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if logits.shape()[1] < 1024 {
+            let (loss, d) = ce_rows_composed::<Self>(logits, targets, weights, true);
+            return (loss, slice_vocab::<Self>(d.expect("a gradient"), kp));
+        }
+        let weights = Self::float_cast(weights, FloatDType::F32);
+        <Self as RowKernels>::ce_rows(logits, targets, weights, kp)
     }
 }
 impl Pointwise for NdArray {}
@@ -816,9 +846,8 @@ fn linear_ce<B: Pointwise>(
     let device = h.device();
     let rows = rows.max(1);
     let wt = B::float_transpose(w.clone());
-    let split = vocab_split(w.shape()[1])
-        .filter(|_| B::SPLIT_VOCAB && grad_h)
-        .map(|s| (s, split_rhs::<B>(wt.clone(), s)));
+    let slices = VocabSlices::of(w.shape()[1]).filter(|_| B::SPLIT_VOCAB && (grad_h || grad_w));
+    let rhs = slices.filter(|_| grad_h).map(|sl| sl.rhs::<B>(wt.clone()));
     let (mut loss, mut dh, mut dw) = (None::<FloatTensor<B>>, vec![], None::<FloatTensor<B>>);
     for start in (0..n).step_by(rows) {
         // Rows by `select` (fresh contiguous tensors): with row slices (views at an offset) the
@@ -829,6 +858,22 @@ fn linear_ce<B: Pointwise>(
         let tc = B::int_select(targets.clone(), 0, idx.clone());
         let wc = B::float_select(weights.clone(), 0, idx);
         let logits = B::mm(hc.clone(), w.clone());
+        if let Some(sl) = slices {
+            let (nll, d) = B::ce_rows_sliced(logits, tc, wc, sl.kp);
+            loss = Some(accumulate::<B>(loss, B::float_sum(nll)));
+            if grad_w {
+                dw = Some(accumulate::<B>(dw, sl.dw_parts::<B>(hc, d.clone())));
+            }
+            if let Some(rhs) = &rhs {
+                let k = rhs.shape()[2];
+                dh.push(lora_core::matmul::sum_of_products::<B>(
+                    d,
+                    rhs.clone(),
+                    [end - start, k],
+                ));
+            }
+            continue;
+        }
         let (nll, d) = B::ce_rows(logits, tc, wc, grad_h || grad_w);
         loss = Some(accumulate::<B>(loss, B::float_sum(nll)));
         let Some(d) = d else {
@@ -839,37 +884,87 @@ fn linear_ce<B: Pointwise>(
             dw = Some(accumulate::<B>(dw, g));
         }
         if grad_h {
-            dh.push(match &split {
-                Some((s, rhs)) => d_wt_split::<B>(d, rhs.clone(), *s),
-                None => B::mm(d, wt.clone()),
-            });
+            dh.push(B::mm(d, wt.clone()));
         }
     }
     let loss = loss.unwrap_or_else(|| B::float_zeros([1].into(), &device, FloatDType::F32));
+    let dw = match slices {
+        Some(sl) => dw.map(|parts| sl.unslice::<B>(parts, w.shape()[1])),
+        None => dw,
+    };
     (loss, grad_h.then(|| B::float_cat(dh, 0)), dw)
 }
 
-/// How many vocabulary slices [`d_wt_split`] uses for a vocabulary of `v` ≥ 1024: its smallest
-/// divisor in 8..=64 (GPT-2's 50257 = 29 · 1733), or none (smaller vocabularies: one product).
-fn vocab_split(v: usize) -> Option<usize> {
-    (8..=64).find(|s| v >= 1024 && v.is_multiple_of(*s))
+/// The head's gradients on GPUs, over the vocabulary `v` in `s = 8` slices of `kp` columns (`kp`
+/// a multiple of 8 from `v / 8` up; the last slice padded with zeros). The input gradient `d·wᵀ`
+/// has K = v and only a `[rows, k]` output: as one product, GPT-2's head at 2048 rows is 96 tiles
+/// of 128 × 128 for an H100's 132 SMs, each running the whole K (~33 TFLOP/s in f16 on `vulkan`);
+/// as 8 products of K = kp in one batched matmul, then their sum, ~124 TFLOP/s. The rows kernel
+/// writes the gradient in that layout (`[s, rows, kp]`), so neither product copies it; the
+/// weight's gradient runs as 8 products `[k, kp]` too (~100 TFLOP/s, against ~65 as one).
+/// Measured on an H100 (f16, `vulkan`, 2048 × 50257 × 768); 29 slices of 1733 (an odd row
+/// stride) ran at ~61.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VocabSlices {
+    /// Slices.
+    pub s: usize,
+    /// Columns per slice.
+    pub kp: usize,
 }
 
-/// `wᵀ` `[v, k]` as `s` slices `[s, v/s, k]`, the right-hand sides of [`d_wt_split`].
-fn split_rhs<B: Backend>(wt: FloatTensor<B>, s: usize) -> FloatTensor<B> {
-    let [v, k] = wt.shape().dims::<2>();
-    B::float_reshape(wt, [s, v / s, k].into())
+impl VocabSlices {
+    /// The slices of a vocabulary of `v` ≥ 1024 (below: none, one product each).
+    pub fn of(v: usize) -> Option<Self> {
+        let kp = v.div_ceil(8).next_multiple_of(8);
+        (v >= 1024).then(|| Self {
+            s: v.div_ceil(kp),
+            kp,
+        })
+    }
+
+    /// `wᵀ [v, k]` zero-padded to `s·kp` rows, as `[s, kp, k]`: the right-hand sides of `d·wᵀ`.
+    fn rhs<B: Backend>(self, wt: FloatTensor<B>) -> FloatTensor<B> {
+        let [v, k] = wt.shape().dims::<2>();
+        let pad = self.s * self.kp - v;
+        let zeros = B::float_zeros([pad, k].into(), &wt.device(), wt.dtype().into());
+        let padded = match pad {
+            0 => wt,
+            _ => B::float_cat(vec![wt, zeros], 0),
+        };
+        B::float_reshape(padded, [self.s, self.kp, k].into())
+    }
+
+    /// `hᵀ·d` per slice: h `[rows, k]`, d `[s, rows, kp]` -> `[s, k, kp]`.
+    fn dw_parts<B: Backend>(self, h: FloatTensor<B>, d: FloatTensor<B>) -> FloatTensor<B> {
+        let [rows, k] = h.shape().dims::<2>();
+        let ht = B::float_swap_dims(B::float_reshape(h, [1, rows, k].into()), 1, 2);
+        B::float_matmul(ht, d)
+    }
+
+    /// `[s, k, kp]` per-slice products -> `[k, v]`: the slices side by side, the padding cut.
+    fn unslice<B: Backend>(self, parts: FloatTensor<B>, v: usize) -> FloatTensor<B> {
+        let k = parts.shape()[1];
+        let side = B::float_reshape(
+            B::float_swap_dims(parts, 0, 1),
+            [k, self.s * self.kp].into(),
+        );
+        B::float_slice(side, &[Slice::full(), Slice::from(0..v)])
+    }
 }
 
-/// `d·wᵀ` for d `[rows, v]` and `wᵀ` in `s` slices ([`split_rhs`]) -> `[rows, k]`, as `s`
-/// products over the vocabulary slices in one batched matmul, then summed. One product has
-/// K = v and only a `[rows, k]` output: for GPT-2's head at 2048 rows, 96 tiles of 128 × 128 for
-/// an H100's 132 SMs, each running the whole K = 50257 (~33 TFLOP/s in f16 on `vulkan`).
-fn d_wt_split<B: Backend>(d: FloatTensor<B>, rhs: FloatTensor<B>, s: usize) -> FloatTensor<B> {
+/// `d [rows, v]` as vocabulary slices `[⌈v / kp⌉, rows, kp]`, zero-padded ([`VocabSlices`]).
+fn slice_vocab<B: Backend>(d: FloatTensor<B>, kp: usize) -> FloatTensor<B> {
     let [rows, v] = d.shape().dims::<2>();
-    let k = rhs.shape()[2];
-    let lhs = B::float_permute(B::float_reshape(d, [rows, s, v / s].into()), &[1, 0, 2]);
-    lora_core::matmul::sum_of_products::<B>(lhs, rhs, [rows, k])
+    let s = v.div_ceil(kp);
+    let pad = s * kp - v;
+    let d = match pad {
+        0 => d,
+        _ => {
+            let zeros = B::float_zeros([rows, pad].into(), &d.device(), d.dtype().into());
+            B::float_cat(vec![d, zeros], 1)
+        }
+    };
+    B::float_swap_dims(B::float_reshape(d, [rows, s, kp].into()), 0, 1)
 }
 
 macro_rules! plain_backend {
@@ -1268,11 +1363,22 @@ pub fn causal_attention(
     ))
 }
 
-/// `d·wᵀ` (d `[rows, v]`, w `[k, v]`) as the head + loss op computes it on GPUs, a sum of `s`
-/// products over vocabulary slices ([`d_wt_split`]; `s` divides v) -> `[rows, k]`.
-pub fn d_wt_in_slices(d: Tensor<2>, w: Tensor<2>, s: usize) -> Tensor<2> {
-    let rhs = split_rhs::<Dispatch>(Dispatch::float_transpose(w.into_dispatch()), s);
-    Tensor::from_dispatch(d_wt_split::<Dispatch>(d.into_dispatch(), rhs, s))
+/// The head's gradients as [`GptKernels::linear_cross_entropy`] computes them on GPUs
+/// ([`VocabSlices`]): d `[rows, v]` (the loss's gradient w.r.t. the logits), h `[rows, k]`,
+/// w `[k, v]` -> `d·wᵀ [rows, k]` and `hᵀ·d [k, v]`, d sliced as the rows kernel writes it.
+pub fn head_grads_in_slices(
+    d: Tensor<2>,
+    h: Tensor<2>,
+    w: Tensor<2>,
+    sl: VocabSlices,
+) -> (Tensor<2>, Tensor<2>) {
+    let [rows, v] = d.dims();
+    let d = slice_vocab::<Dispatch>(d.into_dispatch(), sl.kp);
+    let rhs = sl.rhs::<Dispatch>(Dispatch::float_transpose(w.into_dispatch()));
+    let k = rhs.shape()[2];
+    let dh = lora_core::matmul::sum_of_products::<Dispatch>(d.clone(), rhs, [rows, k]);
+    let dw = sl.unslice::<Dispatch>(sl.dw_parts::<Dispatch>(h.into_dispatch(), d), v);
+    (Tensor::from_dispatch(dh), Tensor::from_dispatch(dw))
 }
 
 /// [`GptKernels::nll`] on tensors: logits `[n, vocab]`, targets `[n, 1]` -> `[n, 1]`.

@@ -19,7 +19,7 @@ use burn::backend::{Backend, backend_extension};
 use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
@@ -129,8 +129,9 @@ pub(crate) fn keep_threshold(keep: f64) -> u32 {
 }
 
 /// Per row of `logits [rows, v]` with target `t` and weight `w`: `w·(log Σ exp(x) − x[t])` into
-/// `nll [rows, 1]` (f32) and, when `grad`, `w·(softmax(x) − onehot(t))` into `d [rows, v]`
-/// (the logits' dtype). Arithmetic in f32.
+/// `nll [rows, 1]` (f32) and, when `grad`, `w·(softmax(x) − onehot(t))` into `d [s, rows, kp]`
+/// (the logits' dtype): column `c` of the row at `d[c / kp, row, c % kp]`, zeros from column v to
+/// `s·kp` (`s = 1, kp = v`: `[rows, v]`). Arithmetic in f32.
 #[cube(launch_unchecked)]
 fn ce_rows_kernel<F: Float, I: Int>(
     logits: &Tensor<F>,
@@ -182,15 +183,21 @@ fn ce_rows_kernel<F: Float, I: Int>(
     }
     if comptime![grad] {
         let scale = w / gs;
-        let dbase = row * d.stride(0);
+        let kp = d.shape(2);
+        let (slice_stride, col_stride) = (d.stride(0), d.stride(2));
+        let dbase = row * d.stride(1);
+        let width = d.shape(0) * kp;
         let mut c = unit;
-        while c < v {
-            let x = f32::cast_from(logits[base + c]);
-            let mut g = (x - gm).exp() * scale;
-            if c == t {
-                g -= w;
+        while c < width {
+            let mut g = f32::new(0.0);
+            if c < v {
+                let x = f32::cast_from(logits[base + c]);
+                g = (x - gm).exp() * scale;
+                if c == t {
+                    g -= w;
+                }
             }
-            d[dbase + c] = F::cast_from(g);
+            d[(c / kp) * slice_stride + dbase + (c % kp) * col_stride] = F::cast_from(g);
             c += UNITS;
         }
     }
@@ -510,11 +517,12 @@ fn as_rows(x: CubeTensor) -> (CubeTensor, usize, usize) {
     (x, rows, t)
 }
 
+/// [`ce_rows_kernel`]; with `grad`, d `[s, rows, kp]` for `kp` (`s = ⌈v / kp⌉`).
 fn launch_ce_rows(
     logits: CubeTensor,
     targets: CubeTensor,
     weights: CubeTensor,
-    grad: bool,
+    grad: Option<usize>,
 ) -> (CubeTensor, Option<CubeTensor>) {
     let logits = into_contiguous(logits);
     let [rows, v] = [logits.meta.shape[0], logits.meta.shape[1]];
@@ -525,17 +533,14 @@ fn launch_ce_rows(
         Shape::new([rows, 1]),
         DType::F32,
     );
-    let d = grad.then(|| {
-        empty_device_dtype(
-            client.clone(),
-            device.clone(),
-            Shape::new([rows, v]),
-            logits.dtype,
-        )
+    // Contiguous (not row-pitched): the head's input gradient reshapes it.
+    let d = grad.map(|kp| {
+        let shape = Shape::new([v.div_ceil(kp), rows, kp]);
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape, logits.dtype)
     });
     // Without a gradient the kernel never touches `d`: a one-element stand-in.
     let d_arg = d.clone().unwrap_or_else(|| {
-        empty_device_dtype(client.clone(), device, Shape::new([1, 1]), logits.dtype)
+        empty_device_dtype(client.clone(), device, Shape::new([1, 1, 1]), logits.dtype)
     });
     let count = row_cubes(rows);
     let dtypes = [
@@ -554,7 +559,7 @@ fn launch_ce_rows(
             nll.clone().into_tensor_arg(),
             d_arg.into_tensor_arg(),
             rows,
-            grad,
+            grad.is_some(),
             dtypes,
         );
     }
@@ -809,6 +814,12 @@ fn row_stat_spec(t: &TensorSpec) -> TensorSpec {
     TensorSpec::new(row_shape(&t.shape), DType::F32)
 }
 
+/// `[⌈v / kp⌉, rows, kp]` for logits `[rows, v]`, their dtype: [`RowKernels::ce_rows`]'s gradient.
+fn sliced_spec(logits: &TensorSpec, kp: usize) -> TensorSpec {
+    let [rows, v] = [logits.shape[0], logits.shape[1]];
+    TensorSpec::new(Shape::new([v.div_ceil(kp), rows, kp]), logits.dtype)
+}
+
 /// Row kernels on cubecl.
 #[backend_extension(Cube, Fusion)]
 pub trait RowKernels: Backend {
@@ -875,12 +886,14 @@ pub trait RowKernels: Backend {
     ) -> FloatTensor<Self>;
 
     /// logits `[rows, v]`, targets `[rows, 1]` (each `< v`), weights `[rows, 1]` (f32) ->
-    /// `w·nll [rows, 1]` (f32) and `w·(softmax − onehot) [rows, v]` (the logits' dtype).
-    #[fusion(meta = |logits, _targets, _weights| (row_stat_spec(logits), logits.clone()))]
+    /// `w·nll [rows, 1]` (f32) and `w·(softmax − onehot)` (the logits' dtype) as
+    /// `[⌈v / kp⌉, rows, kp]`: the vocabulary in slices of `kp`, the last padded with zeros.
+    #[fusion(meta = |logits, _targets, _weights, kp| (row_stat_spec(logits), sliced_spec(logits, *kp)))]
     fn ce_rows(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
         weights: FloatTensor<Self>,
+        kp: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// [`ce_rows`](Self::ce_rows)'s `w·nll [rows, 1]` alone.
@@ -946,12 +959,13 @@ impl RowKernels for CubeBackend {
         logits: CubeTensor,
         targets: CubeTensor,
         weights: CubeTensor,
+        kp: usize,
     ) -> (CubeTensor, CubeTensor) {
-        let (nll, d) = launch_ce_rows(logits, targets, weights, true);
+        let (nll, d) = launch_ce_rows(logits, targets, weights, Some(kp));
         (nll, d.expect("asked for the gradient"))
     }
 
     fn ce_rows_loss(logits: CubeTensor, targets: CubeTensor, weights: CubeTensor) -> CubeTensor {
-        launch_ce_rows(logits, targets, weights, false).0
+        launch_ce_rows(logits, targets, weights, None).0
     }
 }

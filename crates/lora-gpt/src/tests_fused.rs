@@ -1,8 +1,8 @@
 //! The fused ops against the composed Burn ops they replace: values and gradients.
 
 use crate::fused::{
-    AttentionDropout, causal_attention, gelu_tanh, hashed_mask_values, layer_norm,
-    linear_cross_entropy_in_chunks,
+    AttentionDropout, VocabSlices, causal_attention, gelu_tanh, hashed_mask_values,
+    head_grads_in_slices, layer_norm, linear_cross_entropy_in_chunks,
 };
 use crate::mingpt::cross_entropy_ignore;
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
@@ -129,14 +129,32 @@ fn attention_case(device: &Device, dropout: Drop, [b, h, t]: [usize; 3], tol: f3
 }
 
 /// The head + loss op's input gradient as a sum over vocabulary slices: `d·wᵀ`.
-fn split_product_case(device: &Device, tol: f32) {
+/// The head's gradients over vocabulary slices (as on GPUs) against `d·wᵀ` and `hᵀ·d`: slices
+/// that pad the vocabulary and slices that do not, and GPT-2's.
+fn head_slices_case(device: &Device, tol: f32) {
     device.seed(5);
-    let (rows, k, v, s) = (10, 6, 24, 8);
-    let d = Tensor::<2>::random([rows, v], Distribution::Normal(0.0, 1.0), device);
-    let w = Tensor::<2>::random([k, v], Distribution::Normal(0.0, 1.0), device);
-    let split = crate::fused::d_wt_in_slices(d.clone(), w.clone(), s);
-    let diff = max_diff(d.matmul(w.transpose()), split);
-    assert!(diff < tol, "{diff}, {device:?}");
+    let (rows, k) = (10, 6);
+    assert_eq!(VocabSlices::of(50257), Some(VocabSlices { s: 8, kp: 6288 }));
+    assert_eq!(VocabSlices::of(1023), None);
+    for (v, sl) in [
+        (20, VocabSlices { s: 3, kp: 8 }),
+        (24, VocabSlices { s: 3, kp: 8 }),
+        (1031, VocabSlices::of(1031).unwrap()),
+    ] {
+        let d = Tensor::<2>::random([rows, v], Distribution::Normal(0.0, 1.0), device);
+        let h = Tensor::<2>::random([rows, k], Distribution::Normal(0.0, 1.0), device);
+        let w = Tensor::<2>::random([k, v], Distribution::Normal(0.0, 1.0), device);
+        let (dh, dw) = head_grads_in_slices(d.clone(), h.clone(), w.clone(), sl);
+        // Relative to the largest value (sums over v terms).
+        let rel = |a: Tensor<2>, b: Tensor<2>| {
+            let scale = a.clone().abs().max().into_scalar::<f32>();
+            max_diff(a, b) / scale
+        };
+        let diff = rel(d.clone().matmul(w.transpose()), dh);
+        assert!(diff < tol, "d·wᵀ {diff}, v {v}, {device:?}");
+        let diff = rel(h.transpose().matmul(d), dw);
+        assert!(diff < tol, "hᵀ·d {diff}, v {v}, {device:?}");
+    }
 }
 
 fn nll_case(device: &Device, tol: f32) {
@@ -324,7 +342,7 @@ fn fused_nll_is_log_softmax_cross_entropy() {
 fn fused_linear_cross_entropy_is_head_then_cross_entropy() {
     for d in devices() {
         linear_ce_case(&d.clone().autodiff(), 13, 1e-5);
-        split_product_case(&d, 1e-5);
+        head_slices_case(&d, 1e-5);
     }
 }
 
@@ -356,10 +374,9 @@ fn fused_ops_on_wgpu() {
     attention_case(&d, Drop::Hashed, [8, 8, 32], 1e-4);
     nll_case(&d, 1e-4);
     linear_ce_case(&d, 13, 1e-4);
-    // 1031 (prime: one product for the input gradient); at 1030 (ten vocabulary slices)
-    // llvmpipe deadlocked in the composed ops too.
+    // 1031: the gradients over vocabulary slices, written by the rows kernel.
     linear_ce_case(&d, 1031, 1e-4);
-    split_product_case(&d, 1e-4);
+    head_slices_case(&d, 1e-4);
     gelu_case(&d, 1e-4);
     // The LayerNorm row kernels.
     layer_norm_case(&d, 50, 1e-4);
