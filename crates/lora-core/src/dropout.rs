@@ -415,7 +415,7 @@ impl<B: MaskBits, C: CheckpointStrategy> DropoutKernels for Autodiff<B, C> {
 /// uniforms times 2²⁴). The backward pass keeps only the row keys and column indices and computes
 /// the mask again.
 #[derive(Clone, Debug)]
-pub struct HashKeys<B: Backend> {
+struct HashKeys<B: Backend> {
     /// `key(row)`, x's shape with a last dimension of 1 (i32).
     keys: IntTensor<B>,
     /// `0..cols`, `[1, …, 1, cols]` (i32).
@@ -426,7 +426,7 @@ pub struct HashKeys<B: Backend> {
 
 impl<B: Backend> HashKeys<B> {
     /// The keys of an x of `shape` (rank ≥ 2) for `seed` `[2]` (f32 uniforms in `[0, 1)`).
-    pub fn new(seed: FloatTensor<B>, shape: &Shape, keep: f64) -> Self {
+    fn new(seed: FloatTensor<B>, shape: &Shape, keep: f64) -> Self {
         let device = seed.device();
         let d = shape.num_dims();
         let cols = shape[d - 1];
@@ -458,7 +458,7 @@ impl<B: Backend> HashKeys<B> {
     }
 
     /// `x · mask`, x of the shape the keys were made for: `x · ({0, 1} as x's dtype · 1/keep)`.
-    pub fn mul(&self, x: FloatTensor<B>) -> FloatTensor<B> {
+    fn mul(&self, x: FloatTensor<B>) -> FloatTensor<B> {
         let dtype = FloatDType::from(x.dtype());
         let h = mix32_ops::<B>(B::bitwise_xor(self.cols.clone(), self.keys.clone()));
         let top =
@@ -472,7 +472,7 @@ impl<B: Backend> HashKeys<B> {
 }
 
 /// `keep·2²⁴`: hashed dropout keeps an element when the top 24 bits of its hash are below this.
-pub fn keep_threshold24(keep: f64) -> u32 {
+fn keep_threshold24(keep: f64) -> u32 {
     (keep * 16_777_216.0).round().clamp(0.0, 16_777_216.0) as u32
 }
 

@@ -526,17 +526,14 @@ impl Pointwise for Cube {
         }
     }
 
-    /// The rows kernel writes the slices itself, zeros included (from a vocabulary of 1024 up).
+    /// The rows kernel writes the slices itself, zeros included ([`VocabSlices`] slices only
+    /// vocabularies of 1024 up, where the kernel runs).
     fn ce_rows_sliced(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
         weights: FloatTensor<Self>,
         kp: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if logits.shape()[1] < 1024 {
-            let (loss, d) = ce_rows_composed::<Self>(logits, targets, weights, true);
-            return (loss, slice_vocab::<Self>(d.expect("a gradient"), kp));
-        }
         let weights = Self::float_cast(weights, FloatDType::F32);
         <Self as RowKernels>::ce_rows(logits, targets, weights, kp)
     }
@@ -858,33 +855,33 @@ fn linear_ce<B: Pointwise>(
         let tc = B::int_select(targets.clone(), 0, idx.clone());
         let wc = B::float_select(weights.clone(), 0, idx);
         let logits = B::mm(hc.clone(), w.clone());
-        if let Some(sl) = slices {
-            let (nll, d) = B::ce_rows_sliced(logits, tc, wc, sl.kp);
-            loss = Some(accumulate::<B>(loss, B::float_sum(nll)));
-            if grad_w {
-                dw = Some(accumulate::<B>(dw, sl.dw_parts::<B>(hc, d.clone())));
+        let (nll, d) = match slices {
+            Some(sl) => {
+                let (nll, d) = B::ce_rows_sliced(logits, tc, wc, sl.kp);
+                (nll, Some(d))
             }
-            if let Some(rhs) = &rhs {
-                let k = rhs.shape()[2];
-                dh.push(lora_core::matmul::sum_of_products::<B>(
-                    d,
-                    rhs.clone(),
-                    [end - start, k],
-                ));
-            }
-            continue;
-        }
-        let (nll, d) = B::ce_rows(logits, tc, wc, grad_h || grad_w);
+            None => B::ce_rows(logits, tc, wc, grad_h || grad_w),
+        };
         loss = Some(accumulate::<B>(loss, B::float_sum(nll)));
         let Some(d) = d else {
             continue;
         };
+        // d is `[rows, v]`, or `[s, rows, kp]` with `slices`.
         if grad_w {
-            let g = B::mm_tn(hc, d.clone());
+            let g = match slices {
+                Some(sl) => sl.dw_parts::<B>(hc, d.clone()),
+                None => B::mm_tn(hc, d.clone()),
+            };
             dw = Some(accumulate::<B>(dw, g));
         }
         if grad_h {
-            dh.push(B::mm(d, wt.clone()));
+            dh.push(match &rhs {
+                Some(rhs) => {
+                    let out = [end - start, rhs.shape()[2]];
+                    lora_core::matmul::sum_of_products::<B>(d, rhs.clone(), out)
+                }
+                None => B::mm(d, wt.clone()),
+            });
         }
     }
     let loss = loss.unwrap_or_else(|| B::float_zeros([1].into(), &device, FloatDType::F32));
@@ -924,13 +921,8 @@ impl VocabSlices {
 
     /// `wᵀ [v, k]` zero-padded to `s·kp` rows, as `[s, kp, k]`: the right-hand sides of `d·wᵀ`.
     fn rhs<B: Backend>(self, wt: FloatTensor<B>) -> FloatTensor<B> {
-        let [v, k] = wt.shape().dims::<2>();
-        let pad = self.s * self.kp - v;
-        let zeros = B::float_zeros([pad, k].into(), &wt.device(), wt.dtype().into());
-        let padded = match pad {
-            0 => wt,
-            _ => B::float_cat(vec![wt, zeros], 0),
-        };
+        let k = wt.shape()[1];
+        let padded = zero_pad::<B>(wt, 0, self.s * self.kp);
         B::float_reshape(padded, [self.s, self.kp, k].into())
     }
 
@@ -956,15 +948,20 @@ impl VocabSlices {
 fn slice_vocab<B: Backend>(d: FloatTensor<B>, kp: usize) -> FloatTensor<B> {
     let [rows, v] = d.shape().dims::<2>();
     let s = v.div_ceil(kp);
-    let pad = s * kp - v;
-    let d = match pad {
-        0 => d,
-        _ => {
-            let zeros = B::float_zeros([rows, pad].into(), &d.device(), d.dtype().into());
-            B::float_cat(vec![d, zeros], 1)
-        }
-    };
+    let d = zero_pad::<B>(d, 1, s * kp);
     B::float_swap_dims(B::float_reshape(d, [rows, s, kp].into()), 0, 1)
+}
+
+/// `t` with zeros appended along `dim` up to length `len`.
+fn zero_pad<B: Backend>(t: FloatTensor<B>, dim: usize, len: usize) -> FloatTensor<B> {
+    let mut shape = t.shape();
+    let pad = len - shape[dim];
+    if pad == 0 {
+        return t;
+    }
+    shape[dim] = pad;
+    let zeros = B::float_zeros(shape, &t.device(), t.dtype().into());
+    B::float_cat(vec![t, zeros], dim)
 }
 
 macro_rules! plain_backend {
