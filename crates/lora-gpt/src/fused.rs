@@ -51,15 +51,17 @@ pub trait GptKernels: Backend {
     /// Causal attention `(softmax(q·kᵀ·scale + bias)·keep)·v` of the `n_head` heads of q, k, v
     /// side by side in `qkv [batch, seq, 3·n_head·d]` (a `c_attn` output), bias `[1, 1, seq, seq]`
     /// (0 on and below the diagonal, −∞ above), keep the dropout mask `{0, 1/keep}`
-    /// `[batch, head, seq, seq]` or none -> `[batch, head, seq, d]`. Taking `qkv` whole, the
-    /// backward pass writes its gradient as one tensor (three slices of it would each cost a
-    /// zero-filled `qkv`-sized tensor and a sum).
+    /// `[batch, head, seq, seq]` or none -> `[batch, head, seq, d]`, over `blocks` query blocks
+    /// (none: the backend's choice, [`Pointwise::query_blocks`]; one with a mask). Taking `qkv`
+    /// whole, the backward pass writes its gradient as one tensor (three slices of it would each
+    /// cost a zero-filled `qkv`-sized tensor and a sum).
     fn causal_attention(
         qkv: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         #[extension_type] keep: Keep<Self>,
         n_head: usize,
         scale: f64,
+        blocks: Option<usize>,
     ) -> FloatTensor<Self>;
 
     /// Negative log-likelihood of each row: logits `[n, vocab]`, targets `[n, 1]` in `0..vocab`
@@ -122,13 +124,26 @@ pub trait Pointwise: Matmul + MaskBits {
         Self::float_exp(x)
     }
 
-    /// `softmax(scores·scale + bias)` over the last dim: scores `[b, h, t, t]`, bias `[1, 1, t, t]`.
+    /// The query blocks of causal attention at sequence length `seq` ([`QueryBlocks`]): 1 on the
+    /// CPU (all queries against all keys, the products' rounding unchanged); on cubecl, blocks of
+    /// 256 queries, at most 4, which skip 3/8 of the scores at 1024 (above the diagonal).
+    fn query_blocks(_seq: usize) -> usize {
+        1
+    }
+
+    /// `softmax(scores·scale + bias)` over the last dim: scores `[b, h, tc, w]` of queries
+    /// `start..start + tc` and keys `..w` of bias `[1, 1, t, t]` ([`bias_block`]).
     fn fused_softmax(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
-        softmax_composed::<Self>(scores, bias, scale)
+        softmax_composed::<Self>(
+            scores.clone(),
+            bias_block::<Self>(bias, start, &scores),
+            scale,
+        )
     }
 
     /// Softmax's backward pass over the last dim, times the scores' scale:
@@ -152,28 +167,32 @@ pub trait Pointwise: Matmul + MaskBits {
     }
 
     /// [`Pointwise::fused_softmax`]'s probabilities and the per-row log-sum-exp
-    /// `max + log Σ exp(x − max)` `[b, h, t, 1]` (f32) of `x = scores·scale + bias`.
+    /// `max + log Σ exp(x − max)` `[b, h, tc, 1]` (f32) of `x = scores·scale + bias`.
     fn fused_softmax_lse(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let bias = bias_block::<Self>(bias, start, &scores);
         softmax_lse_composed::<Self>(scores, bias, scale)
     }
 
     /// [`Pointwise::fused_softmax_lse`] with hashed dropout: the probabilities times the
     /// `{0, 1/keep}` mask that [`hashed_mask`] draws from `seed` (`[2]`, f32 uniforms), and the
-    /// log-sum-exp. The backward pass draws the same mask again
+    /// log-sum-exp. The mask of a score depends on its place in the whole `[t, t]` scores, not
+    /// on the block. The backward pass draws the same mask again
     /// ([`Pointwise::softmax_grad_hashed`]) instead of keeping it. Composed here with the mask
     /// made on the host; one kernel on cubecl.
     fn softmax_lse_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        softmax_lse_hashed_composed::<Self>(scores, bias, seed, scale, keep)
+        softmax_lse_hashed_composed::<Self>(scores, bias, start, seed, scale, keep)
     }
 
     /// The backward pass of [`Pointwise::softmax_lse_hashed`] from its log-sum-exp: with
@@ -183,13 +202,14 @@ pub trait Pointwise: Matmul + MaskBits {
     fn softmax_grad_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         lse: FloatTensor<Self>,
         dp: FloatTensor<Self>,
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        softmax_grad_hashed_composed::<Self>(scores, bias, lse, dp, seed, scale, keep)
+        softmax_grad_hashed_composed::<Self>(scores, bias, start, lse, dp, seed, scale, keep)
     }
 
     /// [`GptKernels::layer_norm`]'s value and, per row, the mean and `rstd = 1/√(var + eps)`
@@ -323,27 +343,33 @@ fn layer_norm_grad_composed<B: Backend>(
 fn softmax_lse_hashed_composed<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
+    start: usize,
     seed: FloatTensor<B>,
     scale: f64,
     keep: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let (p, lse) = B::fused_softmax_lse(scores, bias, scale);
-    let mask = hashed_mask::<B>(seed, &p, keep);
+    let t = bias.shape()[2];
+    let (p, lse) = B::fused_softmax_lse(scores, bias, start, scale);
+    let mask = hashed_mask::<B>(seed, &p, QueryRows { start, t }, keep);
     (B::float_mul(p, mask), lse)
 }
 
 /// [`Pointwise::softmax_grad_hashed`] in Burn's ops, the mask made on the host.
+#[allow(clippy::too_many_arguments)]
 fn softmax_grad_hashed_composed<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
+    start: usize,
     lse: FloatTensor<B>,
     dp: FloatTensor<B>,
     seed: FloatTensor<B>,
     scale: f64,
     keep: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
+    let t = bias.shape()[2];
+    let bias = bias_block::<B>(bias, start, &scores);
     let p = probs_from_lse::<B>(scores, bias, scale, lse);
-    let mask = hashed_mask::<B>(seed, &p, keep);
+    let mask = hashed_mask::<B>(seed, &p, QueryRows { start, t }, keep);
     let pd = B::float_mul(p.clone(), mask.clone());
     (pd, B::fused_softmax_grad(p, B::float_mul(dp, mask), scale))
 }
@@ -407,27 +433,40 @@ impl Pointwise for Cube {
         seq >= 64
     }
 
-    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads.
+    fn query_blocks(seq: usize) -> usize {
+        (seq / 256).clamp(1, 4)
+    }
+
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[t, t]` for all heads.
     fn fused_softmax(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
-        match bias_is_one_matrix::<Self>(&scores, &bias) {
-            true => <Self as RowKernels>::softmax_lse(scores, bias, scale).0,
-            false => softmax_composed::<Self>(scores, bias, scale),
+        match bias_holds::<Self>(&scores, &bias, start) {
+            true => <Self as RowKernels>::softmax_lse(scores, bias, start, scale).0,
+            false => softmax_composed::<Self>(
+                scores.clone(),
+                bias_block::<Self>(bias, start, &scores),
+                scale,
+            ),
         }
     }
 
-    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads.
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[t, t]` for all heads.
     fn fused_softmax_lse(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match bias_is_one_matrix::<Self>(&scores, &bias) {
-            true => <Self as RowKernels>::softmax_lse(scores, bias, scale),
-            false => softmax_lse_composed::<Self>(scores, bias, scale),
+        match bias_holds::<Self>(&scores, &bias, start) {
+            true => <Self as RowKernels>::softmax_lse(scores, bias, start, scale),
+            false => {
+                let bias = bias_block::<Self>(bias, start, &scores);
+                softmax_lse_composed::<Self>(scores, bias, scale)
+            }
         }
     }
 
@@ -443,40 +482,46 @@ impl Pointwise for Cube {
         }
     }
 
-    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads: the
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[t, t]` for all heads: the
     /// mask is a hash of the seed and each score's position, never a tensor.
     fn softmax_lse_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match bias_is_one_matrix::<Self>(&scores, &bias) {
-            true => <Self as RowKernels>::softmax_lse_hashed(scores, bias, seed, scale, keep),
-            false => softmax_lse_hashed_composed::<Self>(scores, bias, seed, scale, keep),
+        match bias_holds::<Self>(&scores, &bias, start) {
+            true => {
+                <Self as RowKernels>::softmax_lse_hashed(scores, bias, start, seed, scale, keep)
+            }
+            false => softmax_lse_hashed_composed::<Self>(scores, bias, start, seed, scale, keep),
         }
     }
 
-    /// One row kernel ([`crate::kernels`]) where the bias is one `[seq, t]` for all heads and dp
+    /// One row kernel ([`crate::kernels`]) where the bias is one `[t, t]` for all heads and dp
     /// has the scores' shape and dtype.
     fn softmax_grad_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         lse: FloatTensor<Self>,
         dp: FloatTensor<Self>,
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let fits = bias_is_one_matrix::<Self>(&scores, &bias)
+        let fits = bias_holds::<Self>(&scores, &bias, start)
             && scores.shape() == dp.shape()
             && scores.dtype() == dp.dtype();
         match fits {
-            true => {
-                <Self as RowKernels>::softmax_grad_hashed(scores, bias, lse, dp, seed, scale, keep)
-            }
-            false => softmax_grad_hashed_composed::<Self>(scores, bias, lse, dp, seed, scale, keep),
+            true => <Self as RowKernels>::softmax_grad_hashed(
+                scores, bias, start, lse, dp, seed, scale, keep,
+            ),
+            false => softmax_grad_hashed_composed::<Self>(
+                scores, bias, start, lse, dp, seed, scale, keep,
+            ),
         }
     }
 
@@ -553,8 +598,10 @@ impl Pointwise for Flex {
     fn fused_softmax(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
+        let bias = bias_block::<Self>(bias, start, &scores);
         let fits = bias_is_one_matrix::<Self>(&scores, &bias);
         if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 || !fits {
             return softmax_composed::<Self>(scores, bias, scale);
@@ -611,11 +658,43 @@ impl Pointwise for Flex {
 }
 
 /// Whether `bias` is one matrix of the scores' last two dims, broadcast over the others (what the
-/// row kernels take).
+/// host's row kernels take).
 fn bias_is_one_matrix<B: Backend>(scores: &FloatTensor<B>, bias: &FloatTensor<B>) -> bool {
     let (s, b) = (scores.shape(), bias.shape());
     let r = s.num_dims();
     r >= 2 && b.num_dims() == r && b[r - 2..] == s[r - 2..] && b[..r - 2].iter().all(|&d| d == 1)
+}
+
+/// Whether `bias` is one `[t, t]` matrix, broadcast over the scores' other dims, that holds the
+/// block of scores `[.., tc, w]` of queries `start..start + tc` (what the cubecl row kernels take).
+fn bias_holds<B: Backend>(scores: &FloatTensor<B>, bias: &FloatTensor<B>, start: usize) -> bool {
+    let (s, b) = (scores.shape(), bias.shape());
+    let r = s.num_dims();
+    r >= 2
+        && b.num_dims() == r
+        && b[..r - 2].iter().all(|&d| d == 1)
+        && b[r - 2] == b[r - 1]
+        && start + s[r - 2] <= b[r - 2]
+        && s[r - 1] <= b[r - 1]
+}
+
+/// The bias of the block of scores `[.., tc, w]` of queries `start..start + tc`: rows
+/// `start..start + tc` and columns `..w` of `bias [.., t, t]` (the whole bias when that is all).
+fn bias_block<B: Backend>(
+    bias: FloatTensor<B>,
+    start: usize,
+    scores: &FloatTensor<B>,
+) -> FloatTensor<B> {
+    let (s, b) = (scores.shape(), bias.shape());
+    let r = b.num_dims();
+    let [tc, w] = [s[s.num_dims() - 2], s[s.num_dims() - 1]];
+    if start == 0 && b[r - 2] == tc && b[r - 1] == w {
+        return bias;
+    }
+    let mut ranges = vec![Slice::full(); r - 2];
+    ranges.push(Slice::from(start..start + tc));
+    ranges.push(Slice::from(0..w));
+    B::float_slice(bias, &ranges)
 }
 
 /// The f32 values of a contiguous Flex tensor.
@@ -642,14 +721,57 @@ fn scores<B: Pointwise>(q: FloatTensor<B>, k: FloatTensor<B>) -> FloatTensor<B> 
     B::mm(q, B::float_swap_dims(k, 2, 3))
 }
 
-/// Attention probabilities `softmax(q·kᵀ·scale + bias)`, `[batch, head, seq, seq]`.
+/// Attention probabilities `softmax(q·kᵀ·scale + bias)` of queries `start..` (q's rows):
+/// `[batch, head, tc, w]` for q `[.., tc, d]`, k `[.., w, d]`.
 fn probs<B: Pointwise>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     bias: FloatTensor<B>,
+    start: usize,
     scale: f64,
 ) -> FloatTensor<B> {
-    B::fused_softmax(scores::<B>(q, k), bias, scale)
+    B::fused_softmax(scores::<B>(q, k), bias, start, scale)
+}
+
+/// Causal attention in blocks of queries: block `start..end` needs only keys `..end` (the later
+/// ones are masked), so its scores are `[.., end − start, end]` and the `n` blocks together
+/// skip the blocks above the diagonal (`1 − (n + 1)/2n` of the products and of the softmax
+/// work: 3/8 at n = 4). `n = 1`: all queries against all keys.
+fn query_blocks(t: usize, n: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
+    let n = n.clamp(1, t.max(1));
+    (0..n).map(move |i| (i * t / n, (i + 1) * t / n))
+}
+
+/// Rows `range` of dim 2 (the sequence) of `x [batch, head, seq, ..]`: x itself when that is all.
+fn seq_rows<B: Backend>(x: &FloatTensor<B>, range: std::ops::Range<usize>) -> FloatTensor<B> {
+    let shape = x.shape();
+    if range.start == 0 && range.end == shape[2] {
+        return x.clone();
+    }
+    let mut ranges = vec![Slice::full(); shape.num_dims()];
+    ranges[2] = Slice::from(range);
+    B::float_slice(x.clone(), &ranges)
+}
+
+/// The blocks side by side along dim 2 (the sequence).
+fn cat_seq<B: Backend>(mut parts: Vec<FloatTensor<B>>) -> FloatTensor<B> {
+    match parts.len() {
+        1 => parts.pop().expect("one part"),
+        _ => B::float_cat(parts, 2),
+    }
+}
+
+/// `acc + part` over `part`'s rows `..w` of dim 2 (keys `..w`): part itself for the first.
+fn add_key_rows<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -> FloatTensor<B> {
+    let Some(acc) = acc else { return part };
+    let w = part.shape()[2];
+    if w == acc.shape()[2] {
+        return B::float_add(acc, part);
+    }
+    let mut ranges = vec![Slice::full(); part.shape().num_dims()];
+    ranges[2] = Slice::from(0..w);
+    let sum = B::float_add(B::float_slice(acc.clone(), &ranges), part);
+    B::float_slice_assign(acc, &ranges, sum)
 }
 
 /// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
@@ -663,14 +785,19 @@ fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor
         let z = B::float_slice(heads.clone(), &[Slice::full(), Slice::full(), range]);
         let z = B::float_swap_dims(z, 1, 2);
         match B::contiguous_heads(t) {
-            // Through the 3-d reshape: a contiguous copy.
-            true => B::float_reshape(
-                B::float_reshape(z, [b * n_head, t, hs].into()),
-                [b, n_head, t, hs].into(),
-            ),
+            true => contiguous4::<B>(z),
             false => z,
         }
     })
+}
+
+/// `x [a, b, c, d]` contiguous: through a 3-d reshape, which copies a strided view.
+fn contiguous4<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let [a, b, c, d] = x.shape().dims::<4>();
+    B::float_reshape(
+        B::float_reshape(x, [a * b, c, d].into()),
+        [a, b, c, d].into(),
+    )
 }
 
 /// The gradient w.r.t. `qkv [batch, seq, 3·head·d]` from those w.r.t. q, k, v `[batch, head, seq, d]`.
@@ -684,29 +811,50 @@ fn merge_heads<B: Backend>(
     B::float_reshape(B::float_cat(parts, 2), [b, t, 3 * h * hs].into())
 }
 
+/// The number of query blocks: `blocks`, or the backend's choice ([`Pointwise::query_blocks`]);
+/// one with a dropout mask (a whole `[t, t]` tensor).
+fn blocks_for<B: Pointwise>(blocks: Option<usize>, t: usize, masked: bool) -> usize {
+    match masked {
+        true => 1,
+        false => blocks.unwrap_or_else(|| B::query_blocks(t)),
+    }
+}
+
 /// The attention output and, with `lse` (for [`Pointwise::PROBS_FROM_LSE`]) or hashed dropout,
-/// the scores' per-row log-sum-exp `[batch, head, seq, 1]` (f32).
+/// the scores' per-row log-sum-exp `[batch, head, seq, 1]` (f32); over `blocks` query blocks
+/// ([`query_blocks`]).
 fn attention_forward<B: Pointwise>(
-    qkv: FloatTensor<B>,
+    [q, k, v]: &[FloatTensor<B>; 3],
     bias: FloatTensor<B>,
     keep: Keep<B>,
-    n_head: usize,
     scale: f64,
     lse: bool,
+    blocks: usize,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
-    let [q, k, v] = split_heads::<B>(qkv, n_head);
-    let (p, lse) = match (keep, lse) {
-        (Keep::Hashed(seed, keep), _) => {
-            let (p, lse) = B::softmax_lse_hashed(scores::<B>(q, k), bias, seed, scale, keep);
-            (p, Some(lse))
-        }
-        (keep, true) => {
-            let (p, lse) = B::fused_softmax_lse(scores::<B>(q, k), bias, scale);
-            (masked_by(p, keep), Some(lse))
-        }
-        (keep, false) => (masked_by(probs::<B>(q, k, bias, scale), keep), None),
-    };
-    (B::mm(p, v), lse)
+    let t = q.shape()[2];
+    let (mut out, mut lses) = (vec![], vec![]);
+    for (start, end) in query_blocks(t, blocks) {
+        let s = scores::<B>(seq_rows::<B>(q, start..end), seq_rows::<B>(k, 0..end));
+        let bias = bias.clone();
+        let (p, lse) = match (&keep, lse) {
+            (Keep::Hashed(seed, keep), _) => {
+                let (p, lse) = B::softmax_lse_hashed(s, bias, start, seed.clone(), scale, *keep);
+                (p, Some(lse))
+            }
+            (keep, true) => {
+                let (p, lse) = B::fused_softmax_lse(s, bias, start, scale);
+                (masked_by(p, keep.clone()), Some(lse))
+            }
+            (keep, false) => (
+                masked_by(B::fused_softmax(s, bias, start, scale), keep.clone()),
+                None,
+            ),
+        };
+        out.push(B::mm(p, seq_rows::<B>(v, 0..end)));
+        lses.extend(lse);
+    }
+    let lse = (!lses.is_empty()).then(|| cat_seq::<B>(lses));
+    (cat_seq::<B>(out), lse)
 }
 
 /// `p · mask` for [`Keep::Mask`], p otherwise.
@@ -717,12 +865,22 @@ fn masked_by<B: Backend>(p: FloatTensor<B>, keep: Keep<B>) -> FloatTensor<B> {
     }
 }
 
-/// The `{0, 1/keep}` mask of hashed dropout ([`Pointwise::softmax_lse_hashed`]) for a tensor like
-/// `like` (its shape, dtype and device), made on the host from `seed` (`[2]`, f32 uniforms): the
-/// kernels' hash ([`crate::kernels`]) over the rows of `like`'s last dim.
+/// The rows of a block of scores `[.., tc, w]` in the whole `[t, t]` scores of each head: queries
+/// `start..start + tc`.
+#[derive(Clone, Copy, Debug)]
+struct QueryRows {
+    start: usize,
+    t: usize,
+}
+
+/// The `{0, 1/keep}` mask of hashed dropout ([`Pointwise::softmax_lse_hashed`]) for a block of
+/// scores like `like` (its shape, dtype and device) at `rows`, made on the host from `seed`
+/// (`[2]`, f32 uniforms): the kernels' hash ([`crate::kernels`]) of each score's row among all
+/// `[t, t]` score rows and its column.
 fn hashed_mask<B: Backend>(
     seed: FloatTensor<B>,
     like: &FloatTensor<B>,
+    rows: QueryRows,
     keep: f64,
 ) -> FloatTensor<B> {
     let seed = burn::tensor::read_sync(B::float_into_data(seed))
@@ -730,25 +888,40 @@ fn hashed_mask<B: Backend>(
         .iter::<f32>()
         .collect::<Vec<_>>();
     let shape = like.shape();
-    let t = shape[shape.num_dims() - 1];
-    let mask = hashed_mask_values([seed[0], seed[1]], shape.num_elements() / t.max(1), t, keep);
+    let [tc, w] = [shape[shape.num_dims() - 2], shape[shape.num_dims() - 1]];
+    let n = shape.num_elements() / w.max(1);
+    let QueryRows { start, t } = rows;
+    let rows = (0..n).map(|r| (r / tc) * t + start + r % tc);
+    let mask = hashed_mask_rows([seed[0], seed[1]], rows, w, keep);
     let mask = B::float_from_data(TensorData::new(mask, shape), &like.device());
     B::float_cast(mask, like.dtype().into())
 }
 
 /// Hashed dropout's `{0, 1/keep}` mask `[rows, t]` (row-major) for the seed's two uniforms.
+#[cfg(test)]
 pub(crate) fn hashed_mask_values(seed: [f32; 2], rows: usize, t: usize, keep: f64) -> Vec<f32> {
+    hashed_mask_rows(seed, 0..rows, t, keep)
+}
+
+/// Hashed dropout's `{0, 1/keep}` mask of the given rows, `cols` columns each (row-major).
+fn hashed_mask_rows(
+    seed: [f32; 2],
+    rows: impl Iterator<Item = usize>,
+    cols: usize,
+    keep: f64,
+) -> Vec<f32> {
     let seeds = seed.map(|u| (u as f64 * 16_777_216.0) as u32);
     let threshold = crate::kernels::keep_threshold(keep);
     let value = (1.0 / keep) as f32;
-    (0..rows * t)
-        .map(
-            |i| match crate::kernels::kept_host(i / t, i % t, seeds, threshold) {
+    rows.flat_map(|r| {
+        (0..cols).map(
+            move |c| match crate::kernels::kept_host(r, c, seeds, threshold) {
                 true => value,
                 false => 0.0,
             },
         )
-        .collect()
+    })
+    .collect()
 }
 
 /// [`softmax_composed`] (the same values) and the per-row `max + log Σ exp(x − max)` in f32.
@@ -973,8 +1146,12 @@ macro_rules! plain_backend {
                 keep: Keep<Self>,
                 n_head: usize,
                 scale: f64,
+                blocks: Option<usize>,
             ) -> FloatTensor<Self> {
-                attention_forward::<Self>(qkv, bias, keep, n_head, scale, false).0
+                let masked = matches!(keep, Keep::Mask(..));
+                let blocks = blocks_for::<Self>(blocks, qkv.shape()[1], masked);
+                let heads = split_heads::<Self>(qkv, n_head);
+                attention_forward::<Self>(&heads, bias, keep, scale, false, blocks).0
             }
 
             fn nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
@@ -1022,15 +1199,16 @@ enum Dropped<B: Pointwise> {
     None,
 }
 
-/// `qkv`, bias, the dropout, `n_head`, scale, the log-sum-exp ([`Pointwise::PROBS_FROM_LSE`], and
-/// always with hashed dropout).
+/// q, k, v `[batch, head, seq, d]` (contiguous on GPUs: the backward pass copies nothing), bias,
+/// the dropout, scale, the log-sum-exp ([`Pointwise::PROBS_FROM_LSE`], and always with hashed
+/// dropout), the query blocks.
 type AttentionState<B> = (
-    FloatTensor<B>,
+    [FloatTensor<B>; 3],
     FloatTensor<B>,
     Dropped<B>,
-    usize,
     f64,
     Option<FloatTensor<B>>,
+    usize,
 );
 
 impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
@@ -1040,45 +1218,72 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         let [node] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let Some(node) = node else { return };
-        let (qkv, bias, dropped, n_head, scale, lse) = ops.state;
-        let [q, k, v] = split_heads::<B>(qkv, n_head);
-        let (ds, dv) = match (dropped, lse) {
-            // The scores again; the dropped probabilities and the softmax backward in one pass
-            // over them, the mask drawn again.
-            (Dropped::Hashed(seed, keep), Some(lse)) => {
-                let s = scores::<B>(q.clone(), k.clone());
-                let dp = B::mm(dy.clone(), B::float_swap_dims(v, 2, 3));
-                let (pd, ds) = B::softmax_grad_hashed(s, bias, lse, dp, seed, scale, keep);
-                (ds, B::mm(B::float_swap_dims(pd, 2, 3), dy))
-            }
-            (dropped, lse) => {
-                let keep = match dropped {
-                    Dropped::Mask(m) => Some(m.for_mul()),
-                    _ => None,
-                };
-                // Recompute the probabilities; the dropped ones are `p·keep`.
-                let p = match lse {
-                    Some(lse) => {
-                        probs_from_lse::<B>(scores::<B>(q.clone(), k.clone()), bias, scale, lse)
-                    }
-                    None => probs::<B>(q.clone(), k.clone(), bias, scale),
-                };
-                let pd = match &keep {
-                    Some(m) => m.mul(p.clone()),
-                    None => p.clone(),
-                };
-                let dv = B::mm(B::float_swap_dims(pd, 2, 3), dy.clone());
-                let dp = B::mm(dy, B::float_swap_dims(v, 2, 3));
-                let dp = match &keep {
-                    Some(m) => m.mul(dp),
-                    None => dp,
-                };
-                // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
-                (B::fused_softmax_grad(p, dp, scale), dv)
-            }
+        let ([q, k, v], bias, dropped, scale, lse, blocks) = ops.state;
+        let t = q.shape()[2];
+        // The output's gradient, from the caller's `[batch, seq, head, d]` view: contiguous once
+        // for all blocks' products (on GPUs).
+        let dy = match B::contiguous_heads(t) {
+            true => contiguous4::<B>(dy),
+            false => dy,
         };
-        let dq = B::mm(ds.clone(), k);
-        let dk = B::mm(B::float_swap_dims(ds, 2, 3), q);
+        let keep = match &dropped {
+            Dropped::Mask(m) => Some(m.clone().for_mul()),
+            _ => None,
+        };
+        let (mut dq, mut dk, mut dv) = (vec![], None, None);
+        // The last block first: its key gradients cover all keys, the others' add to their start.
+        for (start, end) in query_blocks(t, blocks).rev() {
+            let qb = seq_rows::<B>(&q, start..end);
+            let (kb, vb) = (seq_rows::<B>(&k, 0..end), seq_rows::<B>(&v, 0..end));
+            let dy = seq_rows::<B>(&dy, start..end);
+            let lse = lse.as_ref().map(|l| seq_rows::<B>(l, start..end));
+            let (ds, pd) = match (&dropped, lse) {
+                // The scores again; the dropped probabilities and the softmax backward in one
+                // pass over them, the mask drawn again.
+                (Dropped::Hashed(seed, keep), Some(lse)) => {
+                    let s = scores::<B>(qb.clone(), kb.clone());
+                    let dp = B::mm(dy.clone(), B::float_swap_dims(vb, 2, 3));
+                    let (bias, seed) = (bias.clone(), seed.clone());
+                    let (pd, ds) =
+                        B::softmax_grad_hashed(s, bias, start, lse, dp, seed, scale, *keep);
+                    (ds, pd)
+                }
+                (_, lse) => {
+                    // Recompute the probabilities; the dropped ones are `p·keep`.
+                    let p = match lse {
+                        Some(lse) => {
+                            let s = scores::<B>(qb.clone(), kb.clone());
+                            let bias = bias_block::<B>(bias.clone(), start, &s);
+                            probs_from_lse::<B>(s, bias, scale, lse)
+                        }
+                        None => probs::<B>(qb.clone(), kb.clone(), bias.clone(), start, scale),
+                    };
+                    let pd = match &keep {
+                        Some(m) => m.mul(p.clone()),
+                        None => p.clone(),
+                    };
+                    let dp = B::mm(dy.clone(), B::float_swap_dims(vb, 2, 3));
+                    let dp = match &keep {
+                        Some(m) => m.mul(dp),
+                        None => dp,
+                    };
+                    // Softmax backward: ds = p·(dp − Σ dp·p), then the scale of the scores.
+                    (B::fused_softmax_grad(p, dp, scale), pd)
+                }
+            };
+            dv = Some(add_key_rows::<B>(
+                dv,
+                B::mm(B::float_swap_dims(pd, 2, 3), dy),
+            ));
+            dq.push(B::mm(ds.clone(), kb));
+            dk = Some(add_key_rows::<B>(
+                dk,
+                B::mm(B::float_swap_dims(ds, 2, 3), qb),
+            ));
+        }
+        dq.reverse();
+        let (dk, dv) = (dk.expect("a block"), dv.expect("a block"));
+        let dq = cat_seq::<B>(dq);
         grads.register::<B>(node.id, merge_heads::<B>(dq, dk, dv));
     }
 }
@@ -1191,6 +1396,7 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
         keep: Keep<Self>,
         n_head: usize,
         scale: f64,
+        blocks: Option<usize>,
     ) -> FloatTensor<Self> {
         let prep = AttentionBackward
             .prepare::<C>([qkv.node()])
@@ -1203,13 +1409,16 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
             Keep::All => Keep::All,
         };
         let tracked = matches!(prep, OpsKind::Tracked(_));
+        let masked = matches!(keep, Keep::Mask(..));
+        let blocks = blocks_for::<B>(blocks, qkv.shape()[1], masked);
+        let heads = split_heads::<B>(qkv, n_head);
         let (out, lse) = attention_forward::<B>(
-            qkv.clone(),
+            &heads,
             bias.clone(),
             keep.clone(),
-            n_head,
             scale,
             tracked && B::PROBS_FROM_LSE,
+            blocks,
         );
         match prep {
             OpsKind::Tracked(prep) => {
@@ -1218,7 +1427,7 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
                     Keep::Hashed(seed, p) => Dropped::Hashed(seed, p),
                     Keep::All => Dropped::None,
                 };
-                prep.finish((qkv, bias, dropped, n_head, scale, lse), out)
+                prep.finish((heads, bias, dropped, scale, lse, blocks), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
@@ -1346,6 +1555,19 @@ pub fn causal_attention(
     n_head: usize,
     scale: f64,
 ) -> Tensor<4> {
+    causal_attention_in_blocks(qkv, bias, dropout, n_head, scale, None)
+}
+
+/// [`causal_attention`] over `blocks` query blocks (none: the backend's choice); the same values
+/// to rounding, the same dropout.
+pub fn causal_attention_in_blocks(
+    qkv: Tensor<3>,
+    bias: Tensor<4>,
+    dropout: Option<AttentionDropout>,
+    n_head: usize,
+    scale: f64,
+    blocks: Option<usize>,
+) -> Tensor<4> {
     let keep = match dropout {
         Some(AttentionDropout::Mask(m, p)) => Keep::Mask(m.into_dispatch(), p),
         Some(AttentionDropout::Hashed(seed, p)) => Keep::Hashed(seed.into_dispatch(), p),
@@ -1357,6 +1579,7 @@ pub fn causal_attention(
         keep,
         n_head,
         scale,
+        blocks,
     ))
 }
 

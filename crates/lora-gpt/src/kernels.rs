@@ -223,9 +223,10 @@ fn logit<F: Float, B: Float>(
     x
 }
 
-/// Per row of `x = scores·scale + bias` (scores `[rows, t]`; bias `[seq, t]` strided, row
-/// `r % seq`): `p = softmax(x)` in the scores' dtype, times the hashed dropout factor
-/// ([`keep_factor`]) when `drop`, and `lse = max + ln Σ exp(x − max)` (f32).
+/// Per row of `x = scores·scale + bias` (scores `[rows, t]`: blocks of `tc` rows, queries
+/// `start..start + tc` of bias `[seq, ≥ t]` (strided); row r is query `start + r % tc`):
+/// `p = softmax(x)` in the scores' dtype, times the hashed dropout factor ([`keep_factor`]) when
+/// `drop`, and `lse = max + ln Σ exp(x − max)` (f32).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn softmax_lse_kernel<F: Float, B: Float>(
@@ -235,6 +236,8 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     p: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     rows: usize,
+    tc: usize,
+    start: usize,
     scale: f32,
     threshold: u32,
     inv_keep: f32,
@@ -247,9 +250,12 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     }
     let t = scores.shape(1);
     let base = row * t;
-    let bbase = (row % bias.shape(0)) * bias.stride(0);
+    let query = start + row % tc;
+    let bbase = query * bias.stride(0);
     let bstep = bias.stride(1);
     let unit = UNIT_POS_X as usize;
+    // The row among all `[seq, seq]` score rows: hashed dropout's mask does not depend on `tc`.
+    let key_row = (row / tc) * bias.shape(0) + query;
 
     let mut m = f32::new(-3.0e38);
     let mut s = f32::new(0.0);
@@ -275,7 +281,7 @@ fn softmax_lse_kernel<F: Float, B: Float>(
         lse[row] = gm + gs.ln();
     }
     let inv = 1.0 / gs;
-    let key = row_key(seed, row);
+    let key = row_key(seed, key_row);
     let mut c = unit;
     while c < t {
         let x = logit(scores, bias, base, bbase, bstep, c, scale);
@@ -304,6 +310,8 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     pd: &mut Tensor<F>,
     ds: &mut Tensor<F>,
     rows: usize,
+    tc: usize,
+    start: usize,
     scale: f32,
     threshold: u32,
     inv_keep: f32,
@@ -316,11 +324,14 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     }
     let t = scores.shape(1);
     let base = row * t;
-    let bbase = (row % bias.shape(0)) * bias.stride(0);
+    let query = start + row % tc;
+    let bbase = query * bias.stride(0);
     let bstep = bias.stride(1);
     let unit = UNIT_POS_X as usize;
+    // The row among all `[seq, seq]` score rows: hashed dropout's mask does not depend on `tc`.
+    let key_row = (row / tc) * bias.shape(0) + query;
     let l = lse[row];
-    let key = row_key(seed, row);
+    let key = row_key(seed, key_row);
     let mut acc = f32::new(0.0);
     let mut c = unit;
     while c < t {
@@ -601,21 +612,40 @@ impl DropArgs {
 }
 
 /// bias `[1, .., 1, seq, t]`, broadcast over the leading dims, as `[seq, t]`.
-fn bias_rows(bias: CubeTensor, t: usize) -> CubeTensor {
+fn bias_rows(bias: CubeTensor) -> CubeTensor {
     let nb = bias.meta.num_dims();
-    let seq = bias.meta.shape[nb - 2];
+    let [seq, t] = [bias.meta.shape[nb - 2], bias.meta.shape[nb - 1]];
     CubeBackend::float_reshape(into_contiguous(bias), Shape::new([seq, t]))
+}
+
+/// The kernels read bias rows `start..start + tc` and columns `..t`: they must lie in it.
+fn check_block(bias: &CubeTensor, start: usize, tc: usize, t: usize) {
+    let [seq, width] = [bias.meta.shape[0], bias.meta.shape[1]];
+    assert!(
+        tc > 0 && start + tc <= seq && t <= width,
+        "scores of queries {start}..{} and {t} keys outside the bias [{seq}, {width}]",
+        start + tc
+    );
+}
+
+/// The query rows of each block of scores `[.., tc, t]`.
+fn block_rows(scores: &CubeTensor) -> usize {
+    let shape = &scores.meta.shape;
+    shape[shape.num_dims() - 2]
 }
 
 fn launch_softmax_lse(
     scores: CubeTensor,
     bias: CubeTensor,
+    start: usize,
     drop: Option<(CubeTensor, f64)>,
     scale: f64,
 ) -> (CubeTensor, CubeTensor) {
     let shape = scores.meta.shape.clone();
+    let tc = block_rows(&scores);
     let (scores, rows, t) = as_rows(scores);
-    let bias = bias_rows(bias, t);
+    let bias = bias_rows(bias);
+    check_block(&bias, start, tc, t);
     let drop = DropArgs::new(drop, &scores);
     let (client, device) = (scores.client.clone(), scores.device.clone());
     let p = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
@@ -624,7 +654,8 @@ fn launch_softmax_lse(
         dtype_to_storage_type(scores.dtype),
         dtype_to_storage_type(bias.dtype),
     ];
-    // Safety: rows `< rows`, columns `< t`, bias rows `% seq`, seed indices 0 and 1.
+    // Safety: rows `< rows`, columns `< t ≤ seq`, bias rows `start + r % tc < seq` (the
+    // caller's blocks lie in the bias), seed indices 0 and 1.
     unsafe {
         softmax_lse_kernel::launch_unchecked(
             &client,
@@ -636,6 +667,8 @@ fn launch_softmax_lse(
             p.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             rows,
+            tc,
+            start,
             scale as f32,
             drop.threshold,
             drop.inv_keep,
@@ -646,18 +679,22 @@ fn launch_softmax_lse(
     (p, lse)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch_softmax_grad_lse(
     scores: CubeTensor,
     bias: CubeTensor,
+    start: usize,
     lse: CubeTensor,
     dp: CubeTensor,
     drop: Option<(CubeTensor, f64)>,
     scale: f64,
 ) -> (CubeTensor, CubeTensor) {
     let shape = dp.meta.shape.clone();
+    let tc = block_rows(&scores);
     let (scores, rows, t) = as_rows(scores);
     let (dp, _, _) = as_rows(dp);
-    let bias = bias_rows(bias, t);
+    let bias = bias_rows(bias);
+    check_block(&bias, start, tc, t);
     let lse = into_contiguous(lse);
     let drop = DropArgs::new(drop, &scores);
     let (client, device) = (dp.client.clone(), dp.device.clone());
@@ -667,7 +704,8 @@ fn launch_softmax_grad_lse(
         dtype_to_storage_type(scores.dtype),
         dtype_to_storage_type(bias.dtype),
     ];
-    // Safety: rows `< rows`, columns `< t`, bias rows `% seq`, seed indices 0 and 1.
+    // Safety: rows `< rows`, columns `< t ≤ seq`, bias rows `start + r % tc < seq` (the
+    // caller's blocks lie in the bias), seed indices 0 and 1.
     unsafe {
         softmax_grad_lse_kernel::launch_unchecked(
             &client,
@@ -681,6 +719,8 @@ fn launch_softmax_grad_lse(
             pd.clone().into_tensor_arg(),
             ds.clone().into_tensor_arg(),
             rows,
+            tc,
+            start,
             scale as f32,
             drop.threshold,
             drop.inv_keep,
@@ -824,12 +864,13 @@ fn sliced_spec(logits: &TensorSpec, kp: usize) -> TensorSpec {
 #[backend_extension(Cube, Fusion)]
 pub trait RowKernels: Backend {
     /// `softmax(scores·scale + bias)` over the last dim and its log-sum-exp: scores
-    /// `[.., seq, t]`, bias `[1, .., 1, seq, t]` -> p (scores' shape and dtype) and lse
-    /// `[.., seq, 1]` (f32).
-    #[fusion(meta = |scores, _bias, _scale| (scores.clone(), row_stat_spec(scores)))]
+    /// `[.., tc, t]`, the rows of queries `start..start + tc` of bias `[1, .., 1, seq, seq]`
+    /// (`start + tc ≤ seq`, `t ≤ seq`) -> p (scores' shape and dtype) and lse `[.., tc, 1]` (f32).
+    #[fusion(meta = |scores, _bias, _start, _scale| (scores.clone(), row_stat_spec(scores)))]
     fn softmax_lse(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
@@ -839,11 +880,13 @@ pub trait RowKernels: Backend {
     fn softmax_grad(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
 
     /// [`softmax_lse`](Self::softmax_lse) with hashed dropout: p times the `{0, 1/keep}` mask drawn
-    /// from `seed` (`[2]` f32 uniforms) and each element's position, and the lse of p before it.
-    #[fusion(meta = |scores, _bias, _seed, _scale, _keep| (scores.clone(), row_stat_spec(scores)))]
+    /// from `seed` (`[2]` f32 uniforms) and each element's position in the whole `[seq, seq]`
+    /// scores, and the lse of p before it.
+    #[fusion(meta = |scores, _bias, _start, _seed, _scale, _keep| (scores.clone(), row_stat_spec(scores)))]
     fn softmax_lse_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         seed: FloatTensor<Self>,
         scale: f64,
         keep: f64,
@@ -853,10 +896,12 @@ pub trait RowKernels: Backend {
     /// `[.., seq, 1]`: with `p = exp(scores·scale + bias − lse)` again, the dropped probabilities
     /// `p·mask` and the softmax backward `p·(g − Σ p·g)·scale` for `g = dp·mask`; dp of the
     /// scores' shape and dtype.
-    #[fusion(meta = |scores, _bias, _lse, dp, _seed, _scale, _keep| (scores.clone(), dp.clone()))]
+    #[fusion(meta = |scores, _bias, _start, _lse, dp, _seed, _scale, _keep| (scores.clone(), dp.clone()))]
+    #[allow(clippy::too_many_arguments)]
     fn softmax_grad_hashed(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        start: usize,
         lse: FloatTensor<Self>,
         dp: FloatTensor<Self>,
         seed: FloatTensor<Self>,
@@ -906,30 +951,38 @@ pub trait RowKernels: Backend {
 }
 
 impl RowKernels for CubeBackend {
-    fn softmax_lse(scores: CubeTensor, bias: CubeTensor, scale: f64) -> (CubeTensor, CubeTensor) {
-        launch_softmax_lse(scores, bias, None, scale)
+    fn softmax_lse(
+        scores: CubeTensor,
+        bias: CubeTensor,
+        start: usize,
+        scale: f64,
+    ) -> (CubeTensor, CubeTensor) {
+        launch_softmax_lse(scores, bias, start, None, scale)
     }
 
     fn softmax_lse_hashed(
         scores: CubeTensor,
         bias: CubeTensor,
+        start: usize,
         seed: CubeTensor,
         scale: f64,
         keep: f64,
     ) -> (CubeTensor, CubeTensor) {
-        launch_softmax_lse(scores, bias, Some((seed, keep)), scale)
+        launch_softmax_lse(scores, bias, start, Some((seed, keep)), scale)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn softmax_grad_hashed(
         scores: CubeTensor,
         bias: CubeTensor,
+        start: usize,
         lse: CubeTensor,
         dp: CubeTensor,
         seed: CubeTensor,
         scale: f64,
         keep: f64,
     ) -> (CubeTensor, CubeTensor) {
-        launch_softmax_grad_lse(scores, bias, lse, dp, Some((seed, keep)), scale)
+        launch_softmax_grad_lse(scores, bias, start, lse, dp, Some((seed, keep)), scale)
     }
 
     fn softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor {

@@ -1,7 +1,7 @@
 //! The fused ops against the composed Burn ops they replace: values and gradients.
 
 use crate::fused::{
-    AttentionDropout, VocabSlices, causal_attention, gelu_tanh, hashed_mask_values,
+    AttentionDropout, VocabSlices, causal_attention_in_blocks, gelu_tanh, hashed_mask_values,
     head_grads_in_slices, layer_norm, linear_cross_entropy_in_chunks,
 };
 use crate::mingpt::cross_entropy_ignore;
@@ -49,8 +49,15 @@ enum Drop {
 }
 
 /// `[b, h, t]` `[2, 3, 19]`: the backward pass keeps the dropout mask as it is (few scores, not a
-/// multiple of 16); `[8, 8, 32]`: packed to bits (65,536 scores).
-fn attention_case(device: &Device, dropout: Drop, [b, h, t]: [usize; 3], tol: f32) {
+/// multiple of 16); `[8, 8, 32]`: packed to bits (65,536 scores). The op in `blocks` query blocks
+/// (none: the backend's choice), the reference in one: the same values and the same dropout.
+fn attention_case(
+    device: &Device,
+    dropout: Drop,
+    [b, h, t]: [usize; 3],
+    blocks: Option<usize>,
+    tol: f32,
+) {
     device.seed(7);
     let d = 4;
     let qkv = Tensor::<3>::random([b, t, 3 * h * d], Distribution::Normal(0.0, 1.0), device);
@@ -89,7 +96,7 @@ fn attention_case(device: &Device, dropout: Drop, [b, h, t]: [usize; 3], tol: f3
     let run = |fused: bool| {
         let qkv = qkv.clone().require_grad();
         let y = if fused {
-            causal_attention(qkv.clone(), bias.clone(), fused_keep.clone(), h, s)
+            causal_attention_in_blocks(qkv.clone(), bias.clone(), fused_keep.clone(), h, s, blocks)
         } else {
             let (q, k, v) = split(qkv.clone());
             composed(q, k, v, keep.clone(), s)
@@ -99,7 +106,7 @@ fn attention_case(device: &Device, dropout: Drop, [b, h, t]: [usize; 3], tol: f3
     };
     let (y0, g0) = run(false);
     let (y1, g1) = run(true);
-    let what = format!("{device:?}, dropout {dropout:?}");
+    let what = format!("{device:?}, dropout {dropout:?}, {blocks:?} blocks");
     // Flex's softmax sums each row in sixteen lanes, the composed one in Flex's order.
     let diff = max_diff(y0, y1);
     assert!(diff < tol, "output {diff}, {what}");
@@ -116,12 +123,13 @@ fn attention_case(device: &Device, dropout: Drop, [b, h, t]: [usize; 3], tol: f3
             AttentionDropout::Hashed(Tensor::from_data(seed.to_data(), &plain), p)
         }
     });
-    let y2 = causal_attention(
+    let y2 = causal_attention_in_blocks(
         qkv.clone(),
         Tensor::from_data(bias.to_data(), &plain),
         plain_keep,
         h,
         s,
+        blocks,
     );
     let (q, k, v) = split(qkv);
     let y3 = composed(q, k, v, keep.as_ref().map(to), s);
@@ -324,10 +332,20 @@ fn devices() -> Vec<Device> {
 fn fused_attention_is_the_composed_attention() {
     for d in devices() {
         for shape in [[2, 3, 19], [8, 8, 32]] {
-            attention_case(&d.clone().autodiff(), Drop::Mask, shape, 1e-5);
-            attention_case(&d.clone().autodiff(), Drop::Hashed, shape, 1e-5);
+            attention_case(&d.clone().autodiff(), Drop::Mask, shape, None, 1e-5);
+            attention_case(&d.clone().autodiff(), Drop::Hashed, shape, None, 1e-5);
         }
-        attention_case(&d.autodiff(), Drop::No, [2, 3, 19], 1e-5);
+        attention_case(&d.clone().autodiff(), Drop::No, [2, 3, 19], None, 1e-5);
+        // Query blocks (GPUs' attention): 19 in 6, 6, 7; 32 in 4 of 8.
+        attention_case(
+            &d.clone().autodiff(),
+            Drop::Hashed,
+            [2, 3, 19],
+            Some(3),
+            1e-5,
+        );
+        attention_case(&d.clone().autodiff(), Drop::No, [2, 3, 19], Some(3), 1e-5);
+        attention_case(&d.autodiff(), Drop::Hashed, [8, 8, 32], Some(4), 1e-5);
     }
 }
 
@@ -366,12 +384,16 @@ fn fused_ops_on_wgpu() {
     let _one = crate::WGPU.lock();
     // CPU-only machines run this through Mesa's llvmpipe.
     let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
-    attention_case(&d, Drop::Mask, [2, 3, 19], 1e-4);
-    attention_case(&d, Drop::Mask, [8, 8, 32], 1e-4);
-    attention_case(&d, Drop::No, [8, 8, 32], 1e-4);
+    attention_case(&d, Drop::Mask, [2, 3, 19], None, 1e-4);
+    attention_case(&d, Drop::Mask, [8, 8, 32], None, 1e-4);
+    attention_case(&d, Drop::No, [8, 8, 32], None, 1e-4);
     // The mask drawn in the kernels equals the host's, bit for bit (else far off).
-    attention_case(&d, Drop::Hashed, [2, 3, 19], 1e-4);
-    attention_case(&d, Drop::Hashed, [8, 8, 32], 1e-4);
+    attention_case(&d, Drop::Hashed, [2, 3, 19], None, 1e-4);
+    attention_case(&d, Drop::Hashed, [8, 8, 32], None, 1e-4);
+    // Query blocks: the kernels' rows of the bias and the mask's rows follow the block.
+    attention_case(&d, Drop::Hashed, [2, 3, 19], Some(3), 1e-4);
+    attention_case(&d, Drop::No, [2, 3, 19], Some(3), 1e-4);
+    attention_case(&d, Drop::Hashed, [8, 8, 32], Some(4), 1e-4);
     nll_case(&d, 1e-4);
     linear_ce_case(&d, 13, 1e-4);
     // 1031: the gradients over vocabulary slices, written by the rows kernel.
@@ -446,19 +468,23 @@ fn attention_in_f16_on_wgpu() {
         .reshape([1, 1, t, t]);
     // Hashed dropout: the same mask in both dtypes.
     let seed = Tensor::<1>::random([2], Distribution::Default, &device);
-    let run = |dt: DType| {
+    let run = |dt: DType, blocks: Option<usize>| {
         let x = qkv.clone().cast(dt).require_grad();
         let drop = AttentionDropout::Hashed(seed.clone(), 0.9);
-        let y = causal_attention(x.clone(), bias.clone().cast(dt), Some(drop), h, 0.25);
+        let bias = bias.clone().cast(dt);
+        let y = causal_attention_in_blocks(x.clone(), bias, Some(drop), h, 0.25, blocks);
         let grads = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
         let g = x.grad(&grads).expect("qkv's gradient").cast(DType::F32);
         (y.cast(DType::F32), g)
     };
-    let (y32, g32) = run(DType::F32);
-    let (y16, g16) = run(DType::F16);
-    assert!(max_diff(y32, y16) < 1e-2, "attention values");
-    let scale = g32.clone().abs().max().into_scalar::<f32>();
-    assert!(max_diff(g32, g16) < 1e-2 * scale, "qkv grads");
+    let (y32, g32) = run(DType::F32, Some(1));
+    // One block and three (the f16 key gradients summed over the blocks).
+    for blocks in [Some(1), Some(3)] {
+        let (y16, g16) = run(DType::F16, blocks);
+        assert!(max_diff(y32.clone(), y16) < 1e-2, "attention values");
+        let scale = g32.clone().abs().max().into_scalar::<f32>();
+        assert!(max_diff(g32.clone(), g16) < 1e-2 * scale, "qkv grads");
+    }
 }
 
 /// The LayerNorm kernels in f16 (where the wgpu device has f16): f16 in and out, f32 inside;
