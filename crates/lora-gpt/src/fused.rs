@@ -124,7 +124,7 @@ pub trait Pointwise: Matmul + MaskBits {
         Self::float_exp(x)
     }
 
-    /// The query blocks of causal attention at sequence length `seq` ([`QueryBlocks`]): 1 on the
+    /// The query blocks of causal attention at sequence length `seq` ([`query_blocks`]): 1 on the
     /// CPU (all queries against all keys, the products' rounding unchanged); on cubecl, blocks of
     /// 256 queries, at most 4, which skip 3/8 of the scores at 1024 (above the diagonal).
     fn query_blocks(_seq: usize) -> usize {

@@ -4,8 +4,10 @@
 //! kernels that each read and wrote the whole chunk (cast to f32, row max, subtract, exp, row sum,
 //! divide), ~2.8 ms per chunk of 2048 × 50257 on an H100. [`ce_rows_kernel`] reads each row twice
 //! and writes the gradient once; [`softmax_lse_kernel`] and [`softmax_grad_kernel`] do the same for
-//! the attention scores' softmax and its backward pass. One cube of [`UNITS`] units per row, f32
-//! arithmetic, the row's reduction in shared memory.
+//! the attention scores' softmax and its backward pass. One cube of [`UNITS`] units per row (the
+//! attention kernels: fewer for rows under 1024, [`softmax_units`]), f32 arithmetic, the row's
+//! reduction in shared memory. The attention kernels take a block of query rows of the scores
+//! (`fused::query_blocks`) and the whole causal bias.
 //!
 //! The attention kernels also apply dropout drawn in the kernel ("hashed dropout", [`mix32`]): the
 //! mask is a hash of a seed and the element's position, so the backward pass draws it again instead
@@ -268,7 +270,7 @@ fn softmax_lse_kernel<F: Float, B: Float>(
         } else {
             s += (x - m).exp();
         }
-        c += UNITS;
+        c += CUBE_DIM_X as usize;
     }
     let mut sm = Shared::<[f32]>::new_slice(UNITS);
     let mut ss = Shared::<[f32]>::new_slice(UNITS);
@@ -290,7 +292,7 @@ fn softmax_lse_kernel<F: Float, B: Float>(
             v *= keep_factor(key, c, threshold, inv_keep);
         }
         p[base + c] = F::cast_from(v);
-        c += UNITS;
+        c += CUBE_DIM_X as usize;
     }
 }
 
@@ -343,7 +345,7 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
             }
             acc += (x - l).exp() * g;
         }
-        c += UNITS;
+        c += CUBE_DIM_X as usize;
     }
     let mut sh = Shared::<[f32]>::new_slice(UNITS);
     sh[unit] = acc;
@@ -365,7 +367,7 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
         }
         pd[base + c] = F::cast_from(pv);
         ds[base + c] = F::cast_from(dv);
-        c += UNITS;
+        c += CUBE_DIM_X as usize;
     }
 }
 
@@ -511,6 +513,13 @@ fn layer_norm_grad_kernel<F: Float, G: Float>(
         dx[base + c] = F::cast_from(r * (g - mg - xh * mgx));
         c += UNITS;
     }
+}
+
+/// Units per row of the attention softmax kernels at `t` columns: four columns a unit, from 32 to
+/// [`UNITS`] (a power of two, for the tree reductions). Query blocks of 256 keys
+/// (`fused::query_blocks`) would idle 3/4 of a 256-unit cube.
+fn softmax_units(t: usize) -> u32 {
+    (t.div_ceil(4).next_power_of_two()).clamp(32, UNITS) as u32
 }
 
 /// One cube per row, `rows` of them over a 2-D grid.
@@ -660,7 +669,7 @@ fn launch_softmax_lse(
         softmax_lse_kernel::launch_unchecked(
             &client,
             row_cubes(rows),
-            CubeDim::new_1d(UNITS as u32),
+            CubeDim::new_1d(softmax_units(t)),
             scores.into_tensor_arg(),
             bias.into_tensor_arg(),
             drop.seed.into_tensor_arg(),
@@ -710,7 +719,7 @@ fn launch_softmax_grad_lse(
         softmax_grad_lse_kernel::launch_unchecked(
             &client,
             row_cubes(rows),
-            CubeDim::new_1d(UNITS as u32),
+            CubeDim::new_1d(softmax_units(t)),
             scores.into_tensor_arg(),
             bias.into_tensor_arg(),
             lse.into_tensor_arg(),

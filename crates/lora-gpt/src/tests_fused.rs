@@ -394,6 +394,8 @@ fn fused_ops_on_wgpu() {
     attention_case(&d, Drop::Hashed, [2, 3, 19], Some(3), 1e-4);
     attention_case(&d, Drop::No, [2, 3, 19], Some(3), 1e-4);
     attention_case(&d, Drop::Hashed, [8, 8, 32], Some(4), 1e-4);
+    // Rows of 150 and 300 scores: the softmax kernels' cubes of 64 and 128 units.
+    attention_case(&d, Drop::Hashed, [1, 2, 300], Some(2), 1e-4);
     nll_case(&d, 1e-4);
     linear_ce_case(&d, 13, 1e-4);
     // 1031: the gradients over vocabulary slices, written by the rows kernel.
