@@ -139,11 +139,7 @@ pub trait Pointwise: Matmul + MaskBits {
         start: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
-        softmax_composed::<Self>(
-            scores.clone(),
-            bias_block::<Self>(bias, start, &scores),
-            scale,
-        )
+        softmax_composed::<Self>(scores, bias, start, scale)
     }
 
     /// Softmax's backward pass over the last dim, times the scores' scale:
@@ -174,8 +170,7 @@ pub trait Pointwise: Matmul + MaskBits {
         start: usize,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let bias = bias_block::<Self>(bias, start, &scores);
-        softmax_lse_composed::<Self>(scores, bias, scale)
+        softmax_lse_composed::<Self>(scores, bias, start, scale)
     }
 
     /// [`Pointwise::fused_softmax_lse`] with hashed dropout: the probabilities times the
@@ -197,7 +192,9 @@ pub trait Pointwise: Matmul + MaskBits {
 
     /// The backward pass of [`Pointwise::softmax_lse_hashed`] from its log-sum-exp: with
     /// `p = exp(scores·scale + bias − lse)` again, the dropped probabilities `p·mask` (for the
-    /// gradient of v) and the softmax backward `p·(g − Σ g·p)·scale` for `g = dp·mask`.
+    /// gradient of v) and the softmax backward `p·(g − Σ g·p)·scale` for `g = dp·mask`. lse is
+    /// the whole `[b, h, t, 1]` of all query blocks, as the bias (the kernel reads the block's
+    /// rows of both, no slice copied).
     #[allow(clippy::too_many_arguments)]
     fn softmax_grad_hashed(
         scores: FloatTensor<Self>,
@@ -367,8 +364,8 @@ fn softmax_grad_hashed_composed<B: Pointwise>(
     keep: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let t = bias.shape()[2];
-    let bias = bias_block::<B>(bias, start, &scores);
-    let p = probs_from_lse::<B>(scores, bias, scale, lse);
+    let lse = seq_rows::<B>(&lse, start..start + scores.shape()[2]);
+    let p = probs_from_lse::<B>(scores, bias, start, scale, lse);
     let mask = hashed_mask::<B>(seed, &p, QueryRows { start, t }, keep);
     let pd = B::float_mul(p.clone(), mask.clone());
     (pd, B::fused_softmax_grad(p, B::float_mul(dp, mask), scale))
@@ -377,19 +374,23 @@ fn softmax_grad_hashed_composed<B: Pointwise>(
 fn softmax_composed<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
+    start: usize,
     scale: f64,
 ) -> FloatTensor<B> {
-    let (exp, _, sum) = softmax_parts::<B>(scores, bias, scale);
+    let (exp, _, sum) = softmax_parts::<B>(scores, bias, start, scale);
     B::float_div(exp, sum)
 }
 
 /// Softmax as Burn's autodiff composes it (max, exp, sum; then a divide): `exp(x − max)`, the
-/// row max and the row sum of `x = scores·scale + bias`.
+/// row max and the row sum of `x = scores·scale + bias`, for the block of scores of queries
+/// `start..` ([`bias_block`]).
 fn softmax_parts<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
+    start: usize,
     scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let bias = bias_block::<B>(bias, start, &scores);
     let scores = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
     let max = B::float_max_dim(scores.clone(), 3);
     let exp = B::fused_exp(B::float_sub(scores, max.clone()));
@@ -446,11 +447,7 @@ impl Pointwise for Cube {
     ) -> FloatTensor<Self> {
         match bias_holds::<Self>(&scores, &bias, start) {
             true => <Self as RowKernels>::softmax_lse(scores, bias, start, scale).0,
-            false => softmax_composed::<Self>(
-                scores.clone(),
-                bias_block::<Self>(bias, start, &scores),
-                scale,
-            ),
+            false => softmax_composed::<Self>(scores, bias, start, scale),
         }
     }
 
@@ -463,10 +460,7 @@ impl Pointwise for Cube {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         match bias_holds::<Self>(&scores, &bias, start) {
             true => <Self as RowKernels>::softmax_lse(scores, bias, start, scale),
-            false => {
-                let bias = bias_block::<Self>(bias, start, &scores);
-                softmax_lse_composed::<Self>(scores, bias, scale)
-            }
+            false => softmax_lse_composed::<Self>(scores, bias, start, scale),
         }
     }
 
@@ -601,13 +595,12 @@ impl Pointwise for Flex {
         start: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let bias = bias_block::<Self>(bias, start, &scores);
-        let fits = bias_is_one_matrix::<Self>(&scores, &bias);
+        let fits = bias_holds::<Self>(&scores, &bias, start);
         if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 || !fits {
-            return softmax_composed::<Self>(scores, bias, scale);
+            return softmax_composed::<Self>(scores, bias, start, scale);
         }
         let t = scores.shape()[scores.shape().num_dims() - 1];
-        let bias = flex_contiguous(bias);
+        let bias = flex_contiguous(bias_block::<Self>(bias, start, &scores));
         let mut x = flex_contiguous(scores);
         crate::host::softmax_rows(flex_f32_mut(&mut x), flex_f32(&bias), t, scale as f32);
         x
@@ -657,16 +650,9 @@ impl Pointwise for Flex {
     }
 }
 
-/// Whether `bias` is one matrix of the scores' last two dims, broadcast over the others (what the
-/// host's row kernels take).
-fn bias_is_one_matrix<B: Backend>(scores: &FloatTensor<B>, bias: &FloatTensor<B>) -> bool {
-    let (s, b) = (scores.shape(), bias.shape());
-    let r = s.num_dims();
-    r >= 2 && b.num_dims() == r && b[r - 2..] == s[r - 2..] && b[..r - 2].iter().all(|&d| d == 1)
-}
-
 /// Whether `bias` is one `[t, t]` matrix, broadcast over the scores' other dims, that holds the
-/// block of scores `[.., tc, w]` of queries `start..start + tc` (what the cubecl row kernels take).
+/// block of scores `[.., tc, w]` of queries `start..start + tc` (what the row kernels take: the
+/// whole bias on cubecl, its [`bias_block`] on the host).
 fn bias_holds<B: Backend>(scores: &FloatTensor<B>, bias: &FloatTensor<B>, start: usize) -> bool {
     let (s, b) = (scores.shape(), bias.shape());
     let r = s.num_dims();
@@ -928,23 +914,27 @@ fn hashed_mask_rows(
 fn softmax_lse_composed<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
+    start: usize,
     scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let (exp, max, sum) = softmax_parts::<B>(scores, bias, scale);
+    let (exp, max, sum) = softmax_parts::<B>(scores, bias, start, scale);
     let f32 = |x| B::float_cast(x, FloatDType::F32);
     let lse = B::float_add(f32(max), B::float_log(f32(sum.clone())));
     (B::float_div(exp, sum), lse)
 }
 
 /// The probabilities again from the log-sum-exp: `exp(scores·scale + bias − lse)`, computed in
-/// f32, returned in the scores' dtype.
+/// f32, returned in the scores' dtype; for the block of scores of queries `start..`
+/// ([`bias_block`]), lse the block's rows.
 fn probs_from_lse<B: Pointwise>(
     scores: FloatTensor<B>,
     bias: FloatTensor<B>,
+    start: usize,
     scale: f64,
     lse: FloatTensor<B>,
 ) -> FloatTensor<B> {
     let dt = scores.dtype();
+    let bias = bias_block::<B>(bias, start, &scores);
     let f32 = |x| B::float_cast(x, FloatDType::F32);
     let x = B::float_mul_scalar(f32(scores), scale.into());
     let x = B::float_add(x, f32(bias));
@@ -1236,14 +1226,13 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
             let qb = seq_rows::<B>(&q, start..end);
             let (kb, vb) = (seq_rows::<B>(&k, 0..end), seq_rows::<B>(&v, 0..end));
             let dy = seq_rows::<B>(&dy, start..end);
-            let lse = lse.as_ref().map(|l| seq_rows::<B>(l, start..end));
-            let (ds, pd) = match (&dropped, lse) {
+            let (ds, pd) = match (&dropped, &lse) {
                 // The scores again; the dropped probabilities and the softmax backward in one
                 // pass over them, the mask drawn again.
                 (Dropped::Hashed(seed, keep), Some(lse)) => {
                     let s = scores::<B>(qb.clone(), kb.clone());
                     let dp = B::mm(dy.clone(), B::float_swap_dims(vb, 2, 3));
-                    let (bias, seed) = (bias.clone(), seed.clone());
+                    let (bias, lse, seed) = (bias.clone(), lse.clone(), seed.clone());
                     let (pd, ds) =
                         B::softmax_grad_hashed(s, bias, start, lse, dp, seed, scale, *keep);
                     (ds, pd)
@@ -1253,8 +1242,8 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
                     let p = match lse {
                         Some(lse) => {
                             let s = scores::<B>(qb.clone(), kb.clone());
-                            let bias = bias_block::<B>(bias.clone(), start, &s);
-                            probs_from_lse::<B>(s, bias, scale, lse)
+                            let lse = seq_rows::<B>(lse, start..end);
+                            probs_from_lse::<B>(s, bias.clone(), start, scale, lse)
                         }
                         None => probs::<B>(qb.clone(), kb.clone(), bias.clone(), start, scale),
                     };

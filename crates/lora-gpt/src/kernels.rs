@@ -205,6 +205,13 @@ fn ce_rows_kernel<F: Float, I: Int>(
     }
 }
 
+/// Row `row` of a block of scores (`tc` rows a head, `query` its query) among all `[seq, seq]`
+/// score rows: hashed dropout's row key, so the mask does not depend on the blocks.
+#[cube]
+fn score_row(row: usize, tc: usize, query: usize, seq: usize) -> usize {
+    (row / tc) * seq + query
+}
+
 /// `x = score·scale + bias` at column `c` of a row (scores from `base`, bias from `bbase` in
 /// steps of `bstep`), the score not read where the bias is a mask (≤ −10³⁰, as the −∞ above the
 /// causal diagonal: its probability is 0; `x` = the bias).
@@ -256,8 +263,7 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     let bbase = query * bias.stride(0);
     let bstep = bias.stride(1);
     let unit = UNIT_POS_X as usize;
-    // The row among all `[seq, seq]` score rows: hashed dropout's mask does not depend on `tc`.
-    let key_row = (row / tc) * bias.shape(0) + query;
+    let key_row = score_row(row, tc, query, bias.shape(0));
 
     let mut m = f32::new(-3.0e38);
     let mut s = f32::new(0.0);
@@ -297,7 +303,8 @@ fn softmax_lse_kernel<F: Float, B: Float>(
 }
 
 /// Softmax's backward pass through hashed dropout, per row of `x = scores·scale + bias` (as
-/// [`softmax_lse_kernel`]) with its log-sum-exp `lse [rows, 1]`: with the probabilities again,
+/// [`softmax_lse_kernel`]) with its log-sum-exp `lse` of all `[seq, seq]` score rows (the whole
+/// `[.., seq, 1]`, read at the block's rows): with the probabilities again,
 /// `p = exp(x − lse)`, and m the dropout factor ([`keep_factor`]) when `drop` (else 1), the
 /// dropped probabilities `pd = p·m` and `ds = p·(g − Σ p·g)·scale` for `g = dp·m`, both in the
 /// scores' dtype. dp is not read where the bias is a mask.
@@ -330,9 +337,8 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     let bbase = query * bias.stride(0);
     let bstep = bias.stride(1);
     let unit = UNIT_POS_X as usize;
-    // The row among all `[seq, seq]` score rows: hashed dropout's mask does not depend on `tc`.
-    let key_row = (row / tc) * bias.shape(0) + query;
-    let l = lse[row];
+    let key_row = score_row(row, tc, query, bias.shape(0));
+    let l = lse[key_row];
     let key = row_key(seed, key_row);
     let mut acc = f32::new(0.0);
     let mut c = unit;
@@ -627,20 +633,25 @@ fn bias_rows(bias: CubeTensor) -> CubeTensor {
     CubeBackend::float_reshape(into_contiguous(bias), Shape::new([seq, t]))
 }
 
-/// The kernels read bias rows `start..start + tc` and columns `..t`: they must lie in it.
-fn check_block(bias: &CubeTensor, start: usize, tc: usize, t: usize) {
+/// A block of scores `[.., tc, t]` of queries `start..start + tc` as the attention kernels take
+/// it: the scores as `[rows, t]`, rows, t, tc and the bias as `[seq, seq]`, checked to hold the
+/// block (the kernels read bias rows `start..start + tc` and columns `..t`).
+fn score_block(
+    scores: CubeTensor,
+    bias: CubeTensor,
+    start: usize,
+) -> (CubeTensor, usize, usize, usize, CubeTensor) {
+    let shape = &scores.meta.shape;
+    let tc = shape[shape.num_dims() - 2];
+    let (scores, rows, t) = as_rows(scores);
+    let bias = bias_rows(bias);
     let [seq, width] = [bias.meta.shape[0], bias.meta.shape[1]];
     assert!(
         tc > 0 && start + tc <= seq && t <= width,
         "scores of queries {start}..{} and {t} keys outside the bias [{seq}, {width}]",
         start + tc
     );
-}
-
-/// The query rows of each block of scores `[.., tc, t]`.
-fn block_rows(scores: &CubeTensor) -> usize {
-    let shape = &scores.meta.shape;
-    shape[shape.num_dims() - 2]
+    (scores, rows, t, tc, bias)
 }
 
 fn launch_softmax_lse(
@@ -651,10 +662,7 @@ fn launch_softmax_lse(
     scale: f64,
 ) -> (CubeTensor, CubeTensor) {
     let shape = scores.meta.shape.clone();
-    let tc = block_rows(&scores);
-    let (scores, rows, t) = as_rows(scores);
-    let bias = bias_rows(bias);
-    check_block(&bias, start, tc, t);
+    let (scores, rows, t, tc, bias) = score_block(scores, bias, start);
     let drop = DropArgs::new(drop, &scores);
     let (client, device) = (scores.client.clone(), scores.device.clone());
     let p = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
@@ -699,12 +707,15 @@ fn launch_softmax_grad_lse(
     scale: f64,
 ) -> (CubeTensor, CubeTensor) {
     let shape = dp.meta.shape.clone();
-    let tc = block_rows(&scores);
-    let (scores, rows, t) = as_rows(scores);
+    let (scores, rows, t, tc, bias) = score_block(scores, bias, start);
     let (dp, _, _) = as_rows(dp);
-    let bias = bias_rows(bias);
-    check_block(&bias, start, tc, t);
     let lse = into_contiguous(lse);
+    let seq = bias.meta.shape[0];
+    assert_eq!(
+        lse.meta.shape.num_elements(),
+        rows / tc * seq,
+        "the log-sum-exp of all {seq} queries"
+    );
     let drop = DropArgs::new(drop, &scores);
     let (client, device) = (dp.client.clone(), dp.device.clone());
     let pd = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
@@ -714,7 +725,8 @@ fn launch_softmax_grad_lse(
         dtype_to_storage_type(bias.dtype),
     ];
     // Safety: rows `< rows`, columns `< t ≤ seq`, bias rows `start + r % tc < seq` (the
-    // caller's blocks lie in the bias), seed indices 0 and 1.
+    // caller's blocks lie in the bias), lse rows `(r / tc)·seq + start + r % tc < rows / tc · seq`,
+    // seed indices 0 and 1.
     unsafe {
         softmax_grad_lse_kernel::launch_unchecked(
             &client,
@@ -901,8 +913,8 @@ pub trait RowKernels: Backend {
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// The backward pass of [`softmax_lse_hashed`](Self::softmax_lse_hashed) from its lse
-    /// `[.., seq, 1]`: with `p = exp(scores·scale + bias − lse)` again, the dropped probabilities
+    /// The backward pass of [`softmax_lse_hashed`](Self::softmax_lse_hashed) from the lse of all
+    /// query blocks, `[.., seq, 1]`: with `p = exp(scores·scale + bias − lse)` again, the dropped probabilities
     /// `p·mask` and the softmax backward `p·(g − Σ p·g)·scale` for `g = dp·mask`; dp of the
     /// scores' shape and dtype.
     #[fusion(meta = |scores, _bias, _start, _lse, dp, _seed, _scale, _keep| (scores.clone(), dp.clone()))]
