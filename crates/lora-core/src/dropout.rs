@@ -471,8 +471,13 @@ impl<B: Backend> HashKeys<B> {
     }
 }
 
+/// `x · mask` with [`hashed`]'s mask for `seed` `[2]` and `keep`, in a backend's ops.
+pub(crate) fn hashed_mul<B: Backend>(x: FloatTensor<B>, seed: FloatTensor<B>, keep: f64) -> FloatTensor<B> {
+    HashKeys::<B>::new(seed, &x.shape(), keep).mul(x)
+}
+
 /// `keep·2²⁴`: hashed dropout keeps an element when the top 24 bits of its hash are below this.
-fn keep_threshold24(keep: f64) -> u32 {
+pub(crate) fn keep_threshold24(keep: f64) -> u32 {
     (keep * 16_777_216.0).round().clamp(0.0, 16_777_216.0) as u32
 }
 

@@ -305,6 +305,12 @@ impl LoraLinear {
             _ => return linear(x, weight, bias),
         };
         let device = x.device();
+        if device.is_autodiff() && crate::dropout::on_cubecl(&device) {
+            // Training on a GPU: one op, the adapter's thin products as kernels.
+            let seed = crate::dropout::dropout_seed(&self.lora_dropout, &device);
+            let keep = 1.0 - self.lora_dropout.prob;
+            return crate::fused::lora_linear(x, weight, bias, a, b, seed, keep, self.scaling);
+        }
         let (base, xa) = if !device.is_autodiff() && crate::dropout::on_cubecl(&device) {
             base_and_xa_in_one_product(x, weight, bias, a)
         } else {

@@ -8,7 +8,9 @@
 //!   the trainable-parameter report, global gradient-norm clipping.
 
 pub mod dropout;
+pub mod fused;
 pub mod inject;
+pub mod kernels;
 pub mod layers;
 pub mod matmul;
 pub mod utils;

@@ -532,7 +532,8 @@ fn matmul_case(d: &Device) {
             let ((y0, x0, w0), (y1, x1, w1)) = (run(false), run(true));
             let what = format!("{rows}x{d_in}x{d_out}, train w {train_w}, {d:?}");
             assert!(max_abs(y0, y1) < 1e-4, "values, {what}");
-            assert!(max_abs(x0, x1) < 1e-4, "x gradient, {what}");
+            let e = max_abs(x0, x1);
+            assert!(e < 1e-4, "x gradient {e}, {what}");
             match (w0, w1) {
                 (Some(a), Some(b)) => assert!(max_abs(a, b) < 1e-3, "w gradient, {what}"),
                 (None, None) => assert!(!train_w),
@@ -664,5 +665,117 @@ fn hashed_dropout_is_x_times_the_host_mask() {
         // Rows differ from each other (the row key), and so do columns of a row.
         let m = &masks[0];
         assert_ne!(m[..300], m[300..600]);
+    }
+}
+
+/// `fused::lora_linear` (values and the gradients of x, W, bias, A and B) against the same
+/// formula in Burn's tensor ops with `dropout::hashed`: on flex and ndarray Burn's ops inside the
+/// op, on wgpu the adapter kernels (`kernels.rs`: 32- to 128-unit rows, two column cubes at 300).
+#[test]
+fn fused_lora_linear_matches_the_formula() {
+    // (rows as [batch, seq], k, n, r, bias, keep, train W and bias)
+    // Small products: larger ones ran cubecl's matmul autotune for minutes on Mesa's llvmpipe.
+    let cases = [
+        ([1, 19], 50, 70, 3, true, 0.9, false),
+        ([2, 8], 300, 20, 8, true, 0.8, true),
+        ([1, 5], 20, 260, 4, false, 1.0, false),
+        ([1, 7], 20, 9, 1, true, 1.0, true),
+    ];
+    use burn::tensor::DType;
+    // f32 everywhere; f16 too on a wgpu device that has it (a GPU; not llvmpipe).
+    let mut runs: Vec<(Device, DType, f32)> = backends().map(|d| (d, DType::F32, 2e-5)).into();
+    let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    if gpu.supports_dtype(DType::F16) {
+        runs.push((gpu, DType::F16, 2e-2));
+    }
+    for (d, dtype, tol) in runs {
+        let d = d.autodiff();
+        d.seed(11);
+        for ([bs, t], k, n, r, with_bias, keep, train_w) in cases {
+            let normal = |s: Vec<usize>| {
+                Tensor::<3>::random([1, 1, s.iter().product()], Distribution::Normal(0.0, 1.0), &d)
+                    .cast(dtype)
+            };
+            let x = normal(vec![bs, t, k]).reshape([bs, t, k]);
+            let w = normal(vec![k, n]).reshape([k, n]);
+            let bias = normal(vec![n]).reshape([n]);
+            let a = normal(vec![r, k]).reshape([r, k]);
+            let b = normal(vec![n, r]).reshape([n, r]);
+            let g = normal(vec![bs, t, n]).reshape([bs, t, n]);
+            let seed = Tensor::<1>::from_floats([0.375f32, 0.8125], &d);
+            let s = 1.7;
+            let run = |ours: bool| {
+                let xi = x.clone().require_grad();
+                let track = |t: Tensor<2>| if train_w { t.require_grad() } else { t };
+                let wi = track(w.clone());
+                let bi = match train_w {
+                    true => bias.clone().require_grad(),
+                    false => bias.clone(),
+                };
+                let (ai, bbi) = (a.clone().require_grad(), b.clone().require_grad());
+                let bias_in = with_bias.then(|| bi.clone());
+                let seed_in = (keep < 1.0).then(|| seed.clone());
+                let y = match ours {
+                    true => fused::lora_linear(
+                        xi.clone(),
+                        wi.clone(),
+                        bias_in,
+                        ai.clone(),
+                        bbi.clone(),
+                        seed_in,
+                        keep,
+                        s,
+                    ),
+                    false => {
+                        // 2-D products (Burn's batched products hung in cubecl's autotune on
+                        // Mesa's llvmpipe at these shapes).
+                        let x2 = xi.clone().reshape([bs * t, k]);
+                        let xd = match seed_in {
+                            Some(seed) => dropout::hashed(x2.clone(), seed, keep),
+                            None => x2.clone(),
+                        };
+                        let base = x2.matmul(wi.clone());
+                        let base = match bias_in {
+                            Some(b) => base + b.unsqueeze(),
+                            None => base,
+                        };
+                        let xa = xd.matmul(ai.clone().transpose()).mul_scalar(s);
+                        (base + xa.matmul(bbi.clone().transpose())).reshape([bs, t, n])
+                    }
+                };
+                let grads = (y.clone() * g.clone()).sum().backward();
+                let grad2 = |t: &Tensor<2>| t.grad(&grads);
+                (
+                    y,
+                    xi.grad(&grads).unwrap(),
+                    [grad2(&wi), grad2(&ai), grad2(&bbi)],
+                    bi.grad(&grads),
+                )
+            };
+            let ((y0, x0, m0, b0), (y1, x1, m1, b1)) = (run(false), run(true));
+            let what = format!("[{bs}, {t}, {k}] -> {n}, r {r}, keep {keep}, {dtype:?} on {d:?}");
+            // Relative to the largest magnitude (the sums run in another order).
+            let close = |p: Tensor<2>, q: Tensor<2>, name: &str| {
+                let (p, q) = (p.cast(DType::F32), q.cast(DType::F32));
+                let e = max_abs(p.clone(), q.clone()) / q.abs().max().into_scalar::<f32>();
+                assert!(e < tol, "{name}: relative error {e}, {what}");
+            };
+            close(y0.reshape([bs * t, n]), y1.reshape([bs * t, n]), "values");
+            close(x0.reshape([bs * t, k]), x1.reshape([bs * t, k]), "x gradient");
+            for (name, (p, q)) in ["W", "A", "B"].into_iter().zip(m0.into_iter().zip(m1)) {
+                match (p, q) {
+                    (Some(p), Some(q)) => close(p, q, name),
+                    (None, None) => assert!(name == "W" && !train_w, "{name}: no gradient, {what}"),
+                    _ => panic!("{name} gradient on one side only, {what}"),
+                }
+            }
+            match (b0, b1) {
+                (Some(p), Some(q)) => close(p.unsqueeze(), q.unsqueeze(), "bias gradient"),
+                (None, None) => assert!(!train_w || !with_bias),
+                // Our op never reads an unused bias: no gradient there.
+                (Some(_), None) => assert!(!with_bias),
+                _ => panic!("bias gradient on our side only, {what}"),
+            }
+        }
     }
 }
