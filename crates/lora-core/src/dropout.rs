@@ -472,7 +472,11 @@ impl<B: Backend> HashKeys<B> {
 }
 
 /// `x · mask` with [`hashed`]'s mask for `seed` `[2]` and `keep`, in a backend's ops.
-pub(crate) fn hashed_mul<B: Backend>(x: FloatTensor<B>, seed: FloatTensor<B>, keep: f64) -> FloatTensor<B> {
+pub(crate) fn hashed_mul<B: Backend>(
+    x: FloatTensor<B>,
+    seed: FloatTensor<B>,
+    keep: f64,
+) -> FloatTensor<B> {
     HashKeys::<B>::new(seed, &x.shape(), keep).mul(x)
 }
 

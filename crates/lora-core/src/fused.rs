@@ -20,7 +20,7 @@ use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_ex
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
 
 use crate::dropout::hashed_mul;
-use crate::kernels::{AdapterKernels, down_takes};
+use crate::kernels::{AdapterKernels, MAX_RANK};
 use crate::matmul::Matmul;
 
 /// The adapter's two thin products on a backend; Burn's ops unless a backend has kernels.
@@ -48,18 +48,30 @@ pub trait AdapterOps: Matmul {
         seed: FloatTensor<Self>,
         keep: f64,
     ) -> FloatTensor<Self> {
-        let n = base.shape()[1];
-        let base = match bias {
-            Some(b) => Self::float_add(base, Self::float_reshape(b, Shape::new([1, n]))),
-            None => base,
-        };
-        let t = Self::mm(xa, bt);
-        let t = match keep < 1.0 {
-            true => hashed_mul::<Self>(t, seed, keep),
-            false => t,
-        };
-        Self::float_add(base, t)
+        up_composed::<Self>(base, bias, xa, bt, seed, keep)
     }
+}
+
+/// [`AdapterOps::up`] in Burn's ops.
+fn up_composed<B: Matmul>(
+    base: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    xa: FloatTensor<B>,
+    bt: FloatTensor<B>,
+    seed: FloatTensor<B>,
+    keep: f64,
+) -> FloatTensor<B> {
+    let n = base.shape()[1];
+    let base = match bias {
+        Some(b) => B::float_add(base, B::float_reshape(b, Shape::new([1, n]))),
+        None => base,
+    };
+    let t = B::mm(xa, bt);
+    let t = match keep < 1.0 {
+        true => hashed_mul::<B>(t, seed, keep),
+        false => t,
+    };
+    B::float_add(base, t)
 }
 
 /// [`AdapterOps::down`] in Burn's ops.
@@ -83,7 +95,7 @@ impl AdapterOps for Flex {}
 impl AdapterOps for NdArray {}
 
 impl AdapterOps for Cube {
-    /// One kernel ([`crate::kernels`]) up to rank 256.
+    /// One kernel ([`crate::kernels`]) up to rank [`MAX_RANK`].
     fn down(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
@@ -92,7 +104,7 @@ impl AdapterOps for Cube {
         keep: f64,
         dropped: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        if !down_takes(a.shape()[0]) {
+        if a.shape()[0] > MAX_RANK {
             return down_composed::<Self>(x, a, seed, scale, keep, dropped);
         }
         match dropped {
@@ -107,7 +119,7 @@ impl AdapterOps for Cube {
         }
     }
 
-    /// One kernel ([`crate::kernels`]).
+    /// One kernel ([`crate::kernels`]) up to rank [`MAX_RANK`].
     fn up(
         base: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
@@ -116,6 +128,9 @@ impl AdapterOps for Cube {
         seed: FloatTensor<Self>,
         keep: f64,
     ) -> FloatTensor<Self> {
+        if xa.shape()[1] > MAX_RANK {
+            return up_composed::<Self>(base, bias, xa, bt, seed, keep);
+        }
         match bias {
             Some(bias) if keep >= 1.0 => <Self as AdapterKernels>::lora_up_bias(base, bias, xa, bt),
             Some(bias) => {
@@ -270,8 +285,7 @@ impl<B: AdapterOps, C: CheckpointStrategy> LoraKernels for Autodiff<B, C> {
             .compute_bound()
             .stateful();
         let bias_dtype = bias.dtype();
-        let [x, w, bias, a, b, seed] =
-            [x, w, bias, a, b, seed].map(|t| t.into_primitive());
+        let [x, w, bias, a, b, seed] = [x, w, bias, a, b, seed].map(|t| t.into_primitive());
         let bias = with_bias.then_some(bias);
         let dropped = ga && keep < 1.0;
         let (out, xa, xd) = forward::<B>(

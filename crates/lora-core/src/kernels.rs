@@ -23,10 +23,12 @@ use cubecl::prelude::*;
 
 /// Cubes along a grid's x (or y) before the next dimension is used.
 const MAX_X: usize = 65_535;
-/// Units of [`lora_up_kernel`]'s cubes (one output column each).
-const UP_UNITS: usize = 256;
-/// Most f32 accumulators (`r · units`) a [`lora_down_kernel`] cube keeps in shared memory (32 KiB).
-const DOWN_SHARED: usize = 8192;
+/// Units of [`lora_up_kernel`]'s cubes, and the rows each unit writes.
+const UP_UNITS: usize = 64;
+const UP_ROWS: usize = 4;
+/// The largest rank the kernels take (r f32 registers a unit, `r · 128` shared f32 in
+/// [`lora_down_kernel`]); larger ranks run as Burn's ops.
+pub(crate) const MAX_RANK: usize = 32;
 
 /// Wellons' lowbias32, as [`crate::dropout::mix32`].
 #[cube]
@@ -40,14 +42,19 @@ fn mix32(x: u32) -> u32 {
     x
 }
 
-/// Hashed dropout's factor of element `(row, col)` ([`crate::dropout::hashed_kept`]): `1/keep` when
-/// the top 24 bits of `mix32(col ^ key(row))` are below `threshold` (`keep·2²⁴`), else 0, with
-/// `key(row) = mix32(mix32(row ^ s0) + s1)` and the seed's two uniforms `u·2²⁴` as `s0, s1`.
+/// Hashed dropout's key of row `row`: `mix32(mix32(row ^ s0) + s1)`, with the seed's two
+/// uniforms `u·2²⁴` as `s0, s1` ([`crate::dropout::hashed_kept`]).
 #[cube]
-fn keep_factor(seed: &Tensor<f32>, row: usize, col: usize, threshold: u32, inv_keep: f32) -> f32 {
+fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
     let s0 = u32::cast_from(seed[0] * 16_777_216.0);
     let s1 = u32::cast_from(seed[1] * 16_777_216.0);
-    let key = mix32(mix32(u32::cast_from(row) ^ s0) + s1);
+    mix32(mix32(u32::cast_from(row) ^ s0) + s1)
+}
+
+/// Hashed dropout's factor of element `col` of the row with key `key` ([`row_key`]): `1/keep`
+/// when the top 24 bits of `mix32(col ^ key)` are below `threshold` (`keep·2²⁴`), else 0.
+#[cube]
+fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32) -> f32 {
     select(
         (mix32(u32::cast_from(col) ^ key) >> 8u32) < threshold,
         inv_keep,
@@ -57,7 +64,8 @@ fn keep_factor(seed: &Tensor<f32>, row: usize, col: usize, threshold: u32, inv_k
 
 /// Per row i of x `[rows, k]` (one cube): `xa[i, j] = scale · Σ_c m(i, c)·x[i, c]·a[j, c]` for the
 /// r rows of a `[r, k]`, with m the hashed dropout factor ([`keep_factor`]) when `drop`, else 1;
-/// with `write_xd` also `xd[i, c] = m·x[i, c]`. f32 sums, one per unit and j in shared memory.
+/// with `write_xd` also `xd[i, c] = m·x[i, c]`. Each unit sums its columns in r f32 registers;
+/// then a tree reduction in shared memory.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn lora_down_kernel<F: Float>(
@@ -84,33 +92,46 @@ fn lora_down_kernel<F: Float>(
     let xrow = row * x.stride(0);
     let xdrow = row * xd.stride(0);
     let xarow = row * xa.stride(0);
+    let astride = a.stride(0);
     let unit = UNIT_POS_X as usize;
-    let mut acc = Shared::<[f32]>::new_slice(comptime!(r * units));
+    let mut key = 0u32;
+    if comptime![drop] {
+        key = row_key(seed, row);
+    }
+    let mut acc = Array::<f32>::new(r);
+    #[unroll]
     for j in 0..r {
-        acc[j * units + unit] = 0.0;
+        acc[j] = 0.0;
     }
     let mut c = unit;
     while c < k {
         let mut v = f32::cast_from(x[xrow + c]);
         if comptime![drop] {
-            v *= keep_factor(seed, row, c, threshold, inv_keep);
+            v *= keep_factor(key, c, threshold, inv_keep);
         }
         if comptime![write_xd] {
             xd[xdrow + c] = F::cast_from(v);
         }
+        #[unroll]
         for j in 0..r {
-            let sum = acc[j * units + unit] + v * f32::cast_from(a[j * a.stride(0) + c]);
-            acc[j * units + unit] = sum;
+            let sum = acc[j] + v * f32::cast_from(a[j * astride + c]);
+            acc[j] = sum;
         }
         c += units;
+    }
+    let mut sh = Shared::<[f32]>::new_slice(comptime!(r * units));
+    #[unroll]
+    for j in 0..r {
+        sh[j * units + unit] = acc[j];
     }
     sync_cube();
     let mut half = CUBE_DIM_X as usize / 2;
     while half > 0 {
         if unit < half {
+            #[unroll]
             for j in 0..r {
-                let s = acc[j * units + unit] + acc[j * units + unit + half];
-                acc[j * units + unit] = s;
+                let sum = sh[j * units + unit] + sh[j * units + unit + half];
+                sh[j * units + unit] = sum;
             }
         }
         sync_cube();
@@ -118,14 +139,15 @@ fn lora_down_kernel<F: Float>(
     }
     let mut j = unit;
     while j < r {
-        xa[xarow + j] = F::cast_from(acc[j * units] * scale);
+        xa[xarow + j] = F::cast_from(sh[j * units] * scale);
         j += units;
     }
 }
 
 /// `out[i, c] = base[i, c] + bias[c] + m(i, c) · Σ_j xa[i, j]·bt[j, c]` over `[rows, n]`: xa
 /// `[rows, r]`, bt `[r, n]`, bias `[n]` when `with_bias`, m the hashed dropout factor
-/// ([`keep_factor`]) when `drop`, else 1. One unit per element, f32 arithmetic, one rounding.
+/// ([`keep_factor`]) when `drop`, else 1. Each unit writes `cols` columns (`CUBE_DIM_X` apart) of
+/// `rows_per` rows, their `bt` columns held in registers; f32 arithmetic, one rounding.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn lora_up_kernel<F: Float>(
@@ -139,30 +161,66 @@ fn lora_up_kernel<F: Float>(
     threshold: u32,
     inv_keep: f32,
     #[comptime] r: usize,
+    #[comptime] cols: usize,
+    #[comptime] rows_per: usize,
     #[comptime] with_bias: bool,
     #[comptime] drop: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = out.shape(1);
-    let c = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
-    let row = CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize;
-    if c >= n || row >= rows {
-        terminate!();
+    let step = CUBE_DIM_X as usize;
+    let c0 = CUBE_POS_X as usize * step * cols + UNIT_POS_X as usize;
+    let row0 = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize) * rows_per;
+    let bstride = bt.stride(0);
+    let mut w = Array::<f32>::new(comptime!(r * cols));
+    let mut bv = Array::<f32>::new(cols);
+    #[unroll]
+    for i in 0..cols {
+        // Columns past n load column 0 (in bounds) and are not written.
+        let c = c0 + i * step;
+        let cc = select(c < n, c, 0);
+        #[unroll]
+        for j in 0..r {
+            w[i * r + j] = f32::cast_from(bt[j * bstride + cc]);
+        }
+        bv[i] = 0.0;
+        if comptime![with_bias] {
+            bv[i] = f32::cast_from(bias[cc]);
+        }
     }
-    let arow = row * xa.stride(0);
-    let mut acc = f32::new(0.0);
-    for j in 0..r {
-        acc += f32::cast_from(xa[arow + j]) * f32::cast_from(bt[j * bt.stride(0) + c]);
+    let mut xr = Array::<f32>::new(r);
+    for q in 0..rows_per {
+        let row = row0 + q;
+        if row < rows {
+            let arow = row * xa.stride(0);
+            let brow = row * base.stride(0);
+            let orow = row * out.stride(0);
+            #[unroll]
+            for j in 0..r {
+                xr[j] = f32::cast_from(xa[arow + j]);
+            }
+            let mut key = 0u32;
+            if comptime![drop] {
+                key = row_key(seed, row);
+            }
+            #[unroll]
+            for i in 0..cols {
+                let c = c0 + i * step;
+                if c < n {
+                    let mut acc = f32::new(0.0);
+                    #[unroll]
+                    for j in 0..r {
+                        acc += xr[j] * w[i * r + j];
+                    }
+                    if comptime![drop] {
+                        acc *= keep_factor(key, c, threshold, inv_keep);
+                    }
+                    acc += f32::cast_from(base[brow + c]) + bv[i];
+                    out[orow + c] = F::cast_from(acc);
+                }
+            }
+        }
     }
-    if comptime![drop] {
-        acc *= keep_factor(seed, row, c, threshold, inv_keep);
-    }
-    acc += f32::cast_from(base[row * base.stride(0) + c]);
-    if comptime![with_bias] {
-        acc += f32::cast_from(bias[c]);
-    }
-    let orow = row * out.stride(0);
-    out[orow + c] = F::cast_from(acc);
 }
 
 /// Hashed dropout as the kernels take it: the seed `[2]` as f32, `keep·2²⁴` and `1/keep`, and
@@ -183,16 +241,15 @@ fn drop_args(seed: CubeTensor, keep: f64) -> (CubeTensor, u32, f32, bool) {
     (seed, threshold, (1.0 / keep) as f32, drop)
 }
 
-/// Units of a [`lora_down_kernel`] cube for rows of k and rank r: about four columns a unit,
-/// 32 to 256 (a power of two, for the tree reduction), within [`DOWN_SHARED`].
-fn down_units(k: usize, r: usize) -> usize {
-    let most = (DOWN_SHARED / r.max(1)).min(256);
-    k.div_ceil(4).next_power_of_two().clamp(32, 256).min(most)
+/// Units of a [`lora_down_kernel`] cube for rows of k: about sixteen columns a unit, 32 to 128 (a
+/// power of two, for the tree reduction).
+fn down_units(k: usize) -> usize {
+    k.div_ceil(16).next_power_of_two().clamp(32, 128)
 }
 
-/// Whether [`AdapterKernels::lora_down`] takes rank `r` (its shared memory holds `r·32` sums).
-pub(crate) fn down_takes(r: usize) -> bool {
-    r * 32 <= DOWN_SHARED
+/// Columns a [`lora_up_kernel`] unit writes at rank r: its `bt` registers, `r · cols`, stay ≤ 32.
+fn up_cols(r: usize) -> usize {
+    (MAX_RANK / r.max(1)).clamp(1, 4)
 }
 
 fn launch_down(
@@ -206,14 +263,22 @@ fn launch_down(
     let (x, a) = (into_contiguous(x), into_contiguous(a));
     let [rows, k] = x.meta.shape.dims::<2>();
     let r = a.meta.shape[0];
-    assert!(down_takes(r) && a.meta.shape[1] == k, "lora_down: a [{r}, {k}]");
+    assert!(
+        r <= MAX_RANK && a.meta.shape[1] == k,
+        "lora_down: a [{r}, {k}]"
+    );
     let (seed, threshold, inv_keep, drop) = drop_args(seed, keep);
     let (client, device) = (x.client.clone(), x.device.clone());
-    let xa = empty_device_dtype(client.clone(), device.clone(), Shape::new([rows, r]), x.dtype);
+    let xa = empty_device_dtype(
+        client.clone(),
+        device.clone(),
+        Shape::new([rows, r]),
+        x.dtype,
+    );
     // Without `write_xd` the kernel never touches xd: a one-element stand-in.
     let xd_shape = if write_xd { [rows, k] } else { [1, 1] };
     let xd = empty_device_dtype(client.clone(), device, Shape::new(xd_shape), x.dtype);
-    let units = down_units(k, r);
+    let units = down_units(k);
     let cubes = CubeCount::Static(
         rows.clamp(1, MAX_X) as u32,
         rows.div_ceil(MAX_X).max(1) as u32,
@@ -259,7 +324,7 @@ fn launch_up(
     let [rows, n] = base.meta.shape.dims::<2>();
     let r = xa.meta.shape[1];
     assert!(
-        xa.meta.shape[0] == rows && bt.meta.shape.dims::<2>() == [r, n],
+        r <= MAX_RANK && xa.meta.shape[0] == rows && bt.meta.shape.dims::<2>() == [r, n],
         "lora_up: xa {:?}, bt {:?} for [{rows}, {n}]",
         xa.meta.shape,
         bt.meta.shape
@@ -272,11 +337,13 @@ fn launch_up(
         None => empty_device_dtype(client.clone(), device.clone(), Shape::new([1]), dtype),
     };
     let out = empty_device_dtype(client.clone(), device, Shape::new([rows, n]), dtype);
-    let ys = rows.clamp(1, MAX_X);
+    let cols = up_cols(r);
+    let groups = rows.div_ceil(UP_ROWS);
+    let ys = groups.clamp(1, MAX_X);
     let cubes = CubeCount::Static(
-        n.div_ceil(UP_UNITS) as u32,
+        n.div_ceil(UP_UNITS * cols) as u32,
         ys as u32,
-        rows.div_ceil(ys) as u32,
+        groups.div_ceil(ys) as u32,
     );
     // Safety: columns `< n` (bias `[n]`, bt `[r, n]`), rows `< rows`, xa's columns `< r`.
     unsafe {
@@ -294,6 +361,8 @@ fn launch_up(
             threshold,
             inv_keep,
             r,
+            cols,
+            UP_ROWS,
             with_bias,
             drop,
             dtype_to_storage_type(dtype),
@@ -352,7 +421,13 @@ pub trait AdapterKernels: Backend {
 }
 
 impl AdapterKernels for CubeBackend {
-    fn lora_down(x: CubeTensor, a: CubeTensor, seed: CubeTensor, scale: f64, keep: f64) -> CubeTensor {
+    fn lora_down(
+        x: CubeTensor,
+        a: CubeTensor,
+        seed: CubeTensor,
+        scale: f64,
+        keep: f64,
+    ) -> CubeTensor {
         launch_down(x, a, seed, scale, keep, false).0
     }
 
@@ -367,7 +442,12 @@ impl AdapterKernels for CubeBackend {
         (xa, xd.expect("asked for"))
     }
 
-    fn lora_up_bias(base: CubeTensor, bias: CubeTensor, xa: CubeTensor, bt: CubeTensor) -> CubeTensor {
+    fn lora_up_bias(
+        base: CubeTensor,
+        bias: CubeTensor,
+        xa: CubeTensor,
+        bt: CubeTensor,
+    ) -> CubeTensor {
         let seed = bias.clone();
         launch_up(base, Some(bias), xa, bt, seed, 1.0)
     }

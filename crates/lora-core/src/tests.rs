@@ -670,7 +670,7 @@ fn hashed_dropout_is_x_times_the_host_mask() {
 
 /// `fused::lora_linear` (values and the gradients of x, W, bias, A and B) against the same
 /// formula in Burn's tensor ops with `dropout::hashed`: on flex and ndarray Burn's ops inside the
-/// op, on wgpu the adapter kernels (`kernels.rs`: 32- to 128-unit rows, two column cubes at 300).
+/// op, on wgpu the adapter kernels (`kernels.rs`: 32- and 128-unit rows, two column cubes at 260).
 #[test]
 fn fused_lora_linear_matches_the_formula() {
     // (rows as [batch, seq], k, n, r, bias, keep, train W and bias)
@@ -680,6 +680,11 @@ fn fused_lora_linear_matches_the_formula() {
         ([2, 8], 300, 20, 8, true, 0.8, true),
         ([1, 5], 20, 260, 4, false, 1.0, false),
         ([1, 7], 20, 9, 1, true, 1.0, true),
+        // Rank 16: two columns a unit in the up kernel; rank 40: Burn's ops on wgpu too.
+        ([1, 6], 40, 30, 16, true, 0.9, false),
+        ([1, 3], 24, 10, 40, true, 0.9, false),
+        // Rows of 1100: 128 units.
+        ([1, 4], 1100, 12, 8, true, 0.9, false),
     ];
     use burn::tensor::DType;
     // f32 everywhere; f16 too on a wgpu device that has it (a GPU; not llvmpipe).
@@ -693,8 +698,12 @@ fn fused_lora_linear_matches_the_formula() {
         d.seed(11);
         for ([bs, t], k, n, r, with_bias, keep, train_w) in cases {
             let normal = |s: Vec<usize>| {
-                Tensor::<3>::random([1, 1, s.iter().product()], Distribution::Normal(0.0, 1.0), &d)
-                    .cast(dtype)
+                Tensor::<3>::random(
+                    [1, 1, s.iter().product()],
+                    Distribution::Normal(0.0, 1.0),
+                    &d,
+                )
+                .cast(dtype)
             };
             let x = normal(vec![bs, t, k]).reshape([bs, t, k]);
             let w = normal(vec![k, n]).reshape([k, n]);
@@ -761,7 +770,11 @@ fn fused_lora_linear_matches_the_formula() {
                 assert!(e < tol, "{name}: relative error {e}, {what}");
             };
             close(y0.reshape([bs * t, n]), y1.reshape([bs * t, n]), "values");
-            close(x0.reshape([bs * t, k]), x1.reshape([bs * t, k]), "x gradient");
+            close(
+                x0.reshape([bs * t, k]),
+                x1.reshape([bs * t, k]),
+                "x gradient",
+            );
             for (name, (p, q)) in ["W", "A", "B"].into_iter().zip(m0.into_iter().zip(m1)) {
                 match (p, q) {
                     (Some(p), Some(q)) => close(p, q, name),
