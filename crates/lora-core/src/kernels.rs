@@ -30,9 +30,10 @@ const UP_ROWS: usize = 4;
 /// [`lora_down_kernel`]); larger ranks run as Burn's ops.
 pub(crate) const MAX_RANK: usize = 32;
 
-/// Wellons' lowbias32, as [`crate::dropout::mix32`].
+/// A 32-bit integer hash (Wellons' `lowbias32`), the mixing step of hashed dropout;
+/// [`crate::dropout::mix32`] computes the same on the host.
 #[cube]
-fn mix32(x: u32) -> u32 {
+pub fn mix32(x: u32) -> u32 {
     let mut x = x;
     x ^= x >> 16u32;
     x *= 0x7feb_352du32;
@@ -43,9 +44,10 @@ fn mix32(x: u32) -> u32 {
 }
 
 /// Hashed dropout's key of row `row`: `mix32(mix32(row ^ s0) + s1)`, with the seed's two
-/// uniforms `u·2²⁴` as `s0, s1` ([`crate::dropout::hashed_kept`]).
+/// uniforms in `[0, 1)` (24-bit multiples of 2⁻²⁴, as Burn draws them) times 2²⁴ as `s0, s1`
+/// ([`crate::dropout::hashed_kept`]).
 #[cube]
-fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
+pub fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
     let s0 = u32::cast_from(seed[0] * 16_777_216.0);
     let s1 = u32::cast_from(seed[1] * 16_777_216.0);
     mix32(mix32(u32::cast_from(row) ^ s0) + s1)

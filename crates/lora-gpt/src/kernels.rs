@@ -24,6 +24,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+// Hashed dropout's hash and row key, as lora-core's adapter kernels draw them.
+use lora_core::kernels::{mix32, row_key};
 
 /// Units per row: one cube of 256 strides over the vocabulary.
 const UNITS: usize = 256;
@@ -85,29 +87,6 @@ fn reduce_sum2(sa: &mut Shared<[f32]>, sb: &mut Shared<[f32]>, unit: usize) {
         sync_cube();
         half /= 2;
     }
-}
-
-/// A 32-bit integer hash (Wellons' `lowbias32`), the mixing step of hashed dropout;
-/// [`lora_core::dropout::mix32`] computes the same on the host.
-#[cube]
-fn mix32(x: u32) -> u32 {
-    let mut x = x;
-    x ^= x >> 16u32;
-    x *= 0x7feb_352du32;
-    x ^= x >> 15u32;
-    x *= 0x846c_a68bu32;
-    x ^= x >> 16u32;
-    x
-}
-
-/// Hashed dropout's key of row `row`: `mix32(mix32(row ^ s0) + s1)`, with the seeds `s0, s1` of
-/// the seed tensor's two uniforms in `[0, 1)` (24-bit multiples of 2⁻²⁴, as Burn draws them),
-/// `u·2²⁴`. [`kept_host`] computes the same on the host.
-#[cube]
-fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
-    let s0 = u32::cast_from(seed[0] * 16_777_216.0);
-    let s1 = u32::cast_from(seed[1] * 16_777_216.0);
-    mix32(mix32(u32::cast_from(row) ^ s0) + s1)
 }
 
 /// Hashed dropout's factor for element `col` of a row with key `key` ([`row_key`]): `1/keep`
