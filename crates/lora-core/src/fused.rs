@@ -14,7 +14,6 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
@@ -131,15 +130,10 @@ impl AdapterOps for Cube {
         if xa.shape()[1] > MAX_RANK {
             return up_composed::<Self>(base, bias, xa, bt, seed, keep);
         }
-        match bias {
-            Some(bias) if keep >= 1.0 => <Self as AdapterKernels>::lora_up_bias(base, bias, xa, bt),
-            Some(bias) => {
-                let n = base.shape()[1];
-                let base = Self::float_add(base, Self::float_reshape(bias, Shape::new([1, n])));
-                <Self as AdapterKernels>::lora_up(base, xa, bt, seed, keep)
-            }
-            None => <Self as AdapterKernels>::lora_up(base, xa, bt, seed, keep),
-        }
+        // Without a bias, xa stands in (never read).
+        let with_bias = bias.is_some();
+        let bias = bias.unwrap_or_else(|| xa.clone());
+        <Self as AdapterKernels>::lora_up(base, bias, xa, bt, seed, keep, with_bias)
     }
 }
 
@@ -306,7 +300,7 @@ impl<B: AdapterOps, C: CheckpointStrategy> LoraKernels for Autodiff<B, C> {
                     x: gw.then_some(x),
                     xa: gb.then_some(xa),
                     w: gx.then_some(w),
-                    a: gx.then(|| a.clone()),
+                    a: gx.then_some(a),
                     b: (gx || ga).then_some(b),
                     seed,
                     keep,

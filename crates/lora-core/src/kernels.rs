@@ -16,13 +16,25 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::CubeBackend;
-use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::{into_contiguous, untile};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 /// Cubes along a grid's x (or y) before the next dimension is used.
 const MAX_X: usize = 65_535;
+
+/// This cube's row on the 2-D grid of [`row_cubes`].
+#[cube]
+pub fn cube_row() -> usize {
+    CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
+}
+
+/// One cube per row, `rows` of them over a 2-D grid.
+pub fn row_cubes(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_X);
+    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
+}
 /// Units of [`lora_up_kernel`]'s cubes, and the rows each unit writes.
 const UP_UNITS: usize = 64;
 const UP_ROWS: usize = 4;
@@ -86,7 +98,7 @@ fn lora_down_kernel<F: Float>(
     #[comptime] write_xd: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }
@@ -94,7 +106,8 @@ fn lora_down_kernel<F: Float>(
     let xrow = row * x.stride(0);
     let xdrow = row * xd.stride(0);
     let xarow = row * xa.stride(0);
-    let astride = a.stride(0);
+    // a through both strides: Bᵀ in the backward pass is B `[n, r]` transposed, not copied.
+    let (as0, as1) = (a.stride(0), a.stride(1));
     let unit = UNIT_POS_X as usize;
     let mut key = 0u32;
     if comptime![drop] {
@@ -116,7 +129,7 @@ fn lora_down_kernel<F: Float>(
         }
         #[unroll]
         for j in 0..r {
-            let sum = acc[j] + v * f32::cast_from(a[j * astride + c]);
+            let sum = acc[j] + v * f32::cast_from(a[j * as0 + c * as1]);
             acc[j] = sum;
         }
         c += units;
@@ -173,7 +186,8 @@ fn lora_up_kernel<F: Float>(
     let step = CUBE_DIM_X as usize;
     let c0 = CUBE_POS_X as usize * step * cols + UNIT_POS_X as usize;
     let row0 = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize) * rows_per;
-    let bstride = bt.stride(0);
+    // bt through both strides: Bᵀ (forward pass) is B `[n, r]` transposed, not copied.
+    let (bs0, bs1) = (bt.stride(0), bt.stride(1));
     let mut w = Array::<f32>::new(comptime!(r * cols));
     let mut bv = Array::<f32>::new(cols);
     #[unroll]
@@ -183,7 +197,7 @@ fn lora_up_kernel<F: Float>(
         let cc = select(c < n, c, 0);
         #[unroll]
         for j in 0..r {
-            w[i * r + j] = f32::cast_from(bt[j * bstride + cc]);
+            w[i * r + j] = f32::cast_from(bt[j * bs0 + cc * bs1]);
         }
         bv[i] = 0.0;
         if comptime![with_bias] {
@@ -262,7 +276,8 @@ fn launch_down(
     keep: f64,
     write_xd: bool,
 ) -> (CubeTensor, Option<CubeTensor>) {
-    let (x, a) = (into_contiguous(x), into_contiguous(a));
+    // a may be a transposed view, read through its strides: no copy.
+    let (x, a) = (into_contiguous(x), untile(a));
     let [rows, k] = x.meta.shape.dims::<2>();
     let r = a.meta.shape[0];
     assert!(
@@ -281,17 +296,12 @@ fn launch_down(
     let xd_shape = if write_xd { [rows, k] } else { [1, 1] };
     let xd = empty_device_dtype(client.clone(), device, Shape::new(xd_shape), x.dtype);
     let units = down_units(k);
-    let cubes = CubeCount::Static(
-        rows.clamp(1, MAX_X) as u32,
-        rows.div_ceil(MAX_X).max(1) as u32,
-        1,
-    );
     let dtype = dtype_to_storage_type(x.dtype);
     // Safety: rows `< rows`, columns `< k`, a's rows `< r`, seed indices 0 and 1.
     unsafe {
         lora_down_kernel::launch_unchecked(
             &client,
-            cubes,
+            row_cubes(rows),
             CubeDim::new_1d(units as u32),
             x.into_tensor_arg(),
             a.into_tensor_arg(),
@@ -322,7 +332,8 @@ fn launch_up(
 ) -> CubeTensor {
     let dtype = base.dtype;
     let (base, xa) = (into_contiguous(base), into_contiguous(xa));
-    let bt = into_contiguous(CubeBackend::float_cast(bt, dtype.into()));
+    // bt may be a transposed view, read through its strides: no copy.
+    let bt = untile(CubeBackend::float_cast(bt, dtype.into()));
     let [rows, n] = base.meta.shape.dims::<2>();
     let r = xa.meta.shape[1];
     assert!(
@@ -402,23 +413,17 @@ pub trait AdapterKernels: Backend {
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// base `[rows, n]`, bias `[n]`, xa `[rows, r]`, bt `[r, n]` -> `base + bias + xa·bt`.
-    #[fusion(meta = |base, _bias, _xa, _bt| base.clone())]
-    fn lora_up_bias(
+    /// base `[rows, n]`, bias `[n]` (read only `with_bias`), xa `[rows, r]`, bt `[r, n]` ->
+    /// `base + bias + (xa·bt)·m`, m hashed dropout.
+    #[fusion(meta = |base, _bias, _xa, _bt, _seed, _keep, _with_bias| base.clone())]
+    fn lora_up(
         base: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         xa: FloatTensor<Self>,
         bt: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
-
-    /// base `[rows, n]`, xa `[rows, r]`, bt `[r, n]` -> `base + (xa·bt)·m`, m hashed dropout.
-    #[fusion(meta = |base, _xa, _bt, _seed, _keep| base.clone())]
-    fn lora_up(
-        base: FloatTensor<Self>,
-        xa: FloatTensor<Self>,
-        bt: FloatTensor<Self>,
         seed: FloatTensor<Self>,
         keep: f64,
+        with_bias: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -444,23 +449,15 @@ impl AdapterKernels for CubeBackend {
         (xa, xd.expect("asked for"))
     }
 
-    fn lora_up_bias(
+    fn lora_up(
         base: CubeTensor,
         bias: CubeTensor,
         xa: CubeTensor,
         bt: CubeTensor,
-    ) -> CubeTensor {
-        let seed = bias.clone();
-        launch_up(base, Some(bias), xa, bt, seed, 1.0)
-    }
-
-    fn lora_up(
-        base: CubeTensor,
-        xa: CubeTensor,
-        bt: CubeTensor,
         seed: CubeTensor,
         keep: f64,
+        with_bias: bool,
     ) -> CubeTensor {
-        launch_up(base, None, xa, bt, seed, keep)
+        launch_up(base, with_bias.then_some(bias), xa, bt, seed, keep)
     }
 }

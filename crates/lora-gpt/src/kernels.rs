@@ -24,20 +24,11 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-// Hashed dropout's hash and row key, as lora-core's adapter kernels draw them.
-use lora_core::kernels::{mix32, row_key};
+// Hashed dropout's hash and row key, as lora-core's adapter kernels draw them; one cube a row.
+use lora_core::kernels::{cube_row, mix32, row_cubes, row_key};
 
 /// Units per row: one cube of 256 strides over the vocabulary.
 const UNITS: usize = 256;
-/// Cubes along x before a second grid dimension is used.
-const MAX_X: usize = 65_535;
-
-/// This cube's row on the 2-D grid of [`row_cubes`].
-#[cube]
-fn cube_row() -> usize {
-    CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
-}
-
 /// Tree reduction of each unit's running `(max, Σ exp(x − max))`, `sm[unit]` and `ss[unit]`:
 /// the row's pair ends in `sm[0]`, `ss[0]`.
 #[cube]
@@ -505,12 +496,6 @@ fn layer_norm_grad_kernel<F: Float, G: Float>(
 /// (`fused::query_blocks`) would idle 3/4 of a 256-unit cube.
 fn softmax_units(t: usize) -> u32 {
     (t.div_ceil(4).next_power_of_two()).clamp(32, UNITS) as u32
-}
-
-/// One cube per row, `rows` of them over a 2-D grid.
-fn row_cubes(rows: usize) -> CubeCount {
-    let x = rows.clamp(1, MAX_X);
-    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
 }
 
 /// `[rows, t]` of a tensor whose last dim is t (contiguous first, then a view).
