@@ -157,7 +157,7 @@ pub trait LoraKernels: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// The forward pass: `(out, xa, drop(x) where asked for)`.
+/// The forward pass: `(out, xa, drop(x) where asked for, Bᵀ)`.
 #[allow(clippy::too_many_arguments)]
 fn forward<B: AdapterOps>(
     x: FloatTensor<B>,
@@ -169,11 +169,25 @@ fn forward<B: AdapterOps>(
     keep: f64,
     scale: f64,
     dropped: bool,
-) -> (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>) {
+) -> (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+    FloatTensor<B>,
+) {
     let y = B::mm(x.clone(), w);
     let (xa, xd) = B::down(x, a, seed.clone(), scale, keep, dropped);
-    let out = B::up(y, bias, xa.clone(), B::float_transpose(b), seed, 1.0);
-    (out, xa, xd)
+    let bt = transposed::<B>(b);
+    let out = B::up(y, bias, xa.clone(), bt.clone(), seed, 1.0);
+    (out, xa, xd, bt)
+}
+
+/// `bᵀ` laid out in rows (`[n, r]` -> `[r, n]`, through a 1-d reshape, which copies the
+/// transposed view): the kernels read it so, in the forward pass and again in the backward pass.
+fn transposed<B: Backend>(b: FloatTensor<B>) -> FloatTensor<B> {
+    let [n, r] = b.shape().dims::<2>();
+    let flat = B::float_reshape(B::float_transpose(b), Shape::new([n * r]));
+    B::float_reshape(flat, Shape::new([r, n]))
 }
 
 macro_rules! plain_backend {
@@ -206,10 +220,10 @@ struct LoraState<B: Backend> {
     x: Option<FloatTensor<B>>,
     xd: Option<FloatTensor<B>>,
     xa: Option<FloatTensor<B>>,
-    /// W (x's gradient), A (x's), B (x's and A's).
+    /// W (x's gradient), A (x's), Bᵀ `[r, n]` (x's and A's).
     w: Option<FloatTensor<B>>,
     a: Option<FloatTensor<B>>,
-    b: Option<FloatTensor<B>>,
+    bt: Option<FloatTensor<B>>,
     /// The dropout's seed and keep probability, the scale, the bias dtype, whether there is one.
     seed: FloatTensor<B>,
     keep: f64,
@@ -232,8 +246,7 @@ impl<B: AdapterOps> Backward<B, 5> for LoraLinearBackward {
         let g = match (&node_x, &node_a) {
             (None, None) => None,
             _ => {
-                let b = s.b.clone().expect("kept for x and A");
-                let bt = B::float_transpose(b);
+                let bt = s.bt.clone().expect("kept for x and A");
                 Some(B::down(dy.clone(), bt, s.seed.clone(), s.scale, 1.0, false).0)
             }
         };
@@ -282,12 +295,12 @@ impl<B: AdapterOps, C: CheckpointStrategy> LoraKernels for Autodiff<B, C> {
         let [x, w, bias, a, b, seed] = [x, w, bias, a, b, seed].map(|t| t.into_primitive());
         let bias = with_bias.then_some(bias);
         let dropped = ga && keep < 1.0;
-        let (out, xa, xd) = forward::<B>(
+        let (out, xa, xd, bt) = forward::<B>(
             x.clone(),
             w.clone(),
             bias,
             a.clone(),
-            b.clone(),
+            b,
             seed.clone(),
             keep,
             scale,
@@ -301,7 +314,7 @@ impl<B: AdapterOps, C: CheckpointStrategy> LoraKernels for Autodiff<B, C> {
                     xa: gb.then_some(xa),
                     w: gx.then_some(w),
                     a: gx.then_some(a),
-                    b: (gx || ga).then_some(b),
+                    bt: (gx || ga).then_some(bt),
                     seed,
                     keep,
                     scale,

@@ -16,7 +16,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::CubeBackend;
-use burn_cubecl::kernel::{into_contiguous, untile};
+use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
@@ -106,8 +106,7 @@ fn lora_down_kernel<F: Float>(
     let xrow = row * x.stride(0);
     let xdrow = row * xd.stride(0);
     let xarow = row * xa.stride(0);
-    // a through both strides: Bᵀ in the backward pass is B `[n, r]` transposed, not copied.
-    let (as0, as1) = (a.stride(0), a.stride(1));
+    let astride = a.stride(0);
     let unit = UNIT_POS_X as usize;
     let mut key = 0u32;
     if comptime![drop] {
@@ -129,7 +128,7 @@ fn lora_down_kernel<F: Float>(
         }
         #[unroll]
         for j in 0..r {
-            let sum = acc[j] + v * f32::cast_from(a[j * as0 + c * as1]);
+            let sum = acc[j] + v * f32::cast_from(a[j * astride + c]);
             acc[j] = sum;
         }
         c += units;
@@ -186,8 +185,7 @@ fn lora_up_kernel<F: Float>(
     let step = CUBE_DIM_X as usize;
     let c0 = CUBE_POS_X as usize * step * cols + UNIT_POS_X as usize;
     let row0 = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize) * rows_per;
-    // bt through both strides: Bᵀ (forward pass) is B `[n, r]` transposed, not copied.
-    let (bs0, bs1) = (bt.stride(0), bt.stride(1));
+    let bstride = bt.stride(0);
     let mut w = Array::<f32>::new(comptime!(r * cols));
     let mut bv = Array::<f32>::new(cols);
     #[unroll]
@@ -197,7 +195,7 @@ fn lora_up_kernel<F: Float>(
         let cc = select(c < n, c, 0);
         #[unroll]
         for j in 0..r {
-            w[i * r + j] = f32::cast_from(bt[j * bs0 + cc * bs1]);
+            w[i * r + j] = f32::cast_from(bt[j * bstride + cc]);
         }
         bv[i] = 0.0;
         if comptime![with_bias] {
@@ -276,8 +274,7 @@ fn launch_down(
     keep: f64,
     write_xd: bool,
 ) -> (CubeTensor, Option<CubeTensor>) {
-    // a may be a transposed view, read through its strides: no copy.
-    let (x, a) = (into_contiguous(x), untile(a));
+    let (x, a) = (into_contiguous(x), into_contiguous(a));
     let [rows, k] = x.meta.shape.dims::<2>();
     let r = a.meta.shape[0];
     assert!(
@@ -332,8 +329,7 @@ fn launch_up(
 ) -> CubeTensor {
     let dtype = base.dtype;
     let (base, xa) = (into_contiguous(base), into_contiguous(xa));
-    // bt may be a transposed view, read through its strides: no copy.
-    let bt = untile(CubeBackend::float_cast(bt, dtype.into()));
+    let bt = into_contiguous(CubeBackend::float_cast(bt, dtype.into()));
     let [rows, n] = base.meta.shape.dims::<2>();
     let r = xa.meta.shape[1];
     assert!(
