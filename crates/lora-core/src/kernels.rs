@@ -37,7 +37,7 @@ pub fn row_cubes(rows: usize) -> CubeCount {
 }
 /// Units of [`lora_up_kernel`]'s cubes, and the rows each unit writes.
 const UP_UNITS: usize = 64;
-const UP_ROWS: usize = 4;
+const UP_ROWS: usize = 8;
 /// The largest rank the kernels take (r f32 registers a unit, `r · 128` shared f32 in
 /// [`lora_down_kernel`]); larger ranks run as Burn's ops.
 pub(crate) const MAX_RANK: usize = 32;
@@ -76,101 +76,147 @@ fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32) -> f32 {
     )
 }
 
-/// Per row i of x `[rows, k]` (one cube): `xa[i, j] = scale · Σ_c m(i, c)·x[i, c]·a[j, c]` for the
-/// r rows of a `[r, k]`, with m the hashed dropout factor ([`keep_factor`]) when `drop`, else 1;
-/// with `write_xd` also `xd[i, c] = m·x[i, c]`. Each unit sums its columns in r f32 registers;
-/// then a tree reduction in shared memory.
+/// Hashed dropout's factors of the `N` elements from column `c` of the row with key `key`.
+#[cube]
+fn keep_factors<N: Size>(key: u32, c: usize, threshold: u32, inv_keep: f32) -> Vector<f32, N> {
+    let mut m = Vector::<f32, N>::empty();
+    #[unroll]
+    for e in 0..N::value() {
+        m.insert(e, keep_factor(key, c + e, threshold, inv_keep));
+    }
+    m
+}
+
+/// Per row i of x `[rows, k]`: `xa[i, j] = scale · Σ_c m(i, c)·x[i, c]·a[j, c]` for the r rows of
+/// a `[r, k]`, with m the hashed dropout factor ([`keep_factor`]) when `drop`, else 1; with
+/// `write_xd` also `xd[i, c] = m·x[i, c]`. One cube takes `rows_per` rows, so each vector of a it
+/// loads serves all of them (one row a cube re-read the whole of a per row: r times the row's own
+/// traffic). x, a and xd are read and written `N` elements at a time (k a multiple of `N`); each
+/// unit sums its columns in `rows_per · r` f32 registers, then a tree reduction in shared memory.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn lora_down_kernel<F: Float>(
-    x: &Tensor<F>,
-    a: &Tensor<F>,
+// `if comptime![..] { if runtime {..} }`: the outer test is resolved when the kernel is compiled.
+#[allow(clippy::collapsible_if)]
+fn lora_down_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    a: &Tensor<Vector<F, N>>,
     seed: &Tensor<f32>,
     xa: &mut Tensor<F>,
-    xd: &mut Tensor<F>,
+    xd: &mut Tensor<Vector<F, N>>,
     rows: usize,
     scale: f32,
     threshold: u32,
     inv_keep: f32,
     #[comptime] r: usize,
     #[comptime] units: usize,
+    #[comptime] rows_per: usize,
     #[comptime] drop: bool,
     #[comptime] write_xd: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let row = cube_row();
-    if row >= rows {
+    let row0 = cube_row() * rows_per;
+    if row0 >= rows {
         terminate!();
     }
-    let k = x.shape(1);
-    let xrow = row * x.stride(0);
-    let xdrow = row * xd.stride(0);
-    let xarow = row * xa.stride(0);
-    let astride = a.stride(0);
+    let kv = x.shape(1) / N::value();
+    let xs = x.stride(0) / N::value();
+    let xds = xd.stride(0) / N::value();
+    let astride = a.stride(0) / N::value();
     let unit = UNIT_POS_X as usize;
-    let mut key = 0u32;
-    if comptime![drop] {
-        key = row_key(seed, row);
-    }
-    let mut acc = Array::<f32>::new(r);
+    // Rows past the end read the last row (in bounds); their sums are not written.
+    let mut xrow = Array::<usize>::new(rows_per);
+    let mut keys = Array::<u32>::new(rows_per);
     #[unroll]
-    for j in 0..r {
-        acc[j] = 0.0;
-    }
-    let mut c = unit;
-    while c < k {
-        let mut v = f32::cast_from(x[xrow + c]);
+    for q in 0..rows_per {
+        let row = select(row0 + q < rows, row0 + q, rows - 1);
+        xrow[q] = row;
+        keys[q] = 0u32;
         if comptime![drop] {
-            v *= keep_factor(key, c, threshold, inv_keep);
+            keys[q] = row_key(seed, row);
         }
-        if comptime![write_xd] {
-            xd[xdrow + c] = F::cast_from(v);
+    }
+    let mut acc = Array::<f32>::new(comptime!(rows_per * r));
+    #[unroll]
+    for t in 0..rows_per * r {
+        acc[t] = 0.0;
+    }
+    let mut xv = Array::<Vector<f32, N>>::new(rows_per);
+    let mut c = unit;
+    while c < kv {
+        #[unroll]
+        for q in 0..rows_per {
+            let row = xrow[q];
+            let mut v = Vector::<f32, N>::cast_from(x[row * xs + c]);
+            if comptime![drop] {
+                v *= keep_factors::<N>(keys[q], c * N::value(), threshold, inv_keep);
+            }
+            if comptime![write_xd] {
+                if row0 + q < rows {
+                    xd[row * xds + c] = Vector::cast_from(v);
+                }
+            }
+            xv[q] = v;
         }
         #[unroll]
         for j in 0..r {
-            let sum = acc[j] + v * f32::cast_from(a[j * astride + c]);
-            acc[j] = sum;
+            let av = Vector::<f32, N>::cast_from(a[j * astride + c]);
+            #[unroll]
+            for q in 0..rows_per {
+                let p = xv[q] * av;
+                let mut sum = acc[q * r + j];
+                #[unroll]
+                for e in 0..N::value() {
+                    sum += p.extract(e);
+                }
+                acc[q * r + j] = sum;
+            }
         }
         c += units;
     }
-    let mut sh = Shared::<[f32]>::new_slice(comptime!(r * units));
+    let mut sh = Shared::<[f32]>::new_slice(comptime!(rows_per * r * units));
     #[unroll]
-    for j in 0..r {
-        sh[j * units + unit] = acc[j];
+    for t in 0..rows_per * r {
+        sh[t * units + unit] = acc[t];
     }
     sync_cube();
     let mut half = CUBE_DIM_X as usize / 2;
     while half > 0 {
         if unit < half {
             #[unroll]
-            for j in 0..r {
-                let sum = sh[j * units + unit] + sh[j * units + unit + half];
-                sh[j * units + unit] = sum;
+            for t in 0..rows_per * r {
+                let sum = sh[t * units + unit] + sh[t * units + unit + half];
+                sh[t * units + unit] = sum;
             }
         }
         sync_cube();
         half /= 2;
     }
-    let mut j = unit;
-    while j < r {
-        xa[xarow + j] = F::cast_from(sh[j * units] * scale);
-        j += units;
+    let xas = xa.stride(0);
+    let mut t = unit;
+    while t < comptime!(rows_per * r) {
+        let row = row0 + t / r;
+        if row < rows {
+            xa[row * xas + t % r] = F::cast_from(sh[t * units] * scale);
+        }
+        t += units;
     }
 }
 
 /// `out[i, c] = base[i, c] + bias[c] + m(i, c) · Σ_j xa[i, j]·bt[j, c]` over `[rows, n]`: xa
 /// `[rows, r]`, bt `[r, n]`, bias `[n]` when `with_bias`, m the hashed dropout factor
-/// ([`keep_factor`]) when `drop`, else 1. Each unit writes `cols` columns (`CUBE_DIM_X` apart) of
-/// `rows_per` rows, their `bt` columns held in registers; f32 arithmetic, one rounding.
+/// ([`keep_factor`]) when `drop`, else 1. base, bias, bt and out are read and written `N` columns
+/// at a time (n a multiple of `N`). Each unit writes `cols` vectors of columns (`CUBE_DIM_X`
+/// vectors apart) of `rows_per` rows, their `bt` columns held in registers; f32 arithmetic, one
+/// rounding.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn lora_up_kernel<F: Float>(
-    base: &Tensor<F>,
-    bias: &Tensor<F>,
+fn lora_up_kernel<F: Float, N: Size>(
+    base: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<F, N>>,
     xa: &Tensor<F>,
-    bt: &Tensor<F>,
+    bt: &Tensor<Vector<F, N>>,
     seed: &Tensor<f32>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     rows: usize,
     threshold: u32,
     inv_keep: f32,
@@ -181,25 +227,25 @@ fn lora_up_kernel<F: Float>(
     #[comptime] drop: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let n = out.shape(1);
+    let nv = out.shape(1) / N::value();
     let step = CUBE_DIM_X as usize;
     let c0 = CUBE_POS_X as usize * step * cols + UNIT_POS_X as usize;
     let row0 = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize) * rows_per;
-    let bstride = bt.stride(0);
-    let mut w = Array::<f32>::new(comptime!(r * cols));
-    let mut bv = Array::<f32>::new(cols);
+    let bstride = bt.stride(0) / N::value();
+    let mut w = Array::<Vector<f32, N>>::new(comptime!(r * cols));
+    let mut bv = Array::<Vector<f32, N>>::new(cols);
     #[unroll]
     for i in 0..cols {
-        // Columns past n load column 0 (in bounds) and are not written.
+        // Vectors past the row's end load vector 0 (in bounds) and are not written.
         let c = c0 + i * step;
-        let cc = select(c < n, c, 0);
+        let cc = select(c < nv, c, 0);
         #[unroll]
         for j in 0..r {
-            w[i * r + j] = f32::cast_from(bt[j * bstride + cc]);
+            w[i * r + j] = Vector::cast_from(bt[j * bstride + cc]);
         }
-        bv[i] = 0.0;
+        bv[i] = Vector::new(0.0);
         if comptime![with_bias] {
-            bv[i] = f32::cast_from(bias[cc]);
+            bv[i] = Vector::cast_from(bias[cc]);
         }
     }
     let mut xr = Array::<f32>::new(r);
@@ -207,8 +253,8 @@ fn lora_up_kernel<F: Float>(
         let row = row0 + q;
         if row < rows {
             let arow = row * xa.stride(0);
-            let brow = row * base.stride(0);
-            let orow = row * out.stride(0);
+            let brow = row * base.stride(0) / N::value();
+            let orow = row * out.stride(0) / N::value();
             #[unroll]
             for j in 0..r {
                 xr[j] = f32::cast_from(xa[arow + j]);
@@ -220,17 +266,17 @@ fn lora_up_kernel<F: Float>(
             #[unroll]
             for i in 0..cols {
                 let c = c0 + i * step;
-                if c < n {
-                    let mut acc = f32::new(0.0);
+                if c < nv {
+                    let mut acc = Vector::<f32, N>::new(0.0);
                     #[unroll]
                     for j in 0..r {
-                        acc += xr[j] * w[i * r + j];
+                        acc += Vector::new(xr[j]) * w[i * r + j];
                     }
                     if comptime![drop] {
-                        acc *= keep_factor(key, c, threshold, inv_keep);
+                        acc *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep);
                     }
-                    acc += f32::cast_from(base[brow + c]) + bv[i];
-                    out[orow + c] = F::cast_from(acc);
+                    acc += Vector::<f32, N>::cast_from(base[brow + c]) + bv[i];
+                    out[orow + c] = Vector::cast_from(acc);
                 }
             }
         }
@@ -255,15 +301,35 @@ fn drop_args(seed: CubeTensor, keep: f64) -> (CubeTensor, u32, f32, bool) {
     (seed, threshold, (1.0 / keep) as f32, drop)
 }
 
-/// Units of a [`lora_down_kernel`] cube for rows of k: about sixteen columns a unit, 32 to 128 (a
-/// power of two, for the tree reduction).
-fn down_units(k: usize) -> usize {
-    k.div_ceil(16).next_power_of_two().clamp(32, 128)
+/// Elements a kernel reads and writes at once along rows: 16 bytes (8 f16 or 4 f32), fewer where
+/// a row length or row stride in `lens` is not a multiple, and at most `max`.
+fn vector_width(lens: &[usize], elem_bytes: usize, max: usize) -> usize {
+    [8, 4, 2]
+        .into_iter()
+        .find(|&v| v * elem_bytes <= 16 && v <= max && lens.iter().all(|l| l.is_multiple_of(v)))
+        .unwrap_or(1)
 }
 
-/// Columns a [`lora_up_kernel`] unit writes at rank r: its `bt` registers, `r · cols`, stay ≤ 32.
-fn up_cols(r: usize) -> usize {
-    (MAX_RANK / r.max(1)).clamp(1, 4)
+/// Vector registers of f32 a unit may hold for the kernels' sums and B's columns.
+const VECTOR_REGS: usize = 64;
+
+/// Units of a [`lora_down_kernel`] cube for rows of `kv` vectors: about four vectors a unit, 32 to
+/// 64 (a power of two, for the tree reduction).
+fn down_units(kv: usize) -> usize {
+    kv.div_ceil(4).next_power_of_two().clamp(32, 64)
+}
+
+/// Rows a [`lora_down_kernel`] cube takes for rows of `kv` vectors (fewer at ranks above 8): 4 for
+/// wide rows, where a's traffic dominates; 2 for narrow ones, where 4 left too few units running
+/// (GPT-2's `[8192, 768]` f16 input: 32 µs against 28 with one row a cube, H100).
+fn down_rows(kv: usize) -> usize {
+    if kv >= 192 { 4 } else { 2 }
+}
+
+/// Vectors of columns a [`lora_up_kernel`] unit writes at rank r and width `v`: its `bt`
+/// registers, `r · cols · v` f32, stay ≤ [`VECTOR_REGS`].
+fn up_cols(r: usize, v: usize) -> usize {
+    (VECTOR_REGS / (r.max(1) * v)).clamp(1, 4)
 }
 
 fn launch_down(
@@ -289,17 +355,25 @@ fn launch_down(
         Shape::new([rows, r]),
         x.dtype,
     );
-    // Without `write_xd` the kernel never touches xd: a one-element stand-in.
-    let xd_shape = if write_xd { [rows, k] } else { [1, 1] };
+    let v = vector_width(
+        &[k, x.meta.strides()[0], a.meta.strides()[0]],
+        x.dtype.size(),
+        8,
+    );
+    // `rows_per · r` f32 sums a unit, at most 32.
+    let rows_per = (MAX_RANK / r.max(1)).clamp(1, down_rows(k / v));
+    // Without `write_xd` the kernel never touches xd: a one-vector stand-in.
+    let xd_shape = if write_xd { [rows, k] } else { [1, v] };
     let xd = empty_device_dtype(client.clone(), device, Shape::new(xd_shape), x.dtype);
-    let units = down_units(k);
+    let units = down_units(k / v);
     let dtype = dtype_to_storage_type(x.dtype);
     // Safety: rows `< rows`, columns `< k`, a's rows `< r`, seed indices 0 and 1.
     unsafe {
         lora_down_kernel::launch_unchecked(
             &client,
-            row_cubes(rows),
+            row_cubes(rows.div_ceil(rows_per)),
             CubeDim::new_1d(units as u32),
+            v,
             x.into_tensor_arg(),
             a.into_tensor_arg(),
             seed.into_tensor_arg(),
@@ -311,6 +385,7 @@ fn launch_down(
             inv_keep,
             r,
             units,
+            rows_per,
             drop,
             write_xd,
             dtype,
@@ -341,16 +416,33 @@ fn launch_up(
     let (seed, threshold, inv_keep, drop) = drop_args(seed, keep);
     let (client, device) = (base.client.clone(), base.device.clone());
     let with_bias = bias.is_some();
+    let out = empty_device_dtype(client.clone(), device.clone(), Shape::new([rows, n]), dtype);
+    let v = vector_width(
+        &[
+            n,
+            base.meta.strides()[0],
+            bt.meta.strides()[0],
+            out.meta.strides()[0],
+        ],
+        dtype.size(),
+        VECTOR_REGS / r.max(1),
+    );
     let bias = match bias {
         Some(b) => into_contiguous(CubeBackend::float_cast(b, dtype.into())),
-        None => empty_device_dtype(client.clone(), device.clone(), Shape::new([1]), dtype),
+        // Never read: a one-vector stand-in.
+        None => empty_device_dtype(client.clone(), device, Shape::new([v]), dtype),
     };
-    let out = empty_device_dtype(client.clone(), device, Shape::new([rows, n]), dtype);
-    let cols = up_cols(r);
+    let cols = up_cols(r, v);
+    // Fewer units where a row's vectors would leave most of a 64-unit cube idle.
+    let units = if (n / v).is_multiple_of(UP_UNITS * cols) {
+        UP_UNITS
+    } else {
+        UP_UNITS / 2
+    };
     let groups = rows.div_ceil(UP_ROWS);
     let ys = groups.clamp(1, MAX_X);
     let cubes = CubeCount::Static(
-        n.div_ceil(UP_UNITS * cols) as u32,
+        (n / v).div_ceil(units * cols) as u32,
         ys as u32,
         groups.div_ceil(ys) as u32,
     );
@@ -359,7 +451,8 @@ fn launch_up(
         lora_up_kernel::launch_unchecked(
             &client,
             cubes,
-            CubeDim::new_1d(UP_UNITS as u32),
+            CubeDim::new_1d(units as u32),
+            v,
             base.into_tensor_arg(),
             bias.into_tensor_arg(),
             xa.into_tensor_arg(),

@@ -685,6 +685,8 @@ fn fused_lora_linear_matches_the_formula() {
         ([1, 3], 24, 10, 40, true, 0.9, false),
         // Rows of 1100: 128 units.
         ([1, 4], 1100, 12, 8, true, 0.9, false),
+        // Rows of 8-wide vectors in f16 (4-wide in f32, two vectors a unit in the up kernel).
+        ([2, 5], 96, 48, 8, true, 0.9, true),
     ];
     use burn::tensor::DType;
     // f32 everywhere; f16 too on a wgpu device that has it (a GPU; not llvmpipe).

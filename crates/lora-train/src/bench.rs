@@ -951,6 +951,7 @@ fn lora_layer_variant(
     backend: Backend,
     tokens: usize,
     iters: usize,
+    reps: usize,
     name: &str,
 ) -> anyhow::Result<Row> {
     use burn::module::{Lora, ParamGroup};
@@ -992,16 +993,22 @@ fn lora_layer_variant(
     let warm_up = if backend.is_gpu() { 20 } else { 3 };
     for i in 0..iters + warm_up {
         let t0 = Instant::now();
-        let xi = x.clone().require_grad();
-        let y = forward(xi.clone());
-        let grads = y.mean().backward();
+        let mut grads_x = None;
+        // `reps` passes queued back to back (as in training, where the host records the next
+        // layer while the GPU runs this one), one wait at the end.
+        for _ in 0..reps {
+            let xi = x.clone().require_grad();
+            let y = forward(xi.clone());
+            let grads = y.mean().backward();
+            grads_x = Some(xi.grad(&grads).context("input gradient")?);
+        }
         // Read one gradient back, then wait for every queued kernel (the read alone leaves the
         // parameter gradients' kernels running on a GPU) before the clock stops.
-        let g = xi.grad(&grads).context("input gradient")?;
+        let g = grads_x.expect("reps >= 1");
         let _ = g.slice([0..1, 0..1]).into_data();
         device.sync().context("device sync")?;
         if i >= warm_up {
-            ms.push(1000.0 * t0.elapsed().as_secs_f64());
+            ms.push(1000.0 * t0.elapsed().as_secs_f64() / reps as f64);
         }
     }
     let ms = median(ms);
@@ -1019,15 +1026,16 @@ pub fn lora_layer(
     backend: Backend,
     tokens: usize,
     iters: usize,
+    reps: usize,
     only: Option<&str>,
     out: &Path,
 ) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(
-        tokens >= 1 && iters >= 1,
-        "--tokens and --iters must be at least 1"
+        tokens >= 1 && iters >= 1 && reps >= 1,
+        "--tokens, --iters and --reps must be at least 1"
     );
     if let Some(name) = only {
-        let row = lora_layer_variant(backend, tokens, iters, name)?;
+        let row = lora_layer_variant(backend, tokens, iters, reps, name)?;
         println!("{}", serde_json::to_string(&row)?);
         return Ok(serde_json::to_value(row)?);
     }
@@ -1041,6 +1049,7 @@ pub fn lora_layer(
         ("--backend", backend.name().to_string()),
         ("--tokens", tokens.to_string()),
         ("--iters", iters.to_string()),
+        ("--reps", reps.to_string()),
     ];
     let mut rows = vec![];
     for name in LAYER_VARIANTS {
@@ -1070,9 +1079,97 @@ pub fn lora_layer(
         "suite": "lora-layer",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"tokens": tokens, "d_in": 768, "d_out": 2304, "rank": 8, "what": "forward + backward (input and trainable grads)", "peak_mib": "process peak RSS above a process with no layer"},
+        "shape": {"tokens": tokens, "d_in": 768, "d_out": 2304, "rank": 8, "reps": reps, "what": "forward + backward (input and trainable grads); ms per pass, reps passes per wait", "peak_mib": "process peak RSS above a process with no layer"},
         "rows": rows,
         "ratios": {"factored_over_burn_native": time, "factored_memory_over_burn_native": memory, "factored_over_plain": over_plain, "inject_over_burn_native": inject},
     });
     write_report(out, report)
+}
+
+/// The products of GPT-2 small's linears at `tokens` rows (`[m, k] · [k, n]`): c_attn, attn
+/// c_proj, c_fc, mlp c_proj.
+pub const LINEAR_SHAPES: [(usize, usize); 4] = [(768, 2304), (768, 768), (768, 3072), (3072, 768)];
+
+/// Run the `matmul` probe: each of GPT-2's linear products (forward `x·W` and the input gradient
+/// `dy·Wᵀ`) with the right-hand side row-major (`[k, n]` contiguous), as a transposed view of a
+/// contiguous `[n, k]`, and with the reduction split in 2 and 4 parts (one batched product, then
+/// a sum): the layouts a linear layer can choose between.
+pub fn matmul(
+    backend: Backend,
+    dtype: burn::tensor::DType,
+    tokens: usize,
+    iters: usize,
+    out: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        tokens >= 4 && iters >= 1,
+        "--tokens must be at least 4 and --iters at least 1"
+    );
+    let device = backend.device()?;
+    anyhow::ensure!(
+        device.supports_dtype(dtype),
+        "--precision: {dtype:?} is not supported on this device"
+    );
+    let mut rows = vec![];
+    for (d_in, d_out) in LINEAR_SHAPES {
+        for (k, n) in [(d_in, d_out), (d_out, d_in)] {
+            let lhs = Tensor::<2>::random([tokens, k], Distribution::Normal(0.0, 1.0), &device)
+                .cast(dtype);
+            let w =
+                Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.02), &device).cast(dtype);
+            // `[n, k]` contiguous (a 1-d reshape of the transposed view copies it).
+            let wt = w.clone().transpose().reshape([n * k]).reshape([n, k]);
+            let variants: Vec<(&str, Product)> = vec![
+                ("rhs_row_major", {
+                    let (l, w) = (lhs.clone(), w.clone());
+                    Box::new(move || l.clone().matmul(w.clone()))
+                }),
+                ("rhs_transposed_view", {
+                    let (l, wt) = (lhs.clone(), wt.clone());
+                    Box::new(move || l.clone().matmul(wt.clone().transpose()))
+                }),
+                ("split_k_2", split_k(&lhs, &w, 2)),
+                ("split_k_4", split_k(&lhs, &w, 4)),
+            ];
+            for (name, f) in variants {
+                let run = |reps: usize| -> anyhow::Result<f64> {
+                    let t0 = Instant::now();
+                    let mut last = None;
+                    for _ in 0..reps {
+                        last = Some(f());
+                    }
+                    let _ = last.expect("reps").slice([0..1, 0..1]).into_data();
+                    device.sync().context("device sync")?;
+                    Ok(1000.0 * t0.elapsed().as_secs_f64() / reps as f64)
+                };
+                run(5)?; // autotune
+                let ms = median((0..iters).map(|_| run(10)).collect::<anyhow::Result<_>>()?);
+                let tflops = 2.0 * (tokens * k * n) as f64 / (ms / 1000.0) / 1e12;
+                println!(
+                    "[{tokens}, {k}] x [{k}, {n}] {name:>20}: {ms:8.4} ms  {tflops:6.1} TFLOP/s"
+                );
+                rows.push(serde_json::json!({"m": tokens, "k": k, "n": n, "variant": name, "ms": ms, "tflops": tflops}));
+            }
+        }
+    }
+    let report = serde_json::json!({
+        "suite": "matmul",
+        "backend": backend.name(),
+        "dtype": format!("{dtype:?}"),
+        "machine": machine(),
+        "rows": rows,
+    });
+    write_report(out, report)
+}
+
+/// One way of computing a product, called once per timed product.
+type Product = Box<dyn Fn() -> Tensor<2>>;
+
+/// `lhs · w` as `parts` products over slices of the reduction, one batched matmul, then a sum.
+fn split_k(lhs: &Tensor<2>, w: &Tensor<2>, parts: usize) -> Product {
+    let ([m, k], n) = (lhs.dims(), w.dims()[1]);
+    let kp = k / parts;
+    let l = lhs.clone().reshape([m, parts, kp]).swap_dims(0, 1);
+    let w = w.clone().reshape([parts, kp, n]);
+    Box::new(move || l.clone().matmul(w.clone()).sum_dim(0).reshape([m, n]))
 }

@@ -200,6 +200,27 @@ enum BenchCommand {
     Sort(BenchSortArgs),
     /// One LoRA layer (768 → 2304, r 8): factored vs Burn's apply_lora vs a plain frozen Linear.
     LoraLayer(BenchLayerArgs),
+    /// GPT-2's linear products in each operand layout and with split reductions (a probe).
+    Matmul(BenchMatmulArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchMatmulArgs {
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
+    /// Element type.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: lora_train::finetune::Precision,
+    /// Rows of the left-hand side (batch × sequence).
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Timed rounds of 10 products (median reported).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Report path.
+    #[arg(long, default_value = "target/bench/matmul.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -213,6 +234,11 @@ struct BenchLayerArgs {
     /// Timed iterations (median reported).
     #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Passes (forward + backward) queued per iteration before waiting for the device; 1 times
+    /// each pass alone, host launch time included; on a GPU, 10 measures the pipelined cost a
+    /// layer has in training.
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
     /// Run one variant in this process (used by the suite itself).
     #[arg(long, hide = true)]
     only: Option<String>,
@@ -384,7 +410,21 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
             lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), peft, &a.out)?;
         }
         BenchCommand::LoraLayer(a) => {
-            lora_train::bench::lora_layer(a.backend, a.tokens, a.iters, a.only.as_deref(), &a.out)?;
+            lora_train::bench::lora_layer(
+                a.backend,
+                a.tokens,
+                a.iters,
+                a.reps,
+                a.only.as_deref(),
+                &a.out,
+            )?;
+        }
+        BenchCommand::Matmul(a) => {
+            let dtype = match a.precision {
+                lora_train::finetune::Precision::F32 => burn::tensor::DType::F32,
+                lora_train::finetune::Precision::F16 => burn::tensor::DType::F16,
+            };
+            lora_train::bench::matmul(a.backend, dtype, a.tokens, a.iters, &a.out)?;
         }
         BenchCommand::Sort(a) => {
             anyhow::ensure!(!a.backend.is_empty(), "--backend: give at least one");
