@@ -2,7 +2,8 @@
 //!
 //! - `sort-demo [ARGS]`: the minGPT LoRA exercise in release mode (`lora-train sort-demo ARGS`).
 //! - `bench <suite> [ARGS]`: benchmarks (`lora-train bench SUITE ARGS`): `sort`, `lora-layer`, `infer`,
-//!   `finetune`, `data`; e.g. `bench infer --backend wgpu`. Each writes `target/bench/<suite>.json`.
+//!   `finetune`, `data`, `matmul` (a probe of GPT-2's linear products); e.g.
+//!   `bench infer --backend wgpu`. Each writes `target/bench/<suite>.json`.
 
 use std::process::{Command, ExitCode};
 
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
         Some("bench") => cargo_run(&["bench"], &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask sort-demo [--backend flex|ndarray|wgpu] [--seed 0,1,2] [--pretrain-iters N] [--finetune-iters N] [--eval-samples N] [--lora-targets attn,wpe] [--report PATH]\n       cargo xtask bench sort|lora-layer|infer|finetune|data [--backend flex|wgpu] [SUITE FLAGS]"
+                "usage: cargo xtask sort-demo [--backend flex|ndarray|wgpu] [--seed 0,1,2] [--pretrain-iters N] [--finetune-iters N] [--eval-samples N] [--lora-targets attn,wpe] [--report PATH]\n       cargo xtask bench sort|lora-layer|infer|finetune|data|matmul [--backend flex|wgpu] [SUITE FLAGS]"
             );
             ExitCode::from(2)
         }
