@@ -182,37 +182,52 @@ fn score_row(row: usize, tc: usize, query: usize, seq: usize) -> usize {
     (row / tc) * seq + query
 }
 
-/// `x = score·scale + bias` at column `c` of a row (scores from `base`, bias from `bbase` in
-/// steps of `bstep`), the score not read where the bias is a mask (≤ −10³⁰, as the −∞ above the
-/// causal diagonal: its probability is 0; `x` = the bias).
+/// `x = score·scale + bias` for the `N` columns of vector `c` of a row (scores from vector `base`,
+/// bias from vector `bbase`), each lane's score unused where its bias is a mask (≤ −10³⁰, as the
+/// −∞ above the causal diagonal: its probability is 0; `x` = the bias).
 #[cube]
-fn logit<F: Float, B: Float>(
-    scores: &Tensor<F>,
-    bias: &Tensor<B>,
+fn logits<F: Float, B: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<B, N>>,
     base: usize,
     bbase: usize,
-    bstep: usize,
     c: usize,
     scale: f32,
-) -> f32 {
-    let mut x = f32::cast_from(bias[bbase + c * bstep]);
-    if x > f32::new(-1.0e30) {
-        x += f32::cast_from(scores[base + c]) * scale;
+) -> Vector<f32, N> {
+    let b = Vector::<f32, N>::cast_from(bias[bbase + c]);
+    let x = Vector::<f32, N>::cast_from(scores[base + c]) * Vector::new(scale) + b;
+    let mut out = b;
+    #[unroll]
+    for e in 0..N::value() {
+        let be = b.extract(e);
+        out.insert(e, select(be > f32::new(-1.0e30), x.extract(e), be));
     }
-    x
+    out
+}
+
+/// Hashed dropout's factors of the `N` columns from column `c` of a row with key `key`.
+#[cube]
+fn keep_factors<N: Size>(key: u32, c: usize, threshold: u32, inv_keep: f32) -> Vector<f32, N> {
+    let mut m = Vector::<f32, N>::empty();
+    #[unroll]
+    for e in 0..N::value() {
+        m.insert(e, keep_factor(key, c + e, threshold, inv_keep));
+    }
+    m
 }
 
 /// Per row of `x = scores·scale + bias` (scores `[rows, t]`: blocks of `tc` rows, queries
-/// `start..start + tc` of bias `[seq, ≥ t]` (strided); row r is query `start + r % tc`):
+/// `start..start + tc` of bias `[seq, ≥ t]`; row r is query `start + r % tc`):
 /// `p = softmax(x)` in the scores' dtype, times the hashed dropout factor ([`keep_factor`]) when
-/// `drop`, and `lse = max + ln Σ exp(x − max)` (f32).
+/// `drop`, and `lse = max + ln Σ exp(x − max)` (f32). Rows are read and written `N` columns at a
+/// time (t and the row strides multiples of `N`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn softmax_lse_kernel<F: Float, B: Float>(
-    scores: &Tensor<F>,
-    bias: &Tensor<B>,
+fn softmax_lse_kernel<F: Float, B: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<B, N>>,
     seed: &Tensor<f32>,
-    p: &mut Tensor<F>,
+    p: &mut Tensor<Vector<F, N>>,
     lse: &mut Tensor<f32>,
     rows: usize,
     tc: usize,
@@ -227,24 +242,29 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     if row >= rows {
         terminate!();
     }
-    let t = scores.shape(1);
-    let base = row * t;
+    let tv = scores.shape(1) / N::value();
+    let base = row * scores.stride(0) / N::value();
+    // p is contiguous: row r at r·t.
+    let pbase = row * tv;
     let query = start + row % tc;
-    let bbase = query * bias.stride(0);
-    let bstep = bias.stride(1);
+    let bbase = query * bias.stride(0) / N::value();
     let unit = UNIT_POS_X as usize;
     let key_row = score_row(row, tc, query, bias.shape(0));
 
     let mut m = f32::new(-3.0e38);
     let mut s = f32::new(0.0);
     let mut c = unit;
-    while c < t {
-        let x = logit(scores, bias, base, bbase, bstep, c, scale);
-        if x > m {
-            s = s * (m - x).exp() + 1.0;
-            m = x;
-        } else {
-            s += (x - m).exp();
+    while c < tv {
+        let xv = logits(scores, bias, base, bbase, c, scale);
+        #[unroll]
+        for e in 0..N::value() {
+            let x = xv.extract(e);
+            if x > m {
+                s = s * (m - x).exp() + 1.0;
+                m = x;
+            } else {
+                s += (x - m).exp();
+            }
         }
         c += CUBE_DIM_X as usize;
     }
@@ -261,13 +281,13 @@ fn softmax_lse_kernel<F: Float, B: Float>(
     let inv = 1.0 / gs;
     let key = row_key(seed, key_row);
     let mut c = unit;
-    while c < t {
-        let x = logit(scores, bias, base, bbase, bstep, c, scale);
-        let mut v = (x - gm).exp() * inv;
+    while c < tv {
+        let xv = logits(scores, bias, base, bbase, c, scale);
+        let mut v = (xv - Vector::new(gm)).exp() * Vector::new(inv);
         if comptime![drop] {
-            v *= keep_factor(key, c, threshold, inv_keep);
+            v *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep);
         }
-        p[base + c] = F::cast_from(v);
+        p[pbase + c] = Vector::cast_from(v);
         c += CUBE_DIM_X as usize;
     }
 }
@@ -277,17 +297,17 @@ fn softmax_lse_kernel<F: Float, B: Float>(
 /// `[.., seq, 1]`, read at the block's rows): with the probabilities again,
 /// `p = exp(x − lse)`, and m the dropout factor ([`keep_factor`]) when `drop` (else 1), the
 /// dropped probabilities `pd = p·m` and `ds = p·(g − Σ p·g)·scale` for `g = dp·m`, both in the
-/// scores' dtype. dp is not read where the bias is a mask.
+/// scores' dtype (0 where the bias is a mask, whatever dp holds there). `N` columns at a time.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn softmax_grad_lse_kernel<F: Float, B: Float>(
-    scores: &Tensor<F>,
-    bias: &Tensor<B>,
+fn softmax_grad_lse_kernel<F: Float, B: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<B, N>>,
     lse: &Tensor<f32>,
-    dp: &Tensor<F>,
+    dp: &Tensor<Vector<F, N>>,
     seed: &Tensor<f32>,
-    pd: &mut Tensor<F>,
-    ds: &mut Tensor<F>,
+    pd: &mut Tensor<Vector<F, N>>,
+    ds: &mut Tensor<Vector<F, N>>,
     rows: usize,
     tc: usize,
     start: usize,
@@ -301,25 +321,27 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     if row >= rows {
         terminate!();
     }
-    let t = scores.shape(1);
-    let base = row * t;
+    let tv = scores.shape(1) / N::value();
+    let base = row * scores.stride(0) / N::value();
+    let dbase = row * dp.stride(0) / N::value();
+    // pd and ds are contiguous: row r at r·t.
+    let obase = row * tv;
     let query = start + row % tc;
-    let bbase = query * bias.stride(0);
-    let bstep = bias.stride(1);
+    let bbase = query * bias.stride(0) / N::value();
     let unit = UNIT_POS_X as usize;
     let key_row = score_row(row, tc, query, bias.shape(0));
     let l = lse[key_row];
     let key = row_key(seed, key_row);
     let mut acc = f32::new(0.0);
     let mut c = unit;
-    while c < t {
-        let x = logit(scores, bias, base, bbase, bstep, c, scale);
-        if x > f32::new(-1.0e30) {
-            let mut g = f32::cast_from(dp[base + c]);
-            if comptime![drop] {
-                g *= keep_factor(key, c, threshold, inv_keep);
-            }
-            acc += (x - l).exp() * g;
+    while c < tv {
+        let pg = probs_and_grads(
+            scores, bias, dp, base, bbase, dbase, c, scale, l, key, threshold, inv_keep, drop,
+        );
+        let prod = pg.0 * pg.1;
+        #[unroll]
+        for e in 0..N::value() {
+            acc += prod.extract(e);
         }
         c += CUBE_DIM_X as usize;
     }
@@ -328,23 +350,51 @@ fn softmax_grad_lse_kernel<F: Float, B: Float>(
     reduce_sum(&mut sh, unit);
     let total = sh[0];
     let mut c = unit;
-    while c < t {
-        let x = logit(scores, bias, base, bbase, bstep, c, scale);
-        let mut pv = f32::new(0.0);
-        let mut dv = f32::new(0.0);
-        if x > f32::new(-1.0e30) {
-            let p = (x - l).exp();
-            let mut m = f32::new(1.0);
-            if comptime![drop] {
-                m = keep_factor(key, c, threshold, inv_keep);
-            }
-            pv = p * m;
-            dv = p * (f32::cast_from(dp[base + c]) * m - total) * scale;
-        }
-        pd[base + c] = F::cast_from(pv);
-        ds[base + c] = F::cast_from(dv);
+    while c < tv {
+        let pg = probs_and_grads(
+            scores, bias, dp, base, bbase, dbase, c, scale, l, key, threshold, inv_keep, drop,
+        );
+        pd[obase + c] = Vector::cast_from(pg.0 * pg.2);
+        ds[obase + c] = Vector::cast_from(pg.0 * (pg.1 - Vector::new(total)) * Vector::new(scale));
         c += CUBE_DIM_X as usize;
     }
+}
+
+/// For vector `c` of a row of [`softmax_grad_lse_kernel`]: `(p, g, m)` with `p = exp(x − l)`
+/// (0 where the bias is a mask), `g = dp·m` (0 there too) and m the dropout factors (1 without).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn probs_and_grads<F: Float, B: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<B, N>>,
+    dp: &Tensor<Vector<F, N>>,
+    base: usize,
+    bbase: usize,
+    dbase: usize,
+    c: usize,
+    scale: f32,
+    l: f32,
+    key: u32,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] drop: bool,
+) -> (Vector<f32, N>, Vector<f32, N>, Vector<f32, N>) {
+    let xv = logits(scores, bias, base, bbase, c, scale);
+    let dv = Vector::<f32, N>::cast_from(dp[dbase + c]);
+    let mut m = Vector::<f32, N>::new(1.0);
+    if comptime![drop] {
+        m = keep_factors::<N>(key, c * N::value(), threshold, inv_keep);
+    }
+    let mut p = Vector::<f32, N>::new(0.0);
+    let mut g = Vector::<f32, N>::new(0.0);
+    #[unroll]
+    for e in 0..N::value() {
+        let x = xv.extract(e);
+        let masked = x <= f32::new(-1.0e30);
+        p.insert(e, select(masked, 0.0, (x - l).exp()));
+        g.insert(e, select(masked, 0.0, dv.extract(e) * m.extract(e)));
+    }
+    (p, g, m)
 }
 
 /// Per row of p and dp `[rows, t]`: `ds = p·(dp − Σ dp·p)·scale` in dp's dtype.
@@ -498,6 +548,15 @@ fn softmax_units(t: usize) -> u32 {
     (t.div_ceil(4).next_power_of_two()).clamp(32, UNITS) as u32
 }
 
+/// Columns the attention softmax kernels read and write at once: 16 bytes of the scores' dtype
+/// (8 f16, 4 f32), fewer where t or a row stride in `lens` is not a multiple.
+fn softmax_vector(lens: &[usize], elem_bytes: usize) -> usize {
+    [8, 4, 2]
+        .into_iter()
+        .find(|&v| v * elem_bytes <= 16 && lens.iter().all(|l| l.is_multiple_of(v)))
+        .unwrap_or(1)
+}
+
 /// `[rows, t]` of a tensor whose last dim is t (contiguous first, then a view).
 fn as_rows(x: CubeTensor) -> (CubeTensor, usize, usize) {
     let shape = x.meta.shape.clone();
@@ -590,7 +649,7 @@ impl DropArgs {
     }
 }
 
-/// bias `[1, .., 1, seq, t]`, broadcast over the leading dims, as `[seq, t]`.
+/// bias `[1, .., 1, seq, t]`, broadcast over the leading dims, as `[seq, t]` (unit column stride).
 fn bias_rows(bias: CubeTensor) -> CubeTensor {
     let nb = bias.meta.num_dims();
     let [seq, t] = [bias.meta.shape[nb - 2], bias.meta.shape[nb - 1]];
@@ -629,8 +688,13 @@ fn launch_softmax_lse(
     let (scores, rows, t, tc, bias) = score_block(scores, bias, start);
     let drop = DropArgs::new(drop, &scores);
     let (client, device) = (scores.client.clone(), scores.device.clone());
-    let p = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
+    let p =
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
     let lse = empty_device_dtype(client.clone(), device, row_shape(&shape), DType::F32);
+    let v = softmax_vector(
+        &[t, scores.meta.strides()[0], bias.meta.strides()[0]],
+        scores.dtype.size(),
+    );
     let dtypes = [
         dtype_to_storage_type(scores.dtype),
         dtype_to_storage_type(bias.dtype),
@@ -641,7 +705,8 @@ fn launch_softmax_lse(
         softmax_lse_kernel::launch_unchecked(
             &client,
             row_cubes(rows),
-            CubeDim::new_1d(softmax_units(t)),
+            CubeDim::new_1d(softmax_units(t / v)),
+            v,
             scores.into_tensor_arg(),
             bias.into_tensor_arg(),
             drop.seed.into_tensor_arg(),
@@ -682,8 +747,18 @@ fn launch_softmax_grad_lse(
     );
     let drop = DropArgs::new(drop, &scores);
     let (client, device) = (dp.client.clone(), dp.device.clone());
-    let pd = empty_device_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
-    let ds = empty_device_dtype(client.clone(), device, shape, dp.dtype);
+    let pd =
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
+    let ds = empty_device_contiguous_dtype(client.clone(), device, shape, dp.dtype);
+    let v = softmax_vector(
+        &[
+            t,
+            scores.meta.strides()[0],
+            dp.meta.strides()[0],
+            bias.meta.strides()[0],
+        ],
+        scores.dtype.size(),
+    );
     let dtypes = [
         dtype_to_storage_type(scores.dtype),
         dtype_to_storage_type(bias.dtype),
@@ -695,7 +770,8 @@ fn launch_softmax_grad_lse(
         softmax_grad_lse_kernel::launch_unchecked(
             &client,
             row_cubes(rows),
-            CubeDim::new_1d(softmax_units(t)),
+            CubeDim::new_1d(softmax_units(t / v)),
+            v,
             scores.into_tensor_arg(),
             bias.into_tensor_arg(),
             lse.into_tensor_arg(),
