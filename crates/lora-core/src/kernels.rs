@@ -66,26 +66,43 @@ pub fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
 }
 
 /// Hashed dropout's factor of element `col` of the row with key `key` ([`row_key`]): `1/keep`
-/// when the top 24 bits of `mix32(col ^ key)` are below `threshold` (`keep·2²⁴`), else 0.
+/// when `mix32(col ^ key) >> shift` is below `threshold`, else 0. lora-core's dropouts keep the
+/// top 24 bits (`shift` 8, `threshold = keep·2²⁴`, [`crate::dropout::keep_threshold24`]);
+/// lora-gpt's attention kernels all 32 (`shift` 0, `threshold = keep·2³²`).
 #[cube]
-fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32) -> f32 {
+pub fn keep_factor(
+    key: u32,
+    col: usize,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] shift: u32,
+) -> f32 {
     select(
-        (mix32(u32::cast_from(col) ^ key) >> 8u32) < threshold,
+        (mix32(u32::cast_from(col) ^ key) >> shift) < threshold,
         inv_keep,
         0.0,
     )
 }
 
-/// Hashed dropout's factors of the `N` elements from column `c` of the row with key `key`.
+/// [`keep_factor`] of the `N` elements from column `c` of the row with key `key`.
 #[cube]
-fn keep_factors<N: Size>(key: u32, c: usize, threshold: u32, inv_keep: f32) -> Vector<f32, N> {
+pub fn keep_factors<N: Size>(
+    key: u32,
+    c: usize,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] shift: u32,
+) -> Vector<f32, N> {
     let mut m = Vector::<f32, N>::empty();
     #[unroll]
     for e in 0..N::value() {
-        m.insert(e, keep_factor(key, c + e, threshold, inv_keep));
+        m.insert(e, keep_factor(key, c + e, threshold, inv_keep, shift));
     }
     m
 }
+
+/// The shift of lora-core's 24-bit hash rule ([`keep_factor`]).
+const SHIFT24: u32 = 8;
 
 /// Per row i of x `[rows, k]`: `xa[i, j] = scale · Σ_c m(i, c)·x[i, c]·a[j, c]` for the r rows of
 /// a `[r, k]`, with m the hashed dropout factor ([`keep_factor`]) when `drop`, else 1; with
@@ -148,7 +165,7 @@ fn lora_down_kernel<F: Float, N: Size>(
             let row = xrow[q];
             let mut v = Vector::<f32, N>::cast_from(x[row * xs + c]);
             if comptime![drop] {
-                v *= keep_factors::<N>(keys[q], c * N::value(), threshold, inv_keep);
+                v *= keep_factors::<N>(keys[q], c * N::value(), threshold, inv_keep, SHIFT24);
             }
             if comptime![write_xd] {
                 if row0 + q < rows {
@@ -273,7 +290,7 @@ fn lora_up_kernel<F: Float, N: Size>(
                         acc += Vector::new(xr[j]) * w[i * r + j];
                     }
                     if comptime![drop] {
-                        acc *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep);
+                        acc *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep, SHIFT24);
                     }
                     acc += Vector::<f32, N>::cast_from(base[brow + c]) + bv[i];
                     out[orow + c] = Vector::cast_from(acc);

@@ -9,7 +9,8 @@
 //! reduction in shared memory. The attention kernels take a block of query rows of the scores
 //! (`fused::query_blocks`) and the whole causal bias.
 //!
-//! The attention kernels also apply dropout drawn in the kernel ("hashed dropout", [`mix32`]): the
+//! The attention kernels also apply dropout drawn in the kernel ("hashed dropout",
+//! [`lora_core::kernels::keep_factors`] with all 32 bits of the hash): the
 //! mask is a hash of a seed and the element's position, so the backward pass draws it again instead
 //! of keeping it, and no mask is ever generated, stored, packed or multiplied in separate kernels.
 
@@ -25,7 +26,7 @@ use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtyp
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 // Hashed dropout's hash and row key, as lora-core's adapter kernels draw them; one cube a row.
-use lora_core::kernels::{cube_row, mix32, row_cubes, row_key};
+use lora_core::kernels::{cube_row, keep_factors, row_cubes, row_key};
 
 /// Units per row: one cube of 256 strides over the vocabulary.
 const UNITS: usize = 256;
@@ -80,15 +81,9 @@ fn reduce_sum2(sa: &mut Shared<[f32]>, sb: &mut Shared<[f32]>, unit: usize) {
     }
 }
 
-/// Hashed dropout's factor for element `col` of a row with key `key` ([`row_key`]): `1/keep`
-/// when `mix32(col ^ key) < threshold` (`threshold = keep·2³²`), else 0.
-#[cube]
-fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32) -> f32 {
-    select(mix32(u32::cast_from(col) ^ key) < threshold, inv_keep, 0.0)
-}
-
 /// Whether hashed dropout keeps element `col` of row `row` (of all rows of the tensor, in order):
-/// [`row_key`] and [`keep_factor`] on the host, for the seeds `s0, s1` and `threshold`.
+/// [`row_key`] and [`keep_factors`] (all 32 bits of the hash: shift 0) on the host, for the seeds
+/// `s0, s1` and `threshold`.
 pub(crate) fn kept_host(row: usize, col: usize, [s0, s1]: [u32; 2], threshold: u32) -> bool {
     use lora_core::dropout::mix32;
     let key = mix32(mix32(row as u32 ^ s0).wrapping_add(s1));
@@ -205,20 +200,9 @@ fn logits<F: Float, B: Float, N: Size>(
     out
 }
 
-/// Hashed dropout's factors of the `N` columns from column `c` of a row with key `key`.
-#[cube]
-fn keep_factors<N: Size>(key: u32, c: usize, threshold: u32, inv_keep: f32) -> Vector<f32, N> {
-    let mut m = Vector::<f32, N>::empty();
-    #[unroll]
-    for e in 0..N::value() {
-        m.insert(e, keep_factor(key, c + e, threshold, inv_keep));
-    }
-    m
-}
-
 /// Per row of `x = scores·scale + bias` (scores `[rows, t]`: blocks of `tc` rows, queries
 /// `start..start + tc` of bias `[seq, ≥ t]`; row r is query `start + r % tc`):
-/// `p = softmax(x)` in the scores' dtype, times the hashed dropout factor ([`keep_factor`]) when
+/// `p = softmax(x)` in the scores' dtype, times the hashed dropout factor ([`keep_factors`], shift 0) when
 /// `drop`, and `lse = max + ln Σ exp(x − max)` (f32). Rows are read and written `N` columns at a
 /// time (t and the row strides multiples of `N`).
 #[cube(launch_unchecked)]
@@ -285,7 +269,7 @@ fn softmax_lse_kernel<F: Float, B: Float, N: Size>(
         let xv = logits(scores, bias, base, bbase, c, scale);
         let mut v = (xv - Vector::new(gm)).exp() * Vector::new(inv);
         if comptime![drop] {
-            v *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep);
+            v *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep, 0u32);
         }
         p[pbase + c] = Vector::cast_from(v);
         c += CUBE_DIM_X as usize;
@@ -295,7 +279,7 @@ fn softmax_lse_kernel<F: Float, B: Float, N: Size>(
 /// Softmax's backward pass through hashed dropout, per row of `x = scores·scale + bias` (as
 /// [`softmax_lse_kernel`]) with its log-sum-exp `lse` of all `[seq, seq]` score rows (the whole
 /// `[.., seq, 1]`, read at the block's rows): with the probabilities again,
-/// `p = exp(x − lse)`, and m the dropout factor ([`keep_factor`]) when `drop` (else 1), the
+/// `p = exp(x − lse)`, and m the dropout factor ([`keep_factors`], shift 0) when `drop` (else 1), the
 /// dropped probabilities `pd = p·m` and `ds = p·(g − Σ p·g)·scale` for `g = dp·m`, both in the
 /// scores' dtype (0 where the bias is a mask, whatever dp holds there). `N` columns at a time.
 #[cube(launch_unchecked)]
@@ -383,7 +367,7 @@ fn probs_and_grads<F: Float, B: Float, N: Size>(
     let dv = Vector::<f32, N>::cast_from(dp[dbase + c]);
     let mut m = Vector::<f32, N>::new(1.0);
     if comptime![drop] {
-        m = keep_factors::<N>(key, c * N::value(), threshold, inv_keep);
+        m = keep_factors::<N>(key, c * N::value(), threshold, inv_keep, 0u32);
     }
     let mut p = Vector::<f32, N>::new(0.0);
     let mut g = Vector::<f32, N>::new(0.0);
