@@ -2,13 +2,13 @@
 # Device side of `bench infer` on wgpu with the facts needed to explain slow passes: every pass's
 # wall and process CPU time (`--trace`, interleaved on stderr with cubecl's kernel-compilation and
 # autotune log lines from a cubecl.toml), GPU clocks and load (nvidia-smi, every 100 ms). Carry `.gl/` and
-# `.devcarry/lora-train.gz` as for bench_finetune_gpu.sh. Env: RUNS (default "default minimal"),
+# the binary in `.devcarry/` (`LT`, tools/device/lt.sh). Env: RUNS (default "default minimal"),
 # ITERS (30), SEQ (1024). Writes under $OUT (or /tmp/out).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-gunzip -c .devcarry/lora-train.gz > /tmp/lt && chmod +x /tmp/lt
+source tools/device/lt.sh  # /tmp/lt from $LT (default .devcarry/lt_new.xz)
 nvidia-smi --query-gpu=name,clocks.max.sm,compute_mode --format=csv
 nvidia-smi --query-compute-apps=pid,name,used_memory --format=csv
 # Compilations and autotune decisions on stderr, next to the passes (no profiling: it syncs

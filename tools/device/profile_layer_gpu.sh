@@ -1,12 +1,12 @@
 #!/bin/bash
 # Device side: a per-kernel GPU profile of `bench lora-layer` variants on wgpu (cubecl's profiling
 # logger, which syncs after every kernel), then the same variants timed without it. Carry `.gl/` and
-# `.devcarry/lora-train.gz` (see bench_finetune_gpu.sh). Env: VARIANTS (default "plain_frozen
+# the binary in `.devcarry/` (`LT`, tools/device/lt.sh). Env: VARIANTS (default "plain_frozen
 # factored"). Writes the logs to $OUT. Run: bash tools/device/profile_layer_gpu.sh
 set -u
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-[ -x /tmp/lt ] || { gunzip -c .devcarry/lora-train.gz > /tmp/lt && chmod +x /tmp/lt; }
+source tools/device/lt.sh  # /tmp/lt from $LT (default .devcarry/lt_new.xz)
 V=${VARIANTS:-plain_frozen factored}
 for v in $V; do
   D=$(mktemp -d)

@@ -1,13 +1,13 @@
 #!/bin/bash
 # Device side: a per-kernel GPU profile of one `bench finetune` step on wgpu (cubecl's profiling
 # logger, which syncs after every kernel, so the sum is GPU time), summed per kernel over the last
-# step. Carry `.gl/` and `.devcarry/lora-train.gz` (see bench_finetune_gpu.sh). Env: VARIANT
+# step. Carry `.gl/` and the binary in `.devcarry/` (`LT`, tools/device/lt.sh). Env: VARIANT
 # (default lora_c_attn_r8), EXTRA (e.g. "--precision f16"), LEVEL (basic|full). Writes the logs
 # to $OUT. Run: bash tools/device/profile_step_gpu.sh
 set -u
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-[ -x /tmp/lt ] || { gunzip -c .devcarry/lora-train.gz > /tmp/lt && chmod +x /tmp/lt; }
+source tools/device/lt.sh  # /tmp/lt from $LT (default .devcarry/lt_new.xz)
 D=$(mktemp -d); cd $D
 cat > cubecl.toml <<TOML
 [profiling.logger]
