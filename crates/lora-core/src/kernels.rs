@@ -70,13 +70,7 @@ pub fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
 /// top 24 bits (`shift` 8, `threshold = keep·2²⁴`, [`crate::dropout::keep_threshold24`]);
 /// lora-gpt's attention kernels all 32 (`shift` 0, `threshold = keep·2³²`).
 #[cube]
-pub fn keep_factor(
-    key: u32,
-    col: usize,
-    threshold: u32,
-    inv_keep: f32,
-    #[comptime] shift: u32,
-) -> f32 {
+fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32, #[comptime] shift: u32) -> f32 {
     select(
         (mix32(u32::cast_from(col) ^ key) >> shift) < threshold,
         inv_keep,
@@ -319,8 +313,9 @@ fn drop_args(seed: CubeTensor, keep: f64) -> (CubeTensor, u32, f32, bool) {
 }
 
 /// Elements a kernel reads and writes at once along rows: 16 bytes (8 f16 or 4 f32), fewer where
-/// a row length or row stride in `lens` is not a multiple, and at most `max`.
-fn vector_width(lens: &[usize], elem_bytes: usize, max: usize) -> usize {
+/// a row length or row stride in `lens` is not a multiple, and at most `max` (lora-gpt's row
+/// kernels use it too).
+pub fn vector_width(lens: &[usize], elem_bytes: usize, max: usize) -> usize {
     [8, 4, 2]
         .into_iter()
         .find(|&v| v * elem_bytes <= 16 && v <= max && lens.iter().all(|l| l.is_multiple_of(v)))

@@ -26,7 +26,11 @@ use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtyp
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 // Hashed dropout's hash and row key, as lora-core's adapter kernels draw them; one cube a row.
-use lora_core::kernels::{cube_row, keep_factors, row_cubes, row_key};
+use lora_core::kernels::{cube_row, keep_factors, row_cubes, row_key, vector_width};
+
+/// The attention kernels' hash rule keeps all 32 bits of the hash (`keep_factors`' shift 0,
+/// `threshold = keep·2³²`).
+const SHIFT32: u32 = 0;
 
 /// Units per row: one cube of 256 strides over the vocabulary.
 const UNITS: usize = 256;
@@ -269,7 +273,7 @@ fn softmax_lse_kernel<F: Float, B: Float, N: Size>(
         let xv = logits(scores, bias, base, bbase, c, scale);
         let mut v = (xv - Vector::new(gm)).exp() * Vector::new(inv);
         if comptime![drop] {
-            v *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep, 0u32);
+            v *= keep_factors::<N>(key, c * N::value(), threshold, inv_keep, SHIFT32);
         }
         p[pbase + c] = Vector::cast_from(v);
         c += CUBE_DIM_X as usize;
@@ -367,7 +371,7 @@ fn probs_and_grads<F: Float, B: Float, N: Size>(
     let dv = Vector::<f32, N>::cast_from(dp[dbase + c]);
     let mut m = Vector::<f32, N>::new(1.0);
     if comptime![drop] {
-        m = keep_factors::<N>(key, c * N::value(), threshold, inv_keep, 0u32);
+        m = keep_factors::<N>(key, c * N::value(), threshold, inv_keep, SHIFT32);
     }
     let mut p = Vector::<f32, N>::new(0.0);
     let mut g = Vector::<f32, N>::new(0.0);
@@ -532,15 +536,6 @@ fn softmax_units(t: usize) -> u32 {
     (t.div_ceil(4).next_power_of_two()).clamp(32, UNITS) as u32
 }
 
-/// Columns the attention softmax kernels read and write at once: 16 bytes of the scores' dtype
-/// (8 f16, 4 f32), fewer where t or a row stride in `lens` is not a multiple.
-fn softmax_vector(lens: &[usize], elem_bytes: usize) -> usize {
-    [8, 4, 2]
-        .into_iter()
-        .find(|&v| v * elem_bytes <= 16 && lens.iter().all(|l| l.is_multiple_of(v)))
-        .unwrap_or(1)
-}
-
 /// `[rows, t]` of a tensor whose last dim is t (contiguous first, then a view).
 fn as_rows(x: CubeTensor) -> (CubeTensor, usize, usize) {
     let shape = x.meta.shape.clone();
@@ -658,6 +653,8 @@ fn score_block(
         "scores of queries {start}..{} and {t} keys outside the bias [{seq}, {width}]",
         start + tc
     );
+    // The kernels read bias rows as vectors of consecutive columns.
+    assert_eq!(bias.meta.strides()[1], 1, "bias columns of unit stride");
     (scores, rows, t, tc, bias)
 }
 
@@ -675,9 +672,10 @@ fn launch_softmax_lse(
     let p =
         empty_device_contiguous_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
     let lse = empty_device_dtype(client.clone(), device, row_shape(&shape), DType::F32);
-    let v = softmax_vector(
+    let v = vector_width(
         &[t, scores.meta.strides()[0], bias.meta.strides()[0]],
         scores.dtype.size(),
+        8,
     );
     let dtypes = [
         dtype_to_storage_type(scores.dtype),
@@ -734,7 +732,7 @@ fn launch_softmax_grad_lse(
     let pd =
         empty_device_contiguous_dtype(client.clone(), device.clone(), shape.clone(), scores.dtype);
     let ds = empty_device_contiguous_dtype(client.clone(), device, shape, dp.dtype);
-    let v = softmax_vector(
+    let v = vector_width(
         &[
             t,
             scores.meta.strides()[0],
@@ -742,6 +740,7 @@ fn launch_softmax_grad_lse(
             bias.meta.strides()[0],
         ],
         scores.dtype.size(),
+        8,
     );
     let dtypes = [
         dtype_to_storage_type(scores.dtype),
