@@ -1132,18 +1132,18 @@ pub fn matmul(
                 ("split_k_4", split_k(&lhs, &w, 4)),
             ];
             for (name, f) in variants {
-                let run = |reps: usize| -> anyhow::Result<f64> {
-                    let t0 = Instant::now();
-                    let mut last = None;
-                    for _ in 0..reps {
-                        last = Some(f());
+                // `REPS` products queued, then one wait for the device.
+                const REPS: usize = 10;
+                let batch = || -> anyhow::Result<()> {
+                    let mut last = f();
+                    for _ in 1..REPS {
+                        last = f();
                     }
-                    let _ = last.expect("reps").slice([0..1, 0..1]).into_data();
-                    device.sync().context("device sync")?;
-                    Ok(1000.0 * t0.elapsed().as_secs_f64() / reps as f64)
+                    let _ = last.slice([0..1, 0..1]).into_data();
+                    device.sync().context("device sync")
                 };
-                run(5)?; // autotune
-                let ms = median((0..iters).map(|_| run(10)).collect::<anyhow::Result<_>>()?);
+                batch()?; // autotune
+                let ms = median_ms(iters, batch)? / REPS as f64;
                 let tflops = 2.0 * (tokens * k * n) as f64 / (ms / 1000.0) / 1e12;
                 println!(
                     "[{tokens}, {k}] x [{k}, {n}] {name:>20}: {ms:8.4} ms  {tflops:6.1} TFLOP/s"
