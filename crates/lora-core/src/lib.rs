@@ -9,6 +9,7 @@
 
 pub mod dropout;
 pub mod fused;
+pub mod gemm;
 pub mod inject;
 pub mod kernels;
 pub mod layers;

@@ -5,9 +5,10 @@
 //! vectors to 16-byte alignment): a memset and a memcpy per product, ~11 % of a minGPT sort step.
 //! [`Matmul::mm`] runs the same `gemm` kernels with Flex's parallel rules into an uninitialised
 //! `Vec<f32>`; [`matmul`] is the 2-D product as an autodiff op whose backward products are
-//! [`Matmul::mm`]s too (Burn's matmul node would call Flex's). Other backends: Burn's matmul,
-//! except that on cubecl a weight gradient with a small output (LoRA's `[d, r]`, `[r, d]`) is split
-//! over its rows ([`Matmul::mm_tn`]), so that the reduction keeps the GPU busy.
+//! [`Matmul::mm`]s too (Burn's matmul node would call Flex's). On cubecl, f32 products run
+//! [`crate::gemm`]'s kernel (2–2.5× Burn's unit kernels on an H100); other dtypes run Burn's
+//! matmul, except that a weight gradient with a small output (LoRA's `[d, r]`, `[r, d]`) is split
+//! over its rows ([`Matmul::mm_tn`]), so that the reduction keeps the GPU busy. NdArray: Burn's.
 
 #![allow(deprecated)] // `NdArray`: deprecated upstream, still one of our backends.
 
@@ -21,6 +22,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
+
+use crate::gemm::GemmKernels;
 
 /// `lhs · rhs` on a backend.
 pub trait Matmul: Backend {
@@ -36,9 +39,19 @@ pub trait Matmul: Backend {
 }
 
 impl Matmul for Cube {
+    /// f32 products as [`crate::gemm`]'s kernel where it applies; the rest is Burn's matmul.
+    fn mm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        if lhs.dtype() == DType::F32 && rhs.dtype() == DType::F32 {
+            return <Self as GemmKernels>::gemm(lhs, rhs);
+        }
+        Self::float_matmul(lhs, rhs)
+    }
+
     /// Split over the rows where the `[m, n]` output is too small to fill a GPU (LoRA's `[d, r]` and
     /// `[r, d]` gradients over thousands of tokens): `parts` products of `rows / parts` rows as one
-    /// batched matmul, then their sum.
+    /// batched matmul (Burn's: [`crate::gemm`]'s 128-row tiles would be mostly idle at r rows),
+    /// then their sum. Larger outputs: [`Self::mm`] (in f32 its kernel splits a long reduction
+    /// itself).
     fn mm_tn(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
         let ([rows, m], n) = (x.shape().dims::<2>(), dy.shape()[1]);
         let parts = split_k_parts(rows, m * n);
@@ -48,18 +61,19 @@ impl Matmul for Cube {
         let k = rows / parts;
         let x = Self::float_reshape(x, Shape::new([parts, k, m]));
         let dy = Self::float_reshape(dy, Shape::new([parts, k, n]));
-        sum_of_products::<Self>(Self::float_swap_dims(x, 1, 2), dy, [m, n])
+        let products = Self::float_matmul(Self::float_swap_dims(x, 1, 2), dy);
+        Self::float_reshape(Self::float_sum_dim(products, 0), Shape::new([m, n]))
     }
 }
 
 /// `Σₛ lhs[s]·rhs[s]`: lhs `[parts, m, k]`, rhs `[parts, k, n]` -> `[m, n]` (`out`), the parts of a
-/// product split along its reduction run as one batched matmul, then summed.
-pub fn sum_of_products<B: Backend>(
+/// product split along its reduction run as one batched [`Matmul::mm`], then summed.
+pub fn sum_of_products<B: Matmul>(
     lhs: FloatTensor<B>,
     rhs: FloatTensor<B>,
     out: [usize; 2],
 ) -> FloatTensor<B> {
-    let parts = B::float_matmul(lhs, rhs);
+    let parts = B::mm(lhs, rhs);
     B::float_reshape(B::float_sum_dim(parts, 0), Shape::new(out))
 }
 
@@ -80,6 +94,8 @@ fn split_k_parts(rows: usize, out: usize) -> usize {
         .unwrap_or(1)
 }
 impl Matmul for NdArray {}
+/// Burn's matmul on whichever device (for code written against tensors rather than a backend).
+impl Matmul for Dispatch {}
 
 impl Matmul for Flex {
     fn mm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -794,3 +794,70 @@ fn fused_lora_linear_matches_the_formula() {
         }
     }
 }
+
+/// The f32 product kernel ([`crate::gemm`]) on wgpu against flex's matmul: every operand layout
+/// (row-major, a transposed view of either), sizes that leave partial tiles, batches with a
+/// permuted view, an output width that is not a multiple of 4, a reduction split in parts, and a k
+/// that falls back to Burn's.
+#[test]
+fn gemm_matches_flex() {
+    use crate::gemm::GemmKernels;
+    use burn::backend::Dispatch;
+    let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    let flex = Device::flex();
+    flex.seed(3);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let gemm = |a: Tensor<4>, b: Tensor<4>| {
+        let on = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &gpu).into_dispatch();
+        Tensor::<4>::from_dispatch(<Dispatch as GemmKernels>::gemm(on(a), on(b)))
+    };
+    let check = |a: Tensor<4>, b: Tensor<4>, what: &str| {
+        let expect = a.clone().matmul(b.clone());
+        let got = Tensor::<4>::from_data(gemm(a, b).into_data(), &flex);
+        assert_eq!(got.dims(), expect.dims(), "{what}");
+        let diff = max_abs(got, expect);
+        assert!(diff < 1e-4, "{what}: differs by {diff}");
+    };
+    // (72, 1024, 40): the reduction split in parts (one output tile, a long k).
+    let sizes = [
+        (200, 48, 136),
+        (130, 32, 260),
+        (8, 16, 4),
+        (260, 64, 50),
+        (64, 20, 64),
+        (72, 1024, 40),
+    ];
+    for (m, k, n) in sizes {
+        let a = Tensor::<4>::random([1, 1, m, k], normal, &flex);
+        let at = Tensor::<4>::random([1, 1, k, m], normal, &flex);
+        let b = Tensor::<4>::random([1, 1, k, n], normal, &flex);
+        let bt = Tensor::<4>::random([1, 1, n, k], normal, &flex);
+        let what = format!("[{m}, {k}] · [{k}, {n}]");
+        check(a.clone(), b.clone(), &format!("{what}, row-major"));
+        check(
+            a.clone(),
+            bt.clone().swap_dims(2, 3),
+            &format!("{what}, a · bᵀ"),
+        );
+        check(at.clone().swap_dims(2, 3), b, &format!("{what}, aᵀ · b"));
+        check(
+            at.swap_dims(2, 3),
+            bt.swap_dims(2, 3),
+            &format!("{what}, aᵀ · bᵀ"),
+        );
+    }
+    // Batches: heads as a permuted view ([b, t, h, d] -> [b, h, t, d]).
+    let q = Tensor::<4>::random([2, 96, 3, 32], normal, &flex).swap_dims(1, 2);
+    let kt = Tensor::<4>::random([2, 3, 32, 80], normal, &flex);
+    check(q.clone(), kt, "batched q · k");
+    check(q.clone(), q.clone().swap_dims(2, 3), "batched q · qᵀ");
+    // A batch dim of 1 broadcasts, on either side.
+    let k1 = Tensor::<4>::random([1, 3, 32, 80], normal, &flex);
+    check(
+        q.clone(),
+        k1.clone(),
+        "q · k, k's first batch dim broadcast",
+    );
+    let w = Tensor::<4>::random([2, 1, 32, 48], normal, &flex);
+    check(q.clone(), w, "q · w, w's second batch dim broadcast");
+}

@@ -1090,10 +1090,10 @@ impl VocabSlices {
     }
 
     /// `hᵀ·d` per slice: h `[rows, k]`, d `[s, rows, kp]` -> `[s, k, kp]`.
-    fn dw_parts<B: Backend>(self, h: FloatTensor<B>, d: FloatTensor<B>) -> FloatTensor<B> {
+    fn dw_parts<B: Matmul>(self, h: FloatTensor<B>, d: FloatTensor<B>) -> FloatTensor<B> {
         let [rows, k] = h.shape().dims::<2>();
         let ht = B::float_swap_dims(B::float_reshape(h, [1, rows, k].into()), 1, 2);
-        B::float_matmul(ht, d)
+        B::mm(ht, d)
     }
 
     /// `[s, k, kp]` per-slice products -> `[k, v]`: the slices side by side, the padding cut.

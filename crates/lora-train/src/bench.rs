@@ -1093,7 +1093,8 @@ pub const LINEAR_SHAPES: [(usize, usize); 4] = [(768, 2304), (768, 768), (768, 3
 /// Run the `matmul` probe: each of GPT-2's linear products (forward `x·W` and the input gradient
 /// `dy·Wᵀ`) with the right-hand side row-major (`[k, n]` contiguous), as a transposed view of a
 /// contiguous `[n, k]`, and with the reduction split in 2 and 4 parts (one batched product, then
-/// a sum): the layouts a linear layer can choose between.
+/// a sum): the layouts a linear layer can choose between; and the weight gradient `xᵀ·dy`. Each
+/// also through [`lora_core::matmul::matmul`] (`ours_*`: on cubecl its own f32 kernel).
 pub fn matmul(
     backend: Backend,
     dtype: burn::tensor::DType,
@@ -1119,6 +1120,8 @@ pub fn matmul(
                 Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.02), &device).cast(dtype);
             // `[n, k]` contiguous (a 1-d reshape of the transposed view copies it).
             let wt = w.clone().transpose().reshape([n * k]).reshape([n, k]);
+            let dy = Tensor::<2>::random([tokens, n], Distribution::Normal(0.0, 1.0), &device)
+                .cast(dtype);
             let variants: Vec<(&str, Product)> = vec![
                 ("rhs_row_major", {
                     let (l, w) = (lhs.clone(), w.clone());
@@ -1130,6 +1133,24 @@ pub fn matmul(
                 }),
                 ("split_k_2", split_k(&lhs, &w, 2)),
                 ("split_k_4", split_k(&lhs, &w, 4)),
+                // `xᵀ·dy` (a weight's gradient: `[k, tokens] · [tokens, n]`, the same FLOPs).
+                ("lhs_transposed_view", {
+                    let (l, dy) = (lhs.clone(), dy.clone());
+                    Box::new(move || l.clone().transpose().matmul(dy.clone()))
+                }),
+                // The same three through `lora_core::matmul` (its own f32 kernel on cubecl).
+                ("ours_rhs_row_major", {
+                    let (l, w) = (lhs.clone(), w.clone());
+                    Box::new(move || lora_core::matmul::matmul(l.clone(), w.clone()))
+                }),
+                ("ours_rhs_transposed_view", {
+                    let (l, wt) = (lhs.clone(), wt.clone());
+                    Box::new(move || lora_core::matmul::matmul(l.clone(), wt.clone().transpose()))
+                }),
+                ("ours_lhs_transposed_view", {
+                    let (l, dy) = (lhs.clone(), dy.clone());
+                    Box::new(move || lora_core::matmul::matmul(l.clone().transpose(), dy.clone()))
+                }),
             ];
             for (name, f) in variants {
                 // `REPS` products queued, then one wait for the device.

@@ -1,0 +1,414 @@
+//! An f32 matrix product for GPUs without f32 tensor cores, as one CubeCL kernel.
+//!
+//! Burn's f32 matmuls on `wgpu` / `vulkan` run cubecl's unit kernels (no f32 cooperative matrices
+//! there), 15–20 TFLOP/s on an H100 for GPT-2's products. [`gemm_kernel`] is the classic SIMT
+//! tiling: a cube of 256 units computes a `128 × BN` tile of the output (BN 128 or 64), each unit
+//! an `8 × BN/16` block in registers, over steps of 16 along k whose operand tiles are staged in
+//! shared memory (two buffers: the next step's global loads are in flight while this one
+//! computes). Operands are read 4 f32 at a time along whichever of their two last dims is
+//! contiguous, so `x·w`, `dy·wᵀ` and `xᵀ·dy` all run without a copy.
+
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, backend_extension};
+use burn::tensor::{DType, Shape};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+/// Output rows of a cube, steps along k, units of a cube.
+const BM: usize = 128;
+const BK: usize = 16;
+const UNITS: usize = 256;
+/// f32 lanes of the operands' vectors.
+const LANES: usize = 4;
+
+/// Four vectors of a 4 × 4 block of a tile: vector `j` is `t[base + min(o0 + j, o_len - 1)·so +
+/// ci / 4]`, where `o` walks the operand's strided dim (vectors `so` apart) and `ci` is the element
+/// offset along its contiguous dim. Rows past `o_len` re-read the last one (their results are
+/// never written).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_block<N: Size>(
+    t: &Tensor<Vector<f32, N>>,
+    base: usize,
+    o0: usize,
+    o_len: usize,
+    so: usize,
+    ci: usize,
+    regs: &mut Array<Vector<f32, N>>,
+) {
+    #[unroll]
+    for j in 0..LANES {
+        let o = (o0 + j).min(o_len - 1);
+        regs[j] = t[base + o * so + ci / LANES];
+    }
+}
+
+/// The block of [`load_block`] into shared rows `row_vecs` vectors apart from `off`, one row per
+/// step along k: transposed when the operand's contiguous dim is k (its vectors run along k).
+#[cube]
+fn store_block<N: Size>(
+    sh: &mut Shared<[Vector<f32, N>]>,
+    off: usize,
+    row_vecs: usize,
+    regs: &Array<Vector<f32, N>>,
+    #[comptime] transpose: bool,
+) {
+    #[unroll]
+    for j in 0..LANES {
+        if comptime![transpose] {
+            let mut w = Vector::<f32, N>::empty();
+            #[unroll]
+            for i in 0..LANES {
+                w.insert(i, regs[i].extract(j));
+            }
+            sh[off + j * row_vecs] = w;
+        } else {
+            sh[off + j * row_vecs] = regs[j];
+        }
+    }
+}
+
+/// `c[.., m, n] = Σ_k a[.., m, k]·b[.., k, n]` in f32 over batch dims (one matrix per `CUBE_POS_Z`;
+/// a batch dim of 1 in a or b broadcasts).
+/// a is contiguous along k (`a_k_major`) or along m, b along n (`b_n_major`) or along k; both are
+/// read in vectors of 4 (k a multiple of 16, the contiguous dims and the other strides multiples
+/// of 4). Cube `(x, y)` writes rows `128·y ..` and columns `BN·x ..` (`BN = 64·bn_vecs`): unit
+/// `(ty, tx) = (u / 16, u % 16)` rows `ty·4 + {0..4}` and `64 + ty·4 + {0..4}`, columns
+/// `h·64 + tx·4 + {0..4}` for `h < bn_vecs`. Units 0–127 stage a's tiles, units 128.. b's.
+#[cube(launch_unchecked)]
+fn gemm_kernel<N: Size>(
+    a: &Tensor<Vector<f32, N>>,
+    b: &Tensor<Vector<f32, N>>,
+    c: &mut Tensor<f32>,
+    #[comptime] a_k_major: bool,
+    #[comptime] b_n_major: bool,
+    #[comptime] bn_vecs: usize,
+) {
+    let rank = a.rank();
+    let m = a.shape(rank - 2);
+    let n = b.shape(rank - 1);
+    // c is `[splits, .., m, n]`: split s sums k in `s·k .. (s + 1)·k`.
+    let splits = c.shape(0);
+    let k_all = a.shape(rank - 1);
+    let k = k_all / splits;
+    let batches = CUBE_COUNT_Z as usize / splits;
+    let split = CUBE_POS_Z as usize / batches;
+    let k0 = split * k;
+    // Batch offsets (elements) of this cube's matrices.
+    let mut z = CUBE_POS_Z as usize % batches;
+    let mut a_off = 0usize;
+    let mut b_off = 0usize;
+    let mut c_off = split * c.stride(0);
+    let mut d = rank - 2;
+    while d > 0 {
+        d -= 1;
+        let i = z % c.shape(d + 1);
+        z /= c.shape(d + 1);
+        // A batch dim of 1 broadcasts.
+        a_off += select(a.shape(d) == 1, 0, i * a.stride(d));
+        b_off += select(b.shape(d) == 1, 0, i * b.stride(d));
+        c_off += i * c.stride(d + 1);
+    }
+    let a_base = a_off / LANES;
+    let b_base = b_off / LANES;
+    let bn = comptime!(64 * bn_vecs);
+    let bnv = comptime!(16 * bn_vecs);
+    let m0 = CUBE_POS_Y as usize * BM;
+    let n0 = CUBE_POS_X as usize * bn;
+    let u = UNIT_POS_X as usize;
+
+    // This unit's 4 × 4 block of the a or b tile: (strided-dim index, contiguous-dim vector) and
+    // its place in shared memory.
+    let a_role = u < 128;
+    let b_role = !a_role && u < 128 + bn;
+    let v = u % 128;
+    let mut o0 = 0usize;
+    let mut o_len = 1usize;
+    let mut so = 0usize;
+    let mut ci0 = 0usize;
+    let mut ci_step = 0usize;
+    let mut sh_off = 0usize;
+    if a_role {
+        if comptime![a_k_major] {
+            // Vectors along k: block (m: v / 4, k: v % 4).
+            o0 = m0 + (v / 4) * 4;
+            o_len = m;
+            so = a.stride(rank - 2) / LANES;
+            ci0 = k0 + (v % 4) * 4;
+            ci_step = BK;
+            sh_off = (v % 4) * 4 * 32 + v / 4;
+        } else {
+            // Vectors along m: block (m: v % 32, k: v / 32).
+            o0 = k0 + (v / 32) * 4;
+            o_len = k_all;
+            so = a.stride(rank - 1) / LANES;
+            ci0 = (m0 + (v % 32) * 4).min(m - 4);
+            sh_off = (v / 32) * 4 * 32 + v % 32;
+        }
+    } else if b_role {
+        if comptime![b_n_major] {
+            // Vectors along n: block (n: v % bnv, k: v / bnv).
+            o0 = k0 + (v / bnv) * 4;
+            o_len = k_all;
+            so = b.stride(rank - 2) / LANES;
+            ci0 = (n0 + (v % bnv) * 4).min(n - 4);
+            sh_off = (v / bnv) * 4 * bnv + v % bnv;
+        } else {
+            // Vectors along k: block (n: v / 4, k: v % 4).
+            o0 = n0 + (v / 4) * 4;
+            o_len = n;
+            so = b.stride(rank - 1) / LANES;
+            ci0 = k0 + (v % 4) * 4;
+            ci_step = BK;
+            sh_off = (v % 4) * 4 * bnv + v / 4;
+        }
+    }
+    // Per step along k the block moves 16 along the contiguous dim (k-major) or the strided one.
+    let o_step = BK - ci_step;
+
+    let mut sa = Shared::<[Vector<f32, N>]>::new_slice(comptime!(2 * BK * BM / LANES));
+    let mut sb = Shared::<[Vector<f32, N>]>::new_slice(comptime!(2 * BK * 16 * bn_vecs));
+    let a_buf = comptime!(BK * BM / LANES);
+    let b_buf = comptime!(BK * 16 * bn_vecs);
+    let mut regs = Array::<Vector<f32, N>>::new(LANES);
+
+    let steps = k / BK;
+    if a_role {
+        load_block::<N>(a, a_base, o0, o_len, so, ci0, &mut regs);
+        store_block::<N>(&mut sa, sh_off, 32, &regs, a_k_major);
+    } else if b_role {
+        load_block::<N>(b, b_base, o0, o_len, so, ci0, &mut regs);
+        store_block::<N>(&mut sb, sh_off, bnv, &regs, !b_n_major);
+    }
+    sync_cube();
+
+    let ty = u / 16;
+    let tx = u % 16;
+    let mut acc = Array::<Vector<f32, N>>::new(comptime!(8 * bn_vecs));
+    #[unroll]
+    for i in 0..8 * bn_vecs {
+        acc[i] = Vector::new(0.0);
+    }
+    let mut bv = Array::<Vector<f32, N>>::new(bn_vecs);
+    for s in 0..steps {
+        let cur = s % 2;
+        let more = s + 1 < steps;
+        if more {
+            let o = o0 + (s + 1) * o_step;
+            let ci = ci0 + (s + 1) * ci_step;
+            if a_role {
+                load_block::<N>(a, a_base, o, o_len, so, ci, &mut regs);
+            } else if b_role {
+                load_block::<N>(b, b_base, o, o_len, so, ci, &mut regs);
+            }
+        }
+        let sa0 = cur * a_buf;
+        let sb0 = cur * b_buf;
+        #[unroll]
+        for kk in 0..BK {
+            let a0 = sa[sa0 + kk * 32 + ty];
+            let a1 = sa[sa0 + kk * 32 + 16 + ty];
+            #[unroll]
+            for h in 0..bn_vecs {
+                bv[h] = sb[sb0 + kk * bnv + h * 16 + tx];
+            }
+            #[unroll]
+            for i in 0..LANES {
+                let s0 = Vector::<f32, N>::new(a0.extract(i));
+                let s1 = Vector::<f32, N>::new(a1.extract(i));
+                #[unroll]
+                for h in 0..bn_vecs {
+                    acc[i * bn_vecs + h] = fma(s0, bv[h], acc[i * bn_vecs + h]);
+                    acc[(LANES + i) * bn_vecs + h] = fma(s1, bv[h], acc[(LANES + i) * bn_vecs + h]);
+                }
+            }
+        }
+        if more {
+            let nxt = 1 - cur;
+            if a_role {
+                store_block::<N>(&mut sa, nxt * a_buf + sh_off, 32, &regs, a_k_major);
+            } else if b_role {
+                store_block::<N>(&mut sb, nxt * b_buf + sh_off, bnv, &regs, !b_n_major);
+            }
+        }
+        sync_cube();
+    }
+
+    let (scm, scn) = (c.stride(rank - 1), c.stride(rank));
+    #[unroll]
+    for i in 0..8 {
+        let row = m0 + (i / LANES) * 64 + ty * 4 + i % LANES;
+        if row < m {
+            #[unroll]
+            for h in 0..bn_vecs {
+                let v = acc[i * bn_vecs + h];
+                #[unroll]
+                for e in 0..LANES {
+                    let col = n0 + h * 64 + tx * 4 + e;
+                    if col < n {
+                        c[c_off + row * scm + col * scn] = v.extract(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether an operand `[.., rows, cols]` can be read in vectors of 4 along one of its last two
+/// dims: `Some(true)` along cols, `Some(false)` along rows, `None` if neither.
+fn vector_major(t: &CubeTensor) -> Option<bool> {
+    let (shape, strides) = (&t.meta.shape, t.meta.strides());
+    let r = shape.num_dims();
+    let aligned = |skip: usize| {
+        (0..r)
+            .filter(|&d| d != skip)
+            .all(|d| strides[d].is_multiple_of(LANES) || shape[d] == 1)
+            && shape[skip].is_multiple_of(LANES)
+    };
+    let offset_ok = t
+        .handle
+        .offset_start
+        .is_none_or(|o| o.is_multiple_of((LANES * 4) as u64));
+    if !offset_ok {
+        return None;
+    }
+    if strides[r - 1] == 1 && aligned(r - 1) {
+        Some(true)
+    } else if strides[r - 2] == 1 && aligned(r - 2) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Shared memory the kernel needs at `bn_vecs` (two buffers of each operand's tile).
+fn shared_bytes(bn_vecs: usize) -> usize {
+    2 * BK * (BM + 64 * bn_vecs) * 4
+}
+
+/// In how many parts to split a reduction of `k` over `cubes` output tiles where `slots` cubes run
+/// at once: the power of two up to 16 (parts of at least 512, a multiple of 16) that needs the
+/// fewest waves per unit of work, so that a small output with a long reduction (a weight's
+/// gradient over 8192 tokens) fills the GPU. The parts' sum is one more pass over `parts` outputs.
+fn k_splits(cubes: usize, k: usize, slots: usize) -> usize {
+    let cost = |s: usize| (cubes * s).div_ceil(slots) as f64 / s as f64;
+    [1, 2, 4, 8, 16]
+        .into_iter()
+        .filter(|&s| k.is_multiple_of(BK * s) && k / s >= 512)
+        .fold(
+            1,
+            |best, s| if cost(s) < cost(best) * 0.9 { s } else { best },
+        )
+}
+
+/// Cubes along x and y (and batches along z) at most.
+const MAX_GRID: usize = 65_535;
+
+/// `lhs [.., m, k] · rhs [.., k, n]` with [`gemm_kernel`], or `None` where it does not apply (not
+/// f32, batch dims that do not broadcast, k not a multiple of 16, an operand that cannot be read in vectors, a
+/// grid or shared memory too large).
+pub fn try_gemm(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
+    let (ls, rs) = (&lhs.meta.shape, &rhs.meta.shape);
+    let r = ls.num_dims();
+    if lhs.dtype != DType::F32
+        || rhs.dtype != DType::F32
+        || r < 2
+        || rs.num_dims() != r
+        || ls[r - 1] != rs[r - 2]
+    {
+        return None;
+    }
+    let batch = broadcast(&ls[..r - 2], &rs[..r - 2])?;
+    let (m, k, n) = (ls[r - 2], ls[r - 1], rs[r - 1]);
+    let batches = batch.iter().product::<usize>();
+    if m == 0 || n == 0 || k == 0 || !k.is_multiple_of(BK) || batches > MAX_GRID {
+        return None;
+    }
+    let a_k_major = vector_major(lhs)?;
+    let b_n_major = vector_major(rhs)?;
+    // 128 × 64 tiles where 128 × 128 ones would leave the last wave of cubes mostly empty.
+    let props = lhs.client.properties();
+    let sms = props.hardware.num_streaming_multiprocessors.unwrap_or(1) as usize;
+    let tiles = |bn: usize| m.div_ceil(BM) * n.div_ceil(bn) * batches;
+    let waste = |bn: usize| {
+        let t = tiles(bn);
+        let per_wave = 2 * sms;
+        t.div_ceil(per_wave) * per_wave - t
+    };
+    let bn_vecs = if waste(128) * 2 > tiles(128) { 1 } else { 2 };
+    if shared_bytes(bn_vecs) > props.hardware.max_shared_memory_size
+        || (UNITS as u32) > props.hardware.max_units_per_cube
+    {
+        return None;
+    }
+    let (gx, gy) = (n.div_ceil(64 * bn_vecs), m.div_ceil(BM));
+    let splits = k_splits(gx * gy * batches, k, 2 * sms);
+    if gx > MAX_GRID || gy > MAX_GRID || batches * splits > MAX_GRID {
+        return None;
+    }
+    let mut dims = vec![splits];
+    dims.extend_from_slice(&batch);
+    dims.extend([m, n]);
+    let out = empty_device_contiguous_dtype(
+        lhs.client.clone(),
+        lhs.device.clone(),
+        Shape::from(dims),
+        DType::F32,
+    );
+    // Safety: loads clamp rows and columns into the operands (k is a multiple of 16 · splits,
+    // every vector offset in bounds), stores check `row < m`, `col < n`.
+    unsafe {
+        gemm_kernel::launch_unchecked(
+            &lhs.client,
+            CubeCount::Static(gx as u32, gy as u32, (batches * splits) as u32),
+            CubeDim::new_1d(UNITS as u32),
+            LANES,
+            lhs.clone().into_tensor_arg(),
+            rhs.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            a_k_major,
+            b_n_major,
+            bn_vecs,
+        );
+    }
+    let out = match splits {
+        1 => out,
+        _ => CubeBackend::float_sum_dim(out, 0),
+    };
+    let mut dims = batch;
+    dims.extend([m, n]);
+    let out = CubeBackend::float_reshape(out, Shape::from(dims));
+    Some(out)
+}
+
+/// Batch dims as Burn's matmul broadcasts them (equal, or 1 on one side), `None` where they clash.
+fn broadcast(lhs: &[usize], rhs: &[usize]) -> Option<Vec<usize>> {
+    let each = |(&l, &r): (&usize, &usize)| (l == r || l == 1 || r == 1).then_some(l.max(r));
+    lhs.iter().zip(rhs).map(each).collect()
+}
+
+/// `[.., m, k] · [.., k, n]`: the shape of the product (batch dims broadcast).
+fn product_spec(lhs: &TensorSpec, rhs: &TensorSpec) -> TensorSpec {
+    let r = lhs.shape.num_dims();
+    let batch = broadcast(&lhs.shape[..r - 2], &rhs.shape[..r - 2]).expect("matmul: batch dims");
+    let dims = [&batch[..], &[lhs.shape[r - 2], rhs.shape[r - 1]]].concat();
+    TensorSpec::new(Shape::from(dims), lhs.dtype)
+}
+
+/// The product as an op of its own on cubecl devices, so that fusion hands it real tensors.
+#[backend_extension(Cube, Fusion)]
+pub trait GemmKernels: Backend {
+    /// `[.., m, k] · [.., k, n] -> [.., m, n]`: [`gemm_kernel`] where it applies, else Burn's matmul.
+    #[fusion(meta = |lhs, rhs| product_spec(lhs, rhs))]
+    fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+impl GemmKernels for CubeBackend {
+    fn gemm(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+        try_gemm(&lhs, &rhs).unwrap_or_else(|| CubeBackend::float_matmul(lhs, rhs))
+    }
+}
