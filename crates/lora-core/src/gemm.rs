@@ -18,8 +18,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-/// Output rows of a cube, steps along k, units of a cube.
-const BM: usize = 128;
+/// Steps along k, units of a cube.
 const BK: usize = 16;
 const UNITS: usize = 256;
 /// f32 lanes of the operands' vectors.
@@ -78,15 +77,19 @@ fn store_block<N: Size>(
 /// read in vectors of 4 (k a multiple of 16, the contiguous dims and the other strides multiples
 /// of 4). Cube `(x, y)` writes rows `128·y ..` and columns `BN·x ..` (`BN = 64·bn_vecs`): unit
 /// `(ty, tx) = (u / 16, u % 16)` rows `ty·4 + {0..4}` and `64 + ty·4 + {0..4}`, columns
-/// `h·64 + tx·4 + {0..4}` for `h < bn_vecs`. Units 0–127 stage a's tiles, units 128.. b's.
+/// `h·64 + tx·4 + {0..4}` for `h < bn_vecs`, written 4 at a time where n is a multiple of 4
+/// (`NO`, `vector_out`; scalar stores left the small-k products, attention's q·kᵀ, bound by their output). Units
+/// 0–127 stage a's tiles, units 128.. b's.
 #[cube(launch_unchecked)]
-fn gemm_kernel<N: Size>(
+fn gemm_kernel<N: Size, NO: Size>(
     a: &Tensor<Vector<f32, N>>,
     b: &Tensor<Vector<f32, N>>,
-    c: &mut Tensor<f32>,
+    c: &mut Tensor<Vector<f32, NO>>,
     #[comptime] a_k_major: bool,
     #[comptime] b_n_major: bool,
+    #[comptime] bm_vecs: usize,
     #[comptime] bn_vecs: usize,
+    #[comptime] vector_out: bool,
 ) {
     let rank = a.rank();
     let m = a.shape(rank - 2);
@@ -117,14 +120,16 @@ fn gemm_kernel<N: Size>(
     let b_base = b_off / LANES;
     let bn = comptime!(64 * bn_vecs);
     let bnv = comptime!(16 * bn_vecs);
-    let m0 = CUBE_POS_Y as usize * BM;
+    let bm = comptime!(64 * bm_vecs);
+    let bmv = comptime!(16 * bm_vecs);
+    let m0 = CUBE_POS_Y as usize * bm;
     let n0 = CUBE_POS_X as usize * bn;
     let u = UNIT_POS_X as usize;
 
     // This unit's 4 × 4 block of the a or b tile: (strided-dim index, contiguous-dim vector) and
     // its place in shared memory.
-    let a_role = u < 128;
-    let b_role = !a_role && u < 128 + bn;
+    let a_role = u < bm;
+    let b_role = u >= 128 && u < 128 + bn;
     let v = u % 128;
     let mut o0 = 0usize;
     let mut o_len = 1usize;
@@ -140,14 +145,14 @@ fn gemm_kernel<N: Size>(
             so = a.stride(rank - 2) / LANES;
             ci0 = k0 + (v % 4) * 4;
             ci_step = BK;
-            sh_off = (v % 4) * 4 * 32 + v / 4;
+            sh_off = (v % 4) * 4 * bmv + v / 4;
         } else {
             // Vectors along m: block (m: v % 32, k: v / 32).
-            o0 = k0 + (v / 32) * 4;
+            o0 = k0 + (v / bmv) * 4;
             o_len = k_all;
             so = a.stride(rank - 1) / LANES;
-            ci0 = (m0 + (v % 32) * 4).min(m - 4);
-            sh_off = (v / 32) * 4 * 32 + v % 32;
+            ci0 = (m0 + (v % bmv) * 4).min(m - 4);
+            sh_off = (v / bmv) * 4 * bmv + v % bmv;
         }
     } else if b_role {
         if comptime![b_n_major] {
@@ -170,16 +175,16 @@ fn gemm_kernel<N: Size>(
     // Per step along k the block moves 16 along the contiguous dim (k-major) or the strided one.
     let o_step = BK - ci_step;
 
-    let mut sa = Shared::<[Vector<f32, N>]>::new_slice(comptime!(2 * BK * BM / LANES));
+    let mut sa = Shared::<[Vector<f32, N>]>::new_slice(comptime!(2 * BK * 16 * bm_vecs));
     let mut sb = Shared::<[Vector<f32, N>]>::new_slice(comptime!(2 * BK * 16 * bn_vecs));
-    let a_buf = comptime!(BK * BM / LANES);
+    let a_buf = comptime!(BK * 16 * bm_vecs);
     let b_buf = comptime!(BK * 16 * bn_vecs);
     let mut regs = Array::<Vector<f32, N>>::new(LANES);
 
     let steps = k / BK;
     if a_role {
         load_block::<N>(a, a_base, o0, o_len, so, ci0, &mut regs);
-        store_block::<N>(&mut sa, sh_off, 32, &regs, a_k_major);
+        store_block::<N>(&mut sa, sh_off, bmv, &regs, a_k_major);
     } else if b_role {
         load_block::<N>(b, b_base, o0, o_len, so, ci0, &mut regs);
         store_block::<N>(&mut sb, sh_off, bnv, &regs, !b_n_major);
@@ -188,9 +193,10 @@ fn gemm_kernel<N: Size>(
 
     let ty = u / 16;
     let tx = u % 16;
-    let mut acc = Array::<Vector<f32, N>>::new(comptime!(8 * bn_vecs));
+    let rows = comptime!(LANES * bm_vecs);
+    let mut acc = Array::<Vector<f32, N>>::new(comptime!(rows * bn_vecs));
     #[unroll]
-    for i in 0..8 * bn_vecs {
+    for i in 0..rows * bn_vecs {
         acc[i] = Vector::new(0.0);
     }
     let mut bv = Array::<Vector<f32, N>>::new(bn_vecs);
@@ -210,27 +216,28 @@ fn gemm_kernel<N: Size>(
         let sb0 = cur * b_buf;
         #[unroll]
         for kk in 0..BK {
-            let a0 = sa[sa0 + kk * 32 + ty];
-            let a1 = sa[sa0 + kk * 32 + 16 + ty];
             #[unroll]
             for h in 0..bn_vecs {
                 bv[h] = sb[sb0 + kk * bnv + h * 16 + tx];
             }
             #[unroll]
-            for i in 0..LANES {
-                let s0 = Vector::<f32, N>::new(a0.extract(i));
-                let s1 = Vector::<f32, N>::new(a1.extract(i));
+            for g in 0..bm_vecs {
+                let av = sa[sa0 + kk * bmv + g * 16 + ty];
                 #[unroll]
-                for h in 0..bn_vecs {
-                    acc[i * bn_vecs + h] = fma(s0, bv[h], acc[i * bn_vecs + h]);
-                    acc[(LANES + i) * bn_vecs + h] = fma(s1, bv[h], acc[(LANES + i) * bn_vecs + h]);
+                for i in 0..LANES {
+                    let s = Vector::<f32, N>::new(av.extract(i));
+                    #[unroll]
+                    for h in 0..bn_vecs {
+                        let t = (g * LANES + i) * bn_vecs + h;
+                        acc[t] = fma(s, bv[h], acc[t]);
+                    }
                 }
             }
         }
         if more {
             let nxt = 1 - cur;
             if a_role {
-                store_block::<N>(&mut sa, nxt * a_buf + sh_off, 32, &regs, a_k_major);
+                store_block::<N>(&mut sa, nxt * a_buf + sh_off, bmv, &regs, a_k_major);
             } else if b_role {
                 store_block::<N>(&mut sb, nxt * b_buf + sh_off, bnv, &regs, !b_n_major);
             }
@@ -238,19 +245,26 @@ fn gemm_kernel<N: Size>(
         sync_cube();
     }
 
-    let (scm, scn) = (c.stride(rank - 1), c.stride(rank));
+    // c is contiguous (allocated here): vectors of `NO` (4 where n is a multiple of 4, else 1).
+    let scm = c.stride(rank - 1);
     #[unroll]
-    for i in 0..8 {
+    for i in 0..rows {
         let row = m0 + (i / LANES) * 64 + ty * 4 + i % LANES;
         if row < m {
             #[unroll]
             for h in 0..bn_vecs {
                 let v = acc[i * bn_vecs + h];
-                #[unroll]
-                for e in 0..LANES {
-                    let col = n0 + h * 64 + tx * 4 + e;
+                let col = n0 + h * 64 + tx * 4;
+                if comptime![vector_out] {
                     if col < n {
-                        c[c_off + row * scm + col * scn] = v.extract(e);
+                        c[(c_off + row * scm + col) / LANES] = Vector::cast_from(v);
+                    }
+                } else {
+                    #[unroll]
+                    for e in 0..LANES {
+                        if col + e < n {
+                            c[c_off + row * scm + col + e] = Vector::new(v.extract(e));
+                        }
                     }
                 }
             }
@@ -285,9 +299,25 @@ fn vector_major(t: &CubeTensor) -> Option<bool> {
     }
 }
 
-/// Shared memory the kernel needs at `bn_vecs` (two buffers of each operand's tile).
-fn shared_bytes(bn_vecs: usize) -> usize {
-    2 * BK * (BM + 64 * bn_vecs) * 4
+/// Shared memory the kernel needs for `64·bm_vecs × 64·bn_vecs` tiles (two buffers of each
+/// operand's tile).
+fn shared_bytes(bm_vecs: usize, bn_vecs: usize) -> usize {
+    2 * BK * 64 * (bm_vecs + bn_vecs) * 4
+}
+
+/// The output tile `(64·bm_vecs, 64·bn_vecs)` for an `[m, n]` output over `batches` where `slots`
+/// cubes run at once: the one with the least `waves · tile · cost`, where a smaller tile
+/// costs more per output (more shared loads per multiply-add).
+fn tile_shape(m: usize, n: usize, batches: usize, slots: usize) -> (usize, usize) {
+    let cost = |(bm, bn, f): (usize, usize, f64)| {
+        let cubes = m.div_ceil(64 * bm) * n.div_ceil(64 * bn) * batches;
+        cubes.div_ceil(slots) as f64 * (bm * bn) as f64 * f
+    };
+    [(2, 2, 1.0), (2, 1, 1.15), (1, 2, 1.15), (1, 1, 1.4)]
+        .into_iter()
+        .min_by(|a, b| cost(*a).total_cmp(&cost(*b)))
+        .map(|(bm, bn, _)| (bm, bn))
+        .expect("candidates")
 }
 
 /// In how many parts to split a reduction of `k` over `cubes` output tiles where `slots` cubes run
@@ -330,22 +360,15 @@ pub fn try_gemm(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
     }
     let a_k_major = vector_major(lhs)?;
     let b_n_major = vector_major(rhs)?;
-    // 128 × 64 tiles where 128 × 128 ones would leave the last wave of cubes mostly empty.
     let props = lhs.client.properties();
     let sms = props.hardware.num_streaming_multiprocessors.unwrap_or(1) as usize;
-    let tiles = |bn: usize| m.div_ceil(BM) * n.div_ceil(bn) * batches;
-    let waste = |bn: usize| {
-        let t = tiles(bn);
-        let per_wave = 2 * sms;
-        t.div_ceil(per_wave) * per_wave - t
-    };
-    let bn_vecs = if waste(128) * 2 > tiles(128) { 1 } else { 2 };
-    if shared_bytes(bn_vecs) > props.hardware.max_shared_memory_size
+    let (bm_vecs, bn_vecs) = tile_shape(m, n, batches, 2 * sms);
+    if shared_bytes(bm_vecs, bn_vecs) > props.hardware.max_shared_memory_size
         || (UNITS as u32) > props.hardware.max_units_per_cube
     {
         return None;
     }
-    let (gx, gy) = (n.div_ceil(64 * bn_vecs), m.div_ceil(BM));
+    let (gx, gy) = (n.div_ceil(64 * bn_vecs), m.div_ceil(64 * bm_vecs));
     let splits = k_splits(gx * gy * batches, k, 2 * sms);
     if gx > MAX_GRID || gy > MAX_GRID || batches * splits > MAX_GRID {
         return None;
@@ -359,6 +382,7 @@ pub fn try_gemm(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
         Shape::from(dims),
         DType::F32,
     );
+    let vector_out = n.is_multiple_of(LANES);
     // Safety: loads clamp rows and columns into the operands (k is a multiple of 16 · splits,
     // every vector offset in bounds), stores check `row < m`, `col < n`.
     unsafe {
@@ -367,12 +391,15 @@ pub fn try_gemm(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
             CubeCount::Static(gx as u32, gy as u32, (batches * splits) as u32),
             CubeDim::new_1d(UNITS as u32),
             LANES,
+            if vector_out { LANES } else { 1 },
             lhs.clone().into_tensor_arg(),
             rhs.clone().into_tensor_arg(),
             out.clone().into_tensor_arg(),
             a_k_major,
             b_n_major,
+            bm_vecs,
             bn_vecs,
+            vector_out,
         );
     }
     let out = match splits {
@@ -397,6 +424,18 @@ fn product_spec(lhs: &TensorSpec, rhs: &TensorSpec) -> TensorSpec {
     let batch = broadcast(&lhs.shape[..r - 2], &rhs.shape[..r - 2]).expect("matmul: batch dims");
     let dims = [&batch[..], &[lhs.shape[r - 2], rhs.shape[r - 1]]].concat();
     TensorSpec::new(Shape::from(dims), lhs.dtype)
+}
+
+/// `lhs [.., m, k] · rhs [.., k, n]` on a cubecl device (not autodiff): [`GemmKernels::gemm`].
+pub fn product<const D: usize>(
+    lhs: burn::tensor::Tensor<D>,
+    rhs: burn::tensor::Tensor<D>,
+) -> burn::tensor::Tensor<D> {
+    use burn::backend::Dispatch;
+    burn::tensor::Tensor::from_dispatch(<Dispatch as GemmKernels>::gemm(
+        lhs.into_dispatch(),
+        rhs.into_dispatch(),
+    ))
 }
 
 /// The product as an op of its own on cubecl devices, so that fusion hands it real tensors.

@@ -1173,6 +1173,53 @@ pub fn matmul(
             }
         }
     }
+    // Attention's batched products at GPT-2's shapes (8 × 12 heads, a query block of 256 against
+    // 1024 keys, head dim 64): q·kᵀ, p·v, and the backward pass's pᵀ·dy.
+    let bh = (tokens / 1024).max(1) * 12;
+    let normal = |dims: [usize; 3]| {
+        Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.0), &device).cast(dtype)
+    };
+    let (q, kk, p, v) = (
+        normal([bh, 256, 64]),
+        normal([bh, 1024, 64]),
+        normal([bh, 256, 1024]),
+        normal([bh, 1024, 64]),
+    );
+    let dy = normal([bh, 256, 64]);
+    let products: [(&str, Tensor<3>, Tensor<3>); 3] = [
+        ("q·kᵀ", q, kk.swap_dims(1, 2)),
+        ("p·v", p.clone(), v),
+        ("pᵀ·dy", p.swap_dims(1, 2), dy),
+    ];
+    for (what, l, r) in products {
+        let ([_, m, k], n) = (l.dims(), r.dims()[2]);
+        let ours = backend.is_gpu() && dtype == burn::tensor::DType::F32;
+        for (name, f) in [("burn", false), ("ours", true)] {
+            if f && !ours {
+                continue;
+            }
+            let (l, r) = (l.clone(), r.clone());
+            let prod = move || match f {
+                true => lora_core::gemm::product(l.clone(), r.clone()),
+                false => l.clone().matmul(r.clone()),
+            };
+            let batch = || -> anyhow::Result<()> {
+                let mut last = prod();
+                for _ in 1..10 {
+                    last = prod();
+                }
+                let _ = last.slice([0..1, 0..1, 0..1]).into_data();
+                device.sync().context("device sync")
+            };
+            batch()?;
+            let ms = median_ms(iters, batch)? / 10.0;
+            let tflops = 2.0 * (bh * m * k * n) as f64 / (ms / 1000.0) / 1e12;
+            println!(
+                "[{bh}, {m}, {k}] x [{bh}, {k}, {n}] {what:>6} {name:>5}: {ms:8.4} ms  {tflops:6.1} TFLOP/s"
+            );
+            rows.push(serde_json::json!({"m": m, "k": k, "n": n, "batch": bh, "variant": format!("{what} {name}"), "ms": ms, "tflops": tflops}));
+        }
+    }
     let report = serde_json::json!({
         "suite": "matmul",
         "backend": backend.name(),
