@@ -1,12 +1,13 @@
 //! An f32 matrix product for GPUs without f32 tensor cores, as one CubeCL kernel.
 //!
 //! Burn's f32 matmuls on `wgpu` / `vulkan` run cubecl's unit kernels (no f32 cooperative matrices
-//! there), 15–20 TFLOP/s on an H100 for GPT-2's products. [`gemm_kernel`] is the classic SIMT
-//! tiling: a cube of 256 units computes a `128 × BN` tile of the output (BN 128 or 64), each unit
-//! an `8 × BN/16` block in registers, over steps of 16 along k whose operand tiles are staged in
-//! shared memory (two buffers: the next step's global loads are in flight while this one
-//! computes). Operands are read 4 f32 at a time along whichever of their two last dims is
-//! contiguous, so `x·w`, `dy·wᵀ` and `xᵀ·dy` all run without a copy.
+//! there), 13–18 TFLOP/s on an H100 for GPT-2's products; this one 37–41. [`gemm_kernel`] is the
+//! classic SIMT tiling: a cube of 256 units computes a `BM × BN` tile of the output (64 or 128
+//! each, [`tile_shape`]), each unit a `BM/16 × BN/16` block in registers, over steps of 16 along k
+//! whose operand tiles are staged in shared memory (two buffers: the next step's global loads are
+//! in flight while this one computes). Operands are read 4 f32 at a time along whichever of their
+//! two last dims is contiguous, so `x·w`, `dy·wᵀ` and `xᵀ·dy` all run without a copy; a long
+//! reduction with a small output is split in parts ([`k_splits`]).
 
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::ops::FloatTensorOps;
@@ -72,14 +73,13 @@ fn store_block<N: Size>(
 }
 
 /// `c[.., m, n] = Σ_k a[.., m, k]·b[.., k, n]` in f32 over batch dims (one matrix per `CUBE_POS_Z`;
-/// a batch dim of 1 in a or b broadcasts).
-/// a is contiguous along k (`a_k_major`) or along m, b along n (`b_n_major`) or along k; both are
-/// read in vectors of 4 (k a multiple of 16, the contiguous dims and the other strides multiples
-/// of 4). Cube `(x, y)` writes rows `128·y ..` and columns `BN·x ..` (`BN = 64·bn_vecs`): unit
-/// `(ty, tx) = (u / 16, u % 16)` rows `ty·4 + {0..4}` and `64 + ty·4 + {0..4}`, columns
-/// `h·64 + tx·4 + {0..4}` for `h < bn_vecs`, written 4 at a time where n is a multiple of 4
-/// (`NO`, `vector_out`; scalar stores left the small-k products, attention's q·kᵀ, bound by their output). Units
-/// 0–127 stage a's tiles, units 128.. b's.
+/// a batch dim of 1 in a or b broadcasts). a is contiguous along k (`a_k_major`) or along m, b along
+/// n (`b_n_major`) or along k; both are read in vectors of 4 (k a multiple of 16, the contiguous
+/// dims and the other strides multiples of 4). Cube `(x, y)` writes rows `BM·y ..` and columns
+/// `BN·x ..` (`BM = 64·bm_vecs`, `BN = 64·bn_vecs`): unit `(ty, tx) = (u / 16, u % 16)` rows
+/// `g·64 + ty·4 + {0..4}` for `g < bm_vecs`, columns `h·64 + tx·4 + {0..4}` for `h < bn_vecs`,
+/// written 4 at a time where n is a multiple of 4 (`vector_out`, `NO`), else one at a time. Units
+/// `0..BM` stage a's tiles, units `128..128 + BN` b's.
 #[cube(launch_unchecked)]
 fn gemm_kernel<N: Size, NO: Size>(
     a: &Tensor<Vector<f32, N>>,
@@ -147,7 +147,7 @@ fn gemm_kernel<N: Size, NO: Size>(
             ci_step = BK;
             sh_off = (v % 4) * 4 * bmv + v / 4;
         } else {
-            // Vectors along m: block (m: v % 32, k: v / 32).
+            // Vectors along m: block (m: v % bmv, k: v / bmv).
             o0 = k0 + (v / bmv) * 4;
             o_len = k_all;
             so = a.stride(rank - 1) / LANES;
