@@ -37,6 +37,22 @@ impl Backend {
         matches!(self, Backend::Wgpu | Backend::Vulkan)
     }
 
+    /// Makes this backend Burn's default device (`BURN_DEVICE`, unless already set). Burn creates
+    /// some tensors on the default device whatever the model's: `ModuleOptimizer::load_record`
+    /// (a resumed run's optimizer state) does, and the default is wgpu where it is compiled in.
+    /// A CPU run then started a wgpu device (Mesa's llvmpipe threads on CPU-only machines), and
+    /// under load its threads raced the process's exit: glibc's "double free or corruption" once
+    /// in ~6 resumed runs on a busy 2-core machine (`finetune_resumes_bit_identically_after_sigkill`).
+    ///
+    /// # Safety
+    /// Call before any other thread exists (it sets an environment variable).
+    pub unsafe fn pin_default_device(self) {
+        if std::env::var_os("BURN_DEVICE").is_none() {
+            // SAFETY: no other thread reads or writes the environment (the caller's contract).
+            unsafe { std::env::set_var("BURN_DEVICE", self.name()) };
+        }
+    }
+
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {

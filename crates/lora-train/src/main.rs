@@ -811,6 +811,10 @@ fn sort_demo(args: SortDemoArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     keep_freed_pages();
     let cli = Cli::parse();
+    if let Command::Finetune(a) = &cli.command {
+        // SAFETY: still the only thread (the worker pool starts below).
+        unsafe { a.backend.pin_default_device() };
+    }
     let result = lora_train::on_worker_pool(move || match cli.command {
         Command::SortDemo(args) => sort_demo(args),
         Command::Generate(args) => generate(args),
