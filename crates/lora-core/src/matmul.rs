@@ -41,7 +41,10 @@ pub trait Matmul: Backend {
 impl Matmul for Cube {
     /// f32 products as [`crate::gemm`]'s kernel where it applies; the rest is Burn's matmul.
     fn mm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        if lhs.dtype() == DType::F32 && rhs.dtype() == DType::F32 {
+        if lhs.dtype() == DType::F32
+            && rhs.dtype() == DType::F32
+            && crate::gemm::suits(&lhs.shape(), &rhs.shape())
+        {
             return <Self as GemmKernels>::gemm(lhs, rhs);
         }
         Self::float_matmul(lhs, rhs)
@@ -49,9 +52,8 @@ impl Matmul for Cube {
 
     /// Split over the rows where the `[m, n]` output is too small to fill a GPU (LoRA's `[d, r]` and
     /// `[r, d]` gradients over thousands of tokens): `parts` products of `rows / parts` rows as one
-    /// batched matmul (Burn's: [`crate::gemm`]'s 128-row tiles would be mostly idle at r rows),
-    /// then their sum. Larger outputs: [`Self::mm`] (in f32 its kernel splits a long reduction
-    /// itself).
+    /// batched matmul, then their sum. Larger outputs: one [`Self::mm`] (in f32 its kernel splits
+    /// a long reduction itself).
     fn mm_tn(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
         let ([rows, m], n) = (x.shape().dims::<2>(), dy.shape()[1]);
         let parts = split_k_parts(rows, m * n);
@@ -61,8 +63,7 @@ impl Matmul for Cube {
         let k = rows / parts;
         let x = Self::float_reshape(x, Shape::new([parts, k, m]));
         let dy = Self::float_reshape(dy, Shape::new([parts, k, n]));
-        let products = Self::float_matmul(Self::float_swap_dims(x, 1, 2), dy);
-        Self::float_reshape(Self::float_sum_dim(products, 0), Shape::new([m, n]))
+        sum_of_products::<Self>(Self::float_swap_dims(x, 1, 2), dy, [m, n])
     }
 }
 

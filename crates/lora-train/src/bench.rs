@@ -1153,18 +1153,7 @@ pub fn matmul(
                 }),
             ];
             for (name, f) in variants {
-                // `REPS` products queued, then one wait for the device.
-                const REPS: usize = 10;
-                let batch = || -> anyhow::Result<()> {
-                    let mut last = f();
-                    for _ in 1..REPS {
-                        last = f();
-                    }
-                    let _ = last.slice([0..1, 0..1]).into_data();
-                    device.sync().context("device sync")
-                };
-                batch()?; // autotune
-                let ms = median_ms(iters, batch)? / REPS as f64;
+                let ms = product_ms(&device, iters, f)?;
                 let tflops = 2.0 * (tokens * k * n) as f64 / (ms / 1000.0) / 1e12;
                 println!(
                     "[{tokens}, {k}] x [{k}, {n}] {name:>20}: {ms:8.4} ms  {tflops:6.1} TFLOP/s"
@@ -1203,16 +1192,7 @@ pub fn matmul(
                 true => lora_core::gemm::product(l.clone(), r.clone()),
                 false => l.clone().matmul(r.clone()),
             };
-            let batch = || -> anyhow::Result<()> {
-                let mut last = prod();
-                for _ in 1..10 {
-                    last = prod();
-                }
-                let _ = last.slice([0..1, 0..1, 0..1]).into_data();
-                device.sync().context("device sync")
-            };
-            batch()?;
-            let ms = median_ms(iters, batch)? / 10.0;
+            let ms = product_ms(&device, iters, prod)?;
             let tflops = 2.0 * (bh * m * k * n) as f64 / (ms / 1000.0) / 1e12;
             println!(
                 "[{bh}, {m}, {k}] x [{bh}, {k}, {n}] {what:>6} {name:>5}: {ms:8.4} ms  {tflops:6.1} TFLOP/s"
@@ -1228,6 +1208,28 @@ pub fn matmul(
         "rows": rows,
     });
     write_report(out, report)
+}
+
+/// ms per product of `f`: the median over `iters` batches of 10 products queued, then one
+/// read-back and device sync, after one untimed batch (autotune).
+fn product_ms<const D: usize>(
+    device: &Device,
+    iters: usize,
+    f: impl Fn() -> Tensor<D>,
+) -> anyhow::Result<f64> {
+    const REPS: usize = 10;
+    let batch = || -> anyhow::Result<()> {
+        let mut last = f();
+        for _ in 1..REPS {
+            last = f();
+        }
+        let _ = last
+            .slice(std::array::from_fn::<_, D, _>(|_| 0..1))
+            .into_data();
+        device.sync().context("device sync")
+    };
+    batch()?;
+    Ok(median_ms(iters, batch)? / REPS as f64)
 }
 
 /// One way of computing a product, called once per timed product.
