@@ -2,7 +2,7 @@
 //!
 //! - `sort-demo [ARGS]`: the minGPT LoRA exercise in release mode (`lora-train sort-demo ARGS`).
 //! - `bench <suite> [ARGS]`: benchmarks (`lora-train bench SUITE ARGS`): `sort`, `lora-layer`, `infer`,
-//!   `finetune`, `data`, `matmul` (a probe of GPT-2's linear products); e.g.
+//!   `finetune`, `data`, `matmul` (a probe of GPT-2's linear and attention products); e.g.
 //!   `bench infer --backend wgpu`. Each writes `target/bench/<suite>.json`.
 
 use std::process::{Command, ExitCode};

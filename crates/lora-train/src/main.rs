@@ -200,7 +200,7 @@ enum BenchCommand {
     Sort(BenchSortArgs),
     /// One LoRA layer (768 → 2304, r 8): factored vs Burn's apply_lora vs a plain frozen Linear.
     LoraLayer(BenchLayerArgs),
-    /// GPT-2's linear products in each operand layout and with split reductions (a probe).
+    /// GPT-2's linear and attention products, Burn's and ours, by operand layout (a probe).
     Matmul(BenchMatmulArgs),
 }
 
