@@ -119,6 +119,22 @@ pub trait Pointwise: Matmul + MaskBits {
     /// on GPUs. The CPU keeps the softmax kernel, whose values the forward pass had.
     const PROBS_FROM_LSE: bool = false;
 
+    /// `x [a, b, c, d]` -> `[a, c, b, d]` contiguous: the heads of the attention's q, k, v and
+    /// output to and from `[batch, seq, head, d]`. Burn's copy; cubecl one pass of its own.
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        contiguous4::<Self>(Self::float_swap_dims(x, 1, 2))
+    }
+
+    /// The gradient w.r.t. `qkv [batch, seq, 3·head·d]` from those w.r.t. q, k, v `[batch, head,
+    /// seq, d]`: Burn's ops (a concatenation and a copy); cubecl one pass of its own.
+    fn merge_heads(
+        dq: FloatTensor<Self>,
+        dk: FloatTensor<Self>,
+        dv: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        merge_heads_composed::<Self>(dq, dk, dv)
+    }
+
     /// `exp(x)`.
     fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_exp(x)
@@ -436,6 +452,18 @@ impl Pointwise for Cube {
 
     fn query_blocks(seq: usize) -> usize {
         (seq / 256).clamp(1, 4)
+    }
+
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        <Self as RowKernels>::swap_heads(x)
+    }
+
+    fn merge_heads(
+        dq: FloatTensor<Self>,
+        dk: FloatTensor<Self>,
+        dv: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        <Self as RowKernels>::merge_heads(dq, dk, dv)
     }
 
     /// One row kernel ([`crate::kernels`]) where the bias is one `[t, t]` for all heads.
@@ -769,10 +797,9 @@ fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor
     [0, 1, 2].map(|j| {
         let range = Slice::from(j * n_head..(j + 1) * n_head);
         let z = B::float_slice(heads.clone(), &[Slice::full(), Slice::full(), range]);
-        let z = B::float_swap_dims(z, 1, 2);
         match B::contiguous_heads(t) {
-            true => contiguous4::<B>(z),
-            false => z,
+            true => B::swap_heads(z),
+            false => B::float_swap_dims(z, 1, 2),
         }
     })
 }
@@ -787,7 +814,7 @@ fn contiguous4<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 /// The gradient w.r.t. `qkv [batch, seq, 3·head·d]` from those w.r.t. q, k, v `[batch, head, seq, d]`.
-fn merge_heads<B: Backend>(
+fn merge_heads_composed<B: Backend>(
     dq: FloatTensor<B>,
     dk: FloatTensor<B>,
     dv: FloatTensor<B>,
@@ -840,7 +867,14 @@ fn attention_forward<B: Pointwise>(
         lses.extend(lse);
     }
     let lse = (!lses.is_empty()).then(|| cat_seq::<B>(lses));
-    (cat_seq::<B>(out), lse)
+    let out = cat_seq::<B>(out);
+    // Where the heads are copied anyway: stored as `[batch, seq, head, d]` (a view of it returned),
+    // so that the caller's merge of the heads, `[batch, seq, head·d]`, is free.
+    let out = match B::contiguous_heads(t) {
+        true => B::float_swap_dims(B::swap_heads(out), 1, 2),
+        false => out,
+    };
+    (out, lse)
 }
 
 /// `p · mask` for [`Keep::Mask`], p otherwise.
@@ -1213,7 +1247,7 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         // The output's gradient, from the caller's `[batch, seq, head, d]` view: contiguous once
         // for all blocks' products (on GPUs).
         let dy = match B::contiguous_heads(t) {
-            true => contiguous4::<B>(dy),
+            true => B::swap_heads(B::float_swap_dims(dy, 1, 2)),
             false => dy,
         };
         let keep = match &dropped {
@@ -1273,7 +1307,7 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         dq.reverse();
         let (dk, dv) = (dk.expect("a block"), dv.expect("a block"));
         let dq = cat_seq::<B>(dq);
-        grads.register::<B>(node.id, merge_heads::<B>(dq, dk, dv));
+        grads.register::<B>(node.id, B::merge_heads(dq, dk, dv));
     }
 }
 

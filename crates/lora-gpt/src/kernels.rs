@@ -421,6 +421,37 @@ fn softmax_grad_kernel<F: Float>(
     }
 }
 
+/// Rows of `src [a, b, c, d]` (any strides, d contiguous) to `dst` at vector
+/// `off + i·ta + j·tb + k·tc` for row `(i, j, k)`, d contiguous there too: the attention's head
+/// layout changes ([`RowKernels::swap_heads`], [`RowKernels::merge_heads`]) as one pass at memory
+/// speed. One unit a vector of `N` elements, `total` vectors.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn copy_heads_kernel<F: Float, N: Size>(
+    src: &Tensor<Vector<F, N>>,
+    dst: &mut Tensor<Vector<F, N>>,
+    off: usize,
+    ta: usize,
+    tb: usize,
+    tc: usize,
+    total: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let pos = cube_row() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if pos >= total {
+        terminate!();
+    }
+    let dv = src.shape(3) / N::value();
+    let v = pos % dv;
+    let row = pos / dv;
+    let k = row % src.shape(2);
+    let ij = row / src.shape(2);
+    let j = ij % src.shape(1);
+    let i = ij / src.shape(1);
+    let at = (i * src.stride(0) + j * src.stride(1) + k * src.stride(2)) / N::value() + v;
+    dst[off + i * ta + j * tb + k * tc + v] = src[at];
+}
+
 /// LayerNorm per row of x `[rows, d]`, in f32: the mean, `rstd = 1/√(var + eps)` (biased var)
 /// into `mean`, `rstd` `[rows, 1]` (f32) and `y = (x − mean)·rstd·gamma + beta` (x's dtype);
 /// gamma, beta `[d]`. Two passes over the row for the variance, as PyTorch's kernel.
@@ -799,6 +830,79 @@ fn launch_softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor 
     ds
 }
 
+/// Units of a [`copy_heads_kernel`] cube.
+const COPY_UNITS: usize = 256;
+
+/// [`copy_heads_kernel`] from `src [a, b, c, d]` into `dst` (contiguous) at element offset `off`
+/// and element strides `t` for src's first three dims.
+fn launch_copy_heads(src: &CubeTensor, dst: &CubeTensor, off: usize, t: [usize; 3]) {
+    let (shape, strides) = (&src.meta.shape, src.meta.strides());
+    assert!(
+        shape.num_dims() == 4 && strides[3] == 1,
+        "copy_heads: a 4-d source with a contiguous last dim"
+    );
+    let byte_off = |x: &CubeTensor| x.handle.offset_start.unwrap_or(0) as usize;
+    let elem = src.dtype.size();
+    let lens = [
+        shape[3], strides[0], strides[1], strides[2], off, t[0], t[1], t[2],
+    ];
+    let mut v = vector_width(&lens, elem, 8);
+    while v > 1 && (byte_off(src) % (v * elem) != 0 || byte_off(dst) % (v * elem) != 0) {
+        v /= 2;
+    }
+    let total = shape.num_elements() / v;
+    if total == 0 {
+        return;
+    }
+    // Safety: each vector `pos < total` reads src's row `(i, j, k)` (within its shape) and writes
+    // dst at the caller's offset and strides (within dst by the callers' layouts).
+    unsafe {
+        copy_heads_kernel::launch_unchecked(
+            &src.client,
+            row_cubes(total.div_ceil(COPY_UNITS)),
+            CubeDim::new_1d(COPY_UNITS as u32),
+            v,
+            src.clone().into_tensor_arg(),
+            dst.clone().into_tensor_arg(),
+            off / v,
+            t[0] / v,
+            t[1] / v,
+            t[2] / v,
+            total,
+            dtype_to_storage_type(src.dtype),
+        );
+    }
+}
+
+/// `x [a, b, c, d]` (d contiguous) -> `[a, c, b, d]` contiguous.
+fn launch_swap_heads(x: CubeTensor) -> CubeTensor {
+    let [a, b, c, d] = x.meta.shape.dims::<4>();
+    let out = empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::new([a, c, b, d]),
+        x.dtype,
+    );
+    launch_copy_heads(&x, &out, 0, [c * b * d, d, b * d]);
+    out
+}
+
+/// dq, dk, dv `[batch, head, seq, d]` (d contiguous) -> `[batch, seq, 3·head·d]`.
+fn launch_merge_heads(parts: [CubeTensor; 3]) -> CubeTensor {
+    let [b, h, t, d] = parts[0].meta.shape.dims::<4>();
+    let out = empty_device_contiguous_dtype(
+        parts[0].client.clone(),
+        parts[0].device.clone(),
+        Shape::new([b, t, 3 * h * d]),
+        parts[0].dtype,
+    );
+    for (j, part) in parts.iter().enumerate() {
+        assert_eq!(part.dtype, out.dtype, "merge_heads: one dtype");
+        launch_copy_heads(part, &out, j * h * d, [t * 3 * h * d, d, 3 * h * d]);
+    }
+    out
+}
+
 fn launch_layer_norm(
     x: CubeTensor,
     gamma: CubeTensor,
@@ -904,6 +1008,18 @@ fn sliced_spec(logits: &TensorSpec, kp: usize) -> TensorSpec {
     TensorSpec::new(Shape::new([v.div_ceil(kp), rows, kp]), logits.dtype)
 }
 
+/// `[a, c, b, d]` for x `[a, b, c, d]`, its dtype: [`RowKernels::swap_heads`].
+fn swapped_spec(x: &TensorSpec) -> TensorSpec {
+    let [a, b, c, d] = x.shape.dims::<4>();
+    TensorSpec::new(Shape::new([a, c, b, d]), x.dtype)
+}
+
+/// `[batch, seq, 3·head·d]` for dq `[batch, head, seq, d]`: [`RowKernels::merge_heads`].
+fn merged_spec(dq: &TensorSpec) -> TensorSpec {
+    let [b, h, t, d] = dq.shape.dims::<4>();
+    TensorSpec::new(Shape::new([b, t, 3 * h * d]), dq.dtype)
+}
+
 /// Row kernels on cubecl.
 #[backend_extension(Cube, Fusion)]
 pub trait RowKernels: Backend {
@@ -972,6 +1088,20 @@ pub trait RowKernels: Backend {
         mean: FloatTensor<Self>,
         rstd: FloatTensor<Self>,
         dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// `x [a, b, c, d]` (any strides, d contiguous) -> `[a, c, b, d]` contiguous: heads to rows and
+    /// back in one pass.
+    #[fusion(meta = |x| swapped_spec(x))]
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The attention's input gradient from dq, dk, dv `[batch, head, seq, d]` (one dtype, d
+    /// contiguous): `[batch, seq, 3·head·d]`, q's heads then k's then v's.
+    #[fusion(meta = |dq, _dk, _dv| merged_spec(dq))]
+    fn merge_heads(
+        dq: FloatTensor<Self>,
+        dk: FloatTensor<Self>,
+        dv: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
     /// logits `[rows, v]`, targets `[rows, 1]` (each `< v`), weights `[rows, 1]` (f32) ->
@@ -1064,5 +1194,13 @@ impl RowKernels for CubeBackend {
 
     fn ce_rows_loss(logits: CubeTensor, targets: CubeTensor, weights: CubeTensor) -> CubeTensor {
         launch_ce_rows(logits, targets, weights, None).0
+    }
+
+    fn swap_heads(x: CubeTensor) -> CubeTensor {
+        launch_swap_heads(x)
+    }
+
+    fn merge_heads(dq: CubeTensor, dk: CubeTensor, dv: CubeTensor) -> CubeTensor {
+        launch_merge_heads([dq, dk, dv])
     }
 }
