@@ -485,6 +485,119 @@ fn launch_up(
     out
 }
 
+/// Rows of one part of a [`thin_tn_kernel`] reduction, and the units of its cubes.
+const THIN_ROWS: usize = 128;
+const THIN_UNITS: usize = 64;
+/// The widest thin side [`AdapterKernels::thin_tn`] takes: m f32 vectors of sums a unit.
+pub const THIN_MAX: usize = 16;
+
+/// Part `CUBE_POS_Y` of `aᵀ·b`, rows `THIN_ROWS·y ..`: a `[rows, m]` (any strides), b `[rows, n]`
+/// read `N` columns at a time -> `out [parts, m, n]` (f32). Unit `x` of the grid sums columns
+/// `N·x ..` for all m rows of the output; the part's rows of a are staged in shared memory. LoRA's
+/// gradients `[r, n]` over thousands of tokens: one pass over b at memory speed.
+#[cube(launch_unchecked)]
+fn thin_tn_kernel<F: Float, N: Size>(
+    a: &Tensor<F>,
+    b: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<f32, N>>,
+    #[comptime] m: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let rows = b.shape(0);
+    let nv = b.shape(1) / N::value();
+    let r0 = CUBE_POS_Y as usize * THIN_ROWS;
+    let len = (rows - r0).min(THIN_ROWS);
+    let mut sh = Shared::<[f32]>::new_slice(comptime!(THIN_ROWS * m));
+    let u = UNIT_POS_X as usize;
+    let mut i = u;
+    while i < len * m {
+        let rr = i / m;
+        let c = i % m;
+        sh[i] = f32::cast_from(a[(r0 + rr) * a.stride(0) + c * a.stride(1)]);
+        i += CUBE_DIM_X as usize;
+    }
+    sync_cube();
+    let col = CUBE_POS_X as usize * CUBE_DIM_X as usize + u;
+    if col < nv {
+        let mut acc = Array::<Vector<f32, N>>::new(m);
+        #[unroll]
+        for c in 0..m {
+            acc[c] = Vector::new(0.0);
+        }
+        let bs = b.stride(0) / N::value();
+        for rr in 0..len {
+            let bv = Vector::<f32, N>::cast_from(b[(r0 + rr) * bs + col]);
+            #[unroll]
+            for c in 0..m {
+                acc[c] = fma(Vector::new(sh[rr * m + c]), bv, acc[c]);
+            }
+        }
+        let base = CUBE_POS_Y as usize * m * nv + col;
+        #[unroll]
+        for c in 0..m {
+            out[base + c * nv] = acc[c];
+        }
+    }
+}
+
+/// `aᵀ·b` with [`thin_tn_kernel`]: a `[rows, m]` (m ≤ [`THIN_MAX`]), b `[rows, n]` -> `[m, n]` in b's
+/// dtype, summed in f32 (the parts' sums one reduction more).
+fn launch_thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
+    let dtype = b.dtype;
+    let a = match a.dtype == dtype {
+        true => a,
+        false => CubeBackend::float_cast(a, dtype.into()),
+    };
+    let b = match b.meta.strides()[1] == 1 {
+        true => b,
+        false => into_contiguous(b),
+    };
+    let [rows, m] = a.meta.shape.dims::<2>();
+    let n = b.meta.shape[1];
+    assert!(
+        m <= THIN_MAX && b.meta.shape[0] == rows,
+        "thin_tn: a {:?}, b {:?}",
+        a.meta.shape,
+        b.meta.shape
+    );
+    let elem = dtype.size();
+    let mut v = vector_width(&[n, b.meta.strides()[0]], 4, 4);
+    while v > 1 && !(b.handle.offset_start.unwrap_or(0) as usize).is_multiple_of(v * elem) {
+        v /= 2;
+    }
+    let parts = rows.div_ceil(THIN_ROWS).max(1);
+    let (client, device) = (b.client.clone(), b.device.clone());
+    let out = empty_device_dtype(
+        client.clone(),
+        device,
+        Shape::new([parts, m, n]),
+        DType::F32,
+    );
+    if rows > 0 {
+        // Safety: a's rows `< rows` and columns `< m`, b's rows `< rows` and vectors `< n / v`,
+        // out `[parts, m, n]` written at part `y < parts`.
+        unsafe {
+            thin_tn_kernel::launch_unchecked(
+                &client,
+                CubeCount::Static((n / v).div_ceil(THIN_UNITS) as u32, parts as u32, 1),
+                CubeDim::new_1d(THIN_UNITS as u32),
+                v,
+                a.into_tensor_arg(),
+                b.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                m,
+                dtype_to_storage_type(dtype),
+            );
+        }
+    }
+    let sum = CubeBackend::float_sum_dim(out, 0);
+    let sum = CubeBackend::float_reshape(sum, Shape::new([m, n]));
+    match dtype {
+        DType::F32 => sum,
+        _ => CubeBackend::float_cast(sum, dtype.into()),
+    }
+}
+
 /// `[rows, cols]` in `like`'s dtype.
 fn spec(rows: usize, cols: usize, like: &TensorSpec) -> TensorSpec {
     TensorSpec::new(Shape::new([rows, cols]), like.dtype)
@@ -526,6 +639,11 @@ pub trait AdapterKernels: Backend {
         keep: f64,
         with_bias: bool,
     ) -> FloatTensor<Self>;
+
+    /// `aᵀ·b`: a `[rows, m]` (m ≤ [`THIN_MAX`]), b `[rows, n]` -> `[m, n]` in b's dtype, summed in
+    /// f32 (LoRA's `[r, n]` weight gradients).
+    #[fusion(meta = |a, b| spec(a.shape[1], b.shape[1], b))]
+    fn thin_tn(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl AdapterKernels for CubeBackend {
@@ -560,5 +678,9 @@ impl AdapterKernels for CubeBackend {
         with_bias: bool,
     ) -> CubeTensor {
         launch_up(base, with_bias.then_some(bias), xa, bt, seed, keep)
+    }
+
+    fn thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
+        launch_thin_tn(a, b)
     }
 }

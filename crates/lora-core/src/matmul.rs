@@ -24,6 +24,7 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::gemm::GemmKernels;
+use crate::kernels::{AdapterKernels, THIN_MAX};
 
 /// `lhs · rhs` on a backend.
 pub trait Matmul: Backend {
@@ -50,12 +51,16 @@ impl Matmul for Cube {
         Self::float_matmul(lhs, rhs)
     }
 
-    /// Split over the rows where the `[m, n]` output is too small to fill a GPU (LoRA's `[d, r]` and
-    /// `[r, d]` gradients over thousands of tokens): `parts` products of `rows / parts` rows as one
-    /// batched matmul, then their sum. Larger outputs: one [`Self::mm`] (in f32 its kernel splits
-    /// a long reduction itself).
+    /// A thin x `[rows, m ≤ 16]` over many rows (LoRA's `[r, n]` gradients over thousands of
+    /// tokens): [`AdapterKernels::thin_tn`], one pass over dy. Other outputs too small to fill a
+    /// GPU: split over the rows, `parts` products of `rows / parts` rows as one batched matmul, then
+    /// their sum. Larger outputs: one [`Self::mm`] (in f32 its kernel splits a long reduction
+    /// itself).
     fn mm_tn(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
         let ([rows, m], n) = (x.shape().dims::<2>(), dy.shape()[1]);
+        if m <= THIN_MAX && rows >= THIN_FROM_ROWS && x.dtype() == dy.dtype() {
+            return <Self as AdapterKernels>::thin_tn(x, dy);
+        }
         let parts = split_k_parts(rows, m * n);
         if parts == 1 {
             return Self::mm(Self::float_transpose(x), dy);
@@ -77,6 +82,10 @@ pub fn sum_of_products<B: Matmul>(
     let parts = B::mm(lhs, rhs);
     B::float_reshape(B::float_sum_dim(parts, 0), Shape::new(out))
 }
+
+/// From how many rows [`Matmul::mm_tn`] on cubecl computes a thin `xᵀ·dy` (x `[rows, m ≤ 16]`: LoRA's
+/// gradients) with [`AdapterKernels::thin_tn`], one pass over dy, rather than a split batched matmul.
+const THIN_FROM_ROWS: usize = 512;
 
 /// Outputs below this many elements get their reduction split on a GPU (a 64 × 64 tile each is 16
 /// tiles; an H100 has 132 SMs).

@@ -799,6 +799,49 @@ fn fused_lora_linear_matches_the_formula() {
 /// (row-major, a transposed view of either), sizes that leave partial tiles, batches with a
 /// permuted view, an output width that is not a multiple of 4, a reduction split in parts, and a k
 /// that falls back to Burn's.
+/// LoRA's thin weight gradients on cubecl (`AdapterKernels::thin_tn`, through which `Matmul::mm_tn`
+/// runs `xᵀ·dy` for x `[rows, ≤ 16]`) against flex's product: rows not a multiple of the kernel's
+/// parts, widths down to one column, an `a` read through a transposed view, a non-contiguous `b`.
+#[test]
+fn thin_tn_matches_flex() {
+    use crate::kernels::AdapterKernels;
+    use burn::backend::Dispatch;
+    let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    let flex = Device::flex();
+    flex.seed(5);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let on = |t: Tensor<2>| Tensor::<2>::from_data(t.into_data(), &gpu).into_dispatch();
+    let check = |a: Tensor<2>, b: Tensor<2>, what: &str| {
+        let expect = a.clone().transpose().matmul(b.clone());
+        let got = Tensor::<2>::from_dispatch(<Dispatch as AdapterKernels>::thin_tn(on(a), on(b)));
+        let got = Tensor::<2>::from_data(got.into_data(), &flex);
+        assert_eq!(got.dims(), expect.dims(), "{what}");
+        let scale = expect.clone().abs().max().into_scalar::<f32>().max(1.0);
+        let diff = max_abs(got, expect) / scale;
+        assert!(diff < 1e-5, "{what}: differs by {diff} (relative)");
+    };
+    for (rows, m, n) in [
+        (1000, 8, 768),
+        (300, 3, 20),
+        (257, 16, 30),
+        (130, 1, 7),
+        (128, 2, 64),
+    ] {
+        let a = Tensor::<2>::random([rows, m], normal, &flex);
+        let b = Tensor::<2>::random([rows, n], normal, &flex);
+        let what = format!("[{rows}, {m}]ᵀ · [{rows}, {n}]");
+        check(a.clone(), b.clone(), &what);
+        let at = Tensor::<2>::random([m, rows], normal, &flex);
+        check(
+            at.transpose(),
+            b.clone(),
+            &format!("{what}, a a transposed view"),
+        );
+        let bt = Tensor::<2>::random([n, rows], normal, &flex);
+        check(a, bt.transpose(), &format!("{what}, b a transposed view"));
+    }
+}
+
 #[test]
 fn gemm_matches_flex() {
     use crate::gemm::GemmKernels;
