@@ -322,6 +322,21 @@ pub fn vector_width(lens: &[usize], elem_bytes: usize, max: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// [`vector_width`] for `tensors` read in vectors from their first element: each one's start offset
+/// (in its elements) must be a multiple too.
+pub fn vector_width_at(
+    lens: &[usize],
+    elem_bytes: usize,
+    max: usize,
+    tensors: &[&CubeTensor],
+) -> usize {
+    let starts = tensors
+        .iter()
+        .map(|t| t.handle.offset_start.unwrap_or(0) as usize / t.dtype.size());
+    let lens = lens.iter().copied().chain(starts).collect::<Vec<_>>();
+    vector_width(&lens, elem_bytes, max)
+}
+
 /// Vector registers of f32 a unit may hold for the kernels' sums and B's columns.
 const VECTOR_REGS: usize = 64;
 
@@ -560,12 +575,12 @@ fn launch_thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
         a.meta.shape,
         b.meta.shape
     );
-    let elem = dtype.size();
-    let mut v = vector_width(&[n, b.meta.strides()[0]], 4, 4);
-    while v > 1 && !(b.handle.offset_start.unwrap_or(0) as usize).is_multiple_of(v * elem) {
-        v /= 2;
+    if rows == 0 {
+        return CubeBackend::float_zeros(Shape::new([m, n]), &b.device, dtype.into());
     }
-    let parts = rows.div_ceil(THIN_ROWS).max(1);
+    // Vectors of f32 sums: 4 at most.
+    let v = vector_width_at(&[n, b.meta.strides()[0]], 4, 4, &[&b]);
+    let parts = rows.div_ceil(THIN_ROWS);
     let (client, device) = (b.client.clone(), b.device.clone());
     let out = empty_device_dtype(
         client.clone(),
@@ -573,22 +588,20 @@ fn launch_thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
         Shape::new([parts, m, n]),
         DType::F32,
     );
-    if rows > 0 {
-        // Safety: a's rows `< rows` and columns `< m`, b's rows `< rows` and vectors `< n / v`,
-        // out `[parts, m, n]` written at part `y < parts`.
-        unsafe {
-            thin_tn_kernel::launch_unchecked(
-                &client,
-                CubeCount::Static((n / v).div_ceil(THIN_UNITS) as u32, parts as u32, 1),
-                CubeDim::new_1d(THIN_UNITS as u32),
-                v,
-                a.into_tensor_arg(),
-                b.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
-                m,
-                dtype_to_storage_type(dtype),
-            );
-        }
+    // Safety: a's rows `< rows` and columns `< m`, b's rows `< rows` and vectors `< n / v`, out
+    // `[parts, m, n]` written at part `y < parts`.
+    unsafe {
+        thin_tn_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((n / v).div_ceil(THIN_UNITS) as u32, parts as u32, 1),
+            CubeDim::new_1d(THIN_UNITS as u32),
+            v,
+            a.into_tensor_arg(),
+            b.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            m,
+            dtype_to_storage_type(dtype),
+        );
     }
     let sum = CubeBackend::float_sum_dim(out, 0);
     let sum = CubeBackend::float_reshape(sum, Shape::new([m, n]));

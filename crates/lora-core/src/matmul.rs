@@ -7,8 +7,9 @@
 //! `Vec<f32>`; [`matmul`] is the 2-D product as an autodiff op whose backward products are
 //! [`Matmul::mm`]s too (Burn's matmul node would call Flex's). On cubecl, f32 products run
 //! [`crate::gemm`]'s kernel (2–2.5× Burn's unit kernels on an H100); other dtypes run Burn's
-//! matmul, except that a weight gradient with a small output (LoRA's `[d, r]`, `[r, d]`) is split
-//! over its rows ([`Matmul::mm_tn`]), so that the reduction keeps the GPU busy. NdArray: Burn's.
+//! matmul. A weight gradient with a thin side (LoRA's `[r, d]`) is one pass of
+//! [`crate::kernels::AdapterKernels::thin_tn`], other small outputs are split over their rows
+//! ([`Matmul::mm_tn`]), so that the reduction keeps the GPU busy. NdArray: Burn's.
 
 #![allow(deprecated)] // `NdArray`: deprecated upstream, still one of our backends.
 

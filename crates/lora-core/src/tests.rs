@@ -795,13 +795,10 @@ fn fused_lora_linear_matches_the_formula() {
     }
 }
 
-/// The f32 product kernel ([`crate::gemm`]) on wgpu against flex's matmul: every operand layout
-/// (row-major, a transposed view of either), sizes that leave partial tiles, batches with a
-/// permuted view, an output width that is not a multiple of 4, a reduction split in parts, and a k
-/// that falls back to Burn's.
 /// LoRA's thin weight gradients on cubecl (`AdapterKernels::thin_tn`, through which `Matmul::mm_tn`
-/// runs `xᵀ·dy` for x `[rows, ≤ 16]`) against flex's product: rows not a multiple of the kernel's
-/// parts, widths down to one column, an `a` read through a transposed view, a non-contiguous `b`.
+/// runs `xᵀ·dy` for x `[rows, ≤ 16]`) against flex's product: no rows (zeros), rows not a multiple
+/// of the kernel's parts, widths down to one column, an `a` read through a transposed view, a
+/// non-contiguous `b`.
 #[test]
 fn thin_tn_matches_flex() {
     use crate::kernels::AdapterKernels;
@@ -842,6 +839,10 @@ fn thin_tn_matches_flex() {
     }
 }
 
+/// The f32 product kernel ([`crate::gemm`]) on wgpu against flex's matmul: every operand layout
+/// (row-major, a transposed view of either), sizes that leave partial tiles, batches with a
+/// permuted view, an output width that is not a multiple of 4, a reduction split in parts, and a k
+/// that falls back to Burn's.
 #[test]
 fn gemm_matches_flex() {
     use crate::gemm::GemmKernels;

@@ -26,7 +26,9 @@ use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtyp
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 // Hashed dropout's hash and row key, as lora-core's adapter kernels draw them; one cube a row.
-use lora_core::kernels::{cube_row, keep_factors, row_cubes, row_key, vector_width};
+use lora_core::kernels::{
+    cube_row, keep_factors, row_cubes, row_key, vector_width, vector_width_at,
+};
 
 /// The attention kernels' hash rule keeps all 32 bits of the hash (`keep_factors`' shift 0,
 /// `threshold = keep·2³²`).
@@ -841,15 +843,10 @@ fn launch_copy_heads(src: &CubeTensor, dst: &CubeTensor, off: usize, t: [usize; 
         shape.num_dims() == 4 && strides[3] == 1,
         "copy_heads: a 4-d source with a contiguous last dim"
     );
-    let byte_off = |x: &CubeTensor| x.handle.offset_start.unwrap_or(0) as usize;
-    let elem = src.dtype.size();
     let lens = [
         shape[3], strides[0], strides[1], strides[2], off, t[0], t[1], t[2],
     ];
-    let mut v = vector_width(&lens, elem, 8);
-    while v > 1 && (byte_off(src) % (v * elem) != 0 || byte_off(dst) % (v * elem) != 0) {
-        v /= 2;
-    }
+    let v = vector_width_at(&lens, src.dtype.size(), 8, &[src, dst]);
     let total = shape.num_elements() / v;
     if total == 0 {
         return;

@@ -1180,9 +1180,9 @@ pub fn matmul(
         ("p·v", p.clone(), v),
         ("pᵀ·dy", p.swap_dims(1, 2), dy),
     ];
+    let ours = backend.is_gpu() && dtype == burn::tensor::DType::F32;
     for (what, l, r) in products {
         let ([_, m, k], n) = (l.dims(), r.dims()[2]);
-        let ours = backend.is_gpu() && dtype == burn::tensor::DType::F32;
         for (name, f) in [("burn", false), ("ours", true)] {
             if f && !ours {
                 continue;
