@@ -135,6 +135,19 @@ pub trait Pointwise: Matmul + MaskBits {
         merge_heads_composed::<Self>(dq, dk, dv)
     }
 
+    /// Causal attention of q, k, v `[batch, head, seq, d]` in one pass where the backend has one
+    /// ([`RowKernels::flash_attention`], cubecl): the output `[batch, head, seq, d]` and the
+    /// log-sum-exp `[batch, head, seq, 1]` (f32). `None` (the default, and with a dropout mask
+    /// tensor): [`attention_forward`] runs the query blocks.
+    fn flash_attention(
+        _qkv: &[FloatTensor<Self>; 3],
+        _bias: &FloatTensor<Self>,
+        _keep: &Keep<Self>,
+        _scale: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
     /// `exp(x)`.
     fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_exp(x)
@@ -456,6 +469,37 @@ impl Pointwise for Cube {
 
     fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
         <Self as RowKernels>::swap_heads(x)
+    }
+
+    /// Heads of 64 in one kernel ([`crate::flash`]); the output is stored as `[batch, seq, head,
+    /// d]` (a view returned), so that the caller's merge of the heads is free.
+    fn flash_attention(
+        [q, k, v]: &[FloatTensor<Self>; 3],
+        bias: &FloatTensor<Self>,
+        keep: &Keep<Self>,
+        scale: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        if !crate::flash::flash_takes(q.shape()[3], q.dtype()) {
+            return None;
+        }
+        let (seed, p) = match keep {
+            Keep::Mask(..) => return None,
+            Keep::Hashed(seed, p) => (seed.clone(), *p),
+            Keep::All => {
+                let zeros = Self::float_zeros([2].into(), &q.device(), FloatDType::F32);
+                (zeros, 1.0)
+            }
+        };
+        let (o, lse) = <Self as RowKernels>::flash_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            bias.clone(),
+            seed,
+            scale,
+            p,
+        );
+        Some((Self::float_swap_dims(o, 1, 2), lse))
     }
 
     fn merge_heads(
@@ -844,6 +888,11 @@ fn attention_forward<B: Pointwise>(
     lse: bool,
     blocks: usize,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    if let Some((out, lse)) =
+        B::flash_attention(&[q.clone(), k.clone(), v.clone()], &bias, &keep, scale)
+    {
+        return (out, Some(lse));
+    }
     let t = q.shape()[2];
     let (mut out, mut lses) = (vec![], vec![]);
     for (start, end) in query_blocks(t, blocks) {

@@ -629,16 +629,16 @@ fn launch_ce_rows(
 
 /// Hashed dropout as the kernels take it: the seed tensor (two uniforms), `keep·2³²`, `1/keep`
 /// and whether to drop (without, a two-element stand-in the kernels never read).
-struct DropArgs {
-    seed: CubeTensor,
-    threshold: u32,
-    inv_keep: f32,
-    drop: bool,
+pub(crate) struct DropArgs {
+    pub(crate) seed: CubeTensor,
+    pub(crate) threshold: u32,
+    pub(crate) inv_keep: f32,
+    pub(crate) drop: bool,
 }
 
 impl DropArgs {
     /// `drop`: the seed tensor `[2]` (f32) and `keep`, the probability to keep an element.
-    fn new(drop: Option<(CubeTensor, f64)>, like: &CubeTensor) -> Self {
+    pub(crate) fn new(drop: Option<(CubeTensor, f64)>, like: &CubeTensor) -> Self {
         match drop {
             Some((seed, keep)) => Self {
                 seed: into_contiguous(CubeBackend::float_cast(seed, FloatDType::F32)),
@@ -691,7 +691,7 @@ fn score_block(
     (scores, rows, t, tc, bias)
 }
 
-fn launch_softmax_lse(
+pub(crate) fn launch_softmax_lse(
     scores: CubeTensor,
     bias: CubeTensor,
     start: usize,
@@ -1092,6 +1092,21 @@ pub trait RowKernels: Backend {
     #[fusion(meta = |x| swapped_spec(x))]
     fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// Causal attention of q, k, v `[batch, head, seq, d]` (the causal `bias [1, 1, seq, seq]`),
+    /// with hashed dropout drawn from `seed` (`[2]` f32 uniforms) where `keep < 1` ->
+    /// `[batch, seq, head, d]` (contiguous) and the log-sum-exp `[batch, head, seq, 1]` (f32):
+    /// one kernel ([`crate::flash`]) for heads of 64, else the scores and the softmax kernel.
+    #[fusion(meta = |q, _k, _v, _bias, _seed, _scale, _keep| (swapped_spec(q), row_stat_spec(q)))]
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
     /// The attention's input gradient from dq, dk, dv `[batch, head, seq, d]` (one dtype, d
     /// contiguous): `[batch, seq, 3·head·d]`, q's heads then k's then v's.
     #[fusion(meta = |dq, _dk, _dv| merged_spec(dq))]
@@ -1195,6 +1210,25 @@ impl RowKernels for CubeBackend {
 
     fn swap_heads(x: CubeTensor) -> CubeTensor {
         launch_swap_heads(x)
+    }
+
+    fn flash_attention(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        bias: CubeTensor,
+        seed: CubeTensor,
+        scale: f64,
+        keep: f64,
+    ) -> (CubeTensor, CubeTensor) {
+        let drop = (keep < 1.0).then_some((seed, keep));
+        let d = q.meta.shape[3];
+        let flash = crate::flash::flash_takes(d, q.dtype)
+            .then(|| {
+                crate::flash::flash_forward(q.clone(), k.clone(), v.clone(), drop.clone(), scale)
+            })
+            .flatten();
+        flash.unwrap_or_else(|| crate::flash::materialised(q, k, v, bias, drop, scale))
     }
 
     fn merge_heads(dq: CubeTensor, dk: CubeTensor, dv: CubeTensor) -> CubeTensor {

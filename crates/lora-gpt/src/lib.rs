@@ -1,6 +1,7 @@
 //! GPT models with LoRA: minGPT (karpathy/minGPT, the LoRA exercise's `GPT_LoRA`).
 
 pub mod export;
+mod flash;
 pub mod fused;
 pub mod gpt2;
 mod host;

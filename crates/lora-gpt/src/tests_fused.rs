@@ -58,8 +58,18 @@ fn attention_case(
     blocks: Option<usize>,
     tol: f32,
 ) {
+    attention_case_d(device, dropout, [b, h, t, 4], blocks, tol)
+}
+
+/// [`attention_case`] with heads of `d`: 64 runs cubecl's one-kernel attention (`flash.rs`).
+fn attention_case_d(
+    device: &Device,
+    dropout: Drop,
+    [b, h, t, d]: [usize; 4],
+    blocks: Option<usize>,
+    tol: f32,
+) {
     device.seed(7);
-    let d = 4;
     let qkv = Tensor::<3>::random([b, t, 3 * h * d], Distribution::Normal(0.0, 1.0), device);
     let w = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), device);
     let (keep, fused_keep) = match dropout {
@@ -407,6 +417,18 @@ fn fused_ops_on_wgpu() {
     layer_norm_case(&d, 300, 1e-4);
 }
 
+/// Heads of 64: cubecl's one-kernel attention forward (`flash.rs`), queries in tiles of 64 (150:
+/// the last one partly past the sequence), the mask drawn as the softmax kernels draw it; with a
+/// mask tensor, the query blocks.
+#[test]
+fn flash_attention_on_wgpu() {
+    let _one = crate::WGPU.lock();
+    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    attention_case_d(&d, Drop::Hashed, [1, 2, 150, 64], None, 1e-4);
+    attention_case_d(&d, Drop::No, [2, 3, 64, 64], None, 1e-4);
+    attention_case_d(&d, Drop::Mask, [1, 2, 70, 64], None, 1e-4);
+}
+
 /// The wgpu device (autodiff) while holding the wgpu lock, or `None` (said on stderr) where it
 /// has no f16 (llvmpipe): the f16 tests check nothing there.
 fn f16_wgpu(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Device)> {
@@ -454,22 +476,30 @@ fn linear_cross_entropy_in_f16_on_wgpu() {
 /// backward are row kernels): output and `qkv` gradient within f16 rounding of the f32 op's.
 #[test]
 fn attention_in_f16_on_wgpu() {
-    use burn::tensor::DType;
     let Some((_one, device)) = f16_wgpu("attention_in_f16_on_wgpu") else {
         return;
     };
+    // Heads of 16 (query blocks) and of 64 (one kernel, `flash.rs`).
+    for d in [16, 64] {
+        attention_f16_case(&device, d);
+    }
+}
+
+/// [`attention_in_f16_on_wgpu`] with heads of `d`.
+fn attention_f16_case(device: &Device, d: usize) {
+    use burn::tensor::DType;
     device.seed(8);
-    let (b, h, t, d) = (2, 4, 96, 16);
-    let qkv = Tensor::<3>::random([b, t, 3 * h * d], Distribution::Normal(0.0, 1.0), &device);
-    let w = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device);
-    let bias = Tensor::<2>::zeros([t, t], &device)
+    let (b, h, t) = (2, 4, 96);
+    let qkv = Tensor::<3>::random([b, t, 3 * h * d], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), device);
+    let bias = Tensor::<2>::zeros([t, t], device)
         .mask_fill(
-            Tensor::<2, Bool>::tril_mask([t, t], 0, &device),
+            Tensor::<2, Bool>::tril_mask([t, t], 0, device),
             f32::NEG_INFINITY,
         )
         .reshape([1, 1, t, t]);
     // Hashed dropout: the same mask in both dtypes.
-    let seed = Tensor::<1>::random([2], Distribution::Default, &device);
+    let seed = Tensor::<1>::random([2], Distribution::Default, device);
     let run = |dt: DType, blocks: Option<usize>| {
         let x = qkv.clone().cast(dt).require_grad();
         let drop = AttentionDropout::Hashed(seed.clone(), 0.9);
@@ -483,9 +513,14 @@ fn attention_in_f16_on_wgpu() {
     // One block and three (the f16 key gradients summed over the blocks).
     for blocks in [Some(1), Some(3)] {
         let (y16, g16) = run(DType::F16, blocks);
-        assert!(max_diff(y32.clone(), y16) < 1e-2, "attention values");
+        let diff = max_diff(y32.clone(), y16);
+        assert!(diff < 1e-2, "attention values {diff}, heads of {d}");
         let scale = g32.clone().abs().max().into_scalar::<f32>();
-        assert!(max_diff(g32.clone(), g16) < 1e-2 * scale, "qkv grads");
+        let diff = max_diff(g32.clone(), g16);
+        assert!(
+            diff < 1e-2 * scale,
+            "qkv grads {diff} (max {scale}), heads of {d}"
+        );
     }
 }
 
