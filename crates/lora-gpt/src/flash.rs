@@ -173,6 +173,7 @@ fn flash_forward_kernel<F: Float, N: Size>(
         for i in 0..LANES {
             s[i] = Vector::new(0.0);
         }
+        #[unroll]
         for dv in 0..ROW_VECS {
             #[unroll]
             for i in 0..LANES {
@@ -208,6 +209,7 @@ fn flash_forward_kernel<F: Float, N: Size>(
         sy[u] = part;
         sync_cube();
         let mut mb = m;
+        #[unroll]
         for x in 0..16 {
             let p = sy[ty * 16 + x];
             #[unroll]
@@ -242,6 +244,7 @@ fn flash_forward_kernel<F: Float, N: Size>(
             fetch_tile::<F, N>(k, k_base, ks, k0 + BR, t, &mut kr, true);
         }
         // acc[i] += Σ_key p[4·ty + i, key] · v[key, 4·tx ..].
+        #[unroll]
         for kv in 0..ROW_VECS {
             #[unroll]
             for i in 0..LANES {
@@ -262,6 +265,7 @@ fn flash_forward_kernel<F: Float, N: Size>(
     sy[u] = l;
     sync_cube();
     let mut sum = Vector::<f32, N>::new(0.0);
+    #[unroll]
     for x in 0..16 {
         sum += sy[ty * 16 + x];
     }
