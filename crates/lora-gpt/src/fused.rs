@@ -878,8 +878,9 @@ fn blocks_for<B: Pointwise>(blocks: Option<usize>, t: usize, masked: bool) -> us
 }
 
 /// The attention output and, with `lse` (for [`Pointwise::PROBS_FROM_LSE`]) or hashed dropout,
-/// the scores' per-row log-sum-exp `[batch, head, seq, 1]` (f32); over `blocks` query blocks
-/// ([`query_blocks`]).
+/// the scores' per-row log-sum-exp `[batch, head, seq, 1]` (f32); in one pass where the backend
+/// has one ([`Pointwise::flash_attention`], which always gives the log-sum-exp), else over
+/// `blocks` query blocks ([`query_blocks`]).
 fn attention_forward<B: Pointwise>(
     [q, k, v]: &[FloatTensor<B>; 3],
     bias: FloatTensor<B>,

@@ -429,6 +429,57 @@ fn flash_attention_on_wgpu() {
     attention_case_d(&d, Drop::Mask, [1, 2, 70, 64], None, 1e-4);
 }
 
+/// The op under the one-kernel attention (`RowKernels::flash_attention`) against softmax and
+/// matmuls: heads of 64 run the kernel, heads of 16 the fallback of scores and the softmax kernel.
+/// The output `[batch, seq, head, d]` and the log-sum-exp of the masked, scaled scores.
+#[test]
+fn flash_attention_op_and_its_fallback_on_wgpu() {
+    use crate::kernels::RowKernels;
+    use burn::backend::Dispatch;
+    let _one = crate::WGPU.lock();
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    device.seed(9);
+    let (b, h, t, s) = (2, 3, 70, 0.3);
+    for d in [64, 16] {
+        let normal = Distribution::Normal(0.0, 1.0);
+        let [q, k, v] = [0; 3].map(|_| Tensor::<4>::random([b, h, t, d], normal, &device));
+        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device);
+        let bias = Tensor::<2>::zeros([t, t], &device)
+            .mask_fill(future.clone(), f32::NEG_INFINITY)
+            .reshape([1, 1, t, t]);
+        let x = q
+            .clone()
+            .matmul(k.clone().swap_dims(2, 3))
+            .mul_scalar(s)
+            .mask_fill(
+                future.unsqueeze::<4>().expand([b, h, t, t]),
+                f32::NEG_INFINITY,
+            );
+        let expect_y = softmax(x.clone(), 3).matmul(v.clone()).swap_dims(1, 2);
+        let max = x.clone().max_dim(3);
+        let expect_lse = max.clone() + (x - max).exp().sum_dim(3).log();
+        let seed = Tensor::<1>::zeros([2], &device);
+        let (y, lse) = <Dispatch as RowKernels>::flash_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            bias.into_dispatch(),
+            seed.into_dispatch(),
+            s,
+            1.0,
+        );
+        let (y, lse) = (
+            Tensor::<4>::from_dispatch(y),
+            Tensor::<4>::from_dispatch(lse),
+        );
+        assert_eq!(y.dims(), [b, t, h, d], "heads of {d}");
+        let diff = max_diff(y, expect_y);
+        assert!(diff < 1e-4, "output {diff}, heads of {d}");
+        let diff = max_diff(lse, expect_lse);
+        assert!(diff < 1e-4, "log-sum-exp {diff}, heads of {d}");
+    }
+}
+
 /// The wgpu device (autodiff) while holding the wgpu lock, or `None` (said on stderr) where it
 /// has no f16 (llvmpipe): the f16 tests check nothing there.
 fn f16_wgpu(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Device)> {
