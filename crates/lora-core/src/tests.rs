@@ -133,9 +133,9 @@ fn factored_forward_matches_formula() {
 
 #[test]
 fn gpu_inference_path_matches_formula() {
-    // On a cubecl device without autodiff the unmerged forward runs `x · [W | Aᵀ]` (zero columns
-    // appended when `out + r` is not a multiple of 4): same function. CPU-only machines run
-    // this through Mesa's llvmpipe.
+    // On a cubecl device without autodiff the unmerged forward runs the training path's one op
+    // (the base product, the `lora_down` and `lora_up` kernels) without dropout: same function.
+    // CPU-only machines run this through Mesa's llvmpipe.
     let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
     d.seed(7);
     for rank in [8, 2, 1] {
