@@ -93,6 +93,35 @@ fn store_tile<N: Size>(
     }
 }
 
+/// `acc[i] += Σ_c a[4·ty + i, c] · b[c, 4·tx ..]` for the 64 × 64 tiles a (`a[row·16 + c / 4]`)
+/// and b (`b[c·16 + col / 4]`) in shared memory: `q·kᵀ` (kᵀ stored transposed) and `p·v`. `rows`:
+/// scratch registers.
+#[cube]
+fn tile_product<N: Size>(
+    a: &Shared<[Vector<f32, N>]>,
+    b: &Shared<[Vector<f32, N>]>,
+    rows: &mut Array<Vector<f32, N>>,
+    acc: &mut Array<Vector<f32, N>>,
+    ty: usize,
+    tx: usize,
+) {
+    #[unroll]
+    for cv in 0..ROW_VECS {
+        #[unroll]
+        for i in 0..LANES {
+            rows[i] = a[(ty * LANES + i) * ROW_VECS + cv];
+        }
+        #[unroll]
+        for e in 0..LANES {
+            let bv = b[(cv * LANES + e) * ROW_VECS + tx];
+            #[unroll]
+            for i in 0..LANES {
+                acc[i] = fma(Vector::new(rows[i].extract(e)), bv, acc[i]);
+            }
+        }
+    }
+}
+
 /// Causal attention of one head's 64 queries: `o = (softmax(q·kᵀ·scale + causal)·m)·v` and
 /// `lse = max + ln Σ exp(x − max)` per query (x the masked, scaled scores), m hashed dropout's
 /// `{0, 1/keep}` factor (`drop`) drawn from the score's row among all `[seq, seq]` score rows of
@@ -173,21 +202,7 @@ fn flash_forward_kernel<F: Float, N: Size>(
         for i in 0..LANES {
             s[i] = Vector::new(0.0);
         }
-        #[unroll]
-        for dv in 0..ROW_VECS {
-            #[unroll]
-            for i in 0..LANES {
-                rows[i] = sx[(ty * LANES + i) * ROW_VECS + dv];
-            }
-            #[unroll]
-            for e in 0..LANES {
-                let kv = sy[(dv * LANES + e) * ROW_VECS + tx];
-                #[unroll]
-                for i in 0..LANES {
-                    s[i] = fma(Vector::new(rows[i].extract(e)), kv, s[i]);
-                }
-            }
-        }
+        tile_product::<N>(&sx, &sy, &mut rows, &mut s, ty, tx);
         // The causal mask (and keys past the sequence); this unit's row maxima.
         let mut part = Vector::<f32, N>::new(MASKED);
         #[unroll]
@@ -244,21 +259,7 @@ fn flash_forward_kernel<F: Float, N: Size>(
             fetch_tile::<F, N>(k, k_base, ks, k0 + BR, t, &mut kr, true);
         }
         // acc[i] += Σ_key p[4·ty + i, key] · v[key, 4·tx ..].
-        #[unroll]
-        for kv in 0..ROW_VECS {
-            #[unroll]
-            for i in 0..LANES {
-                rows[i] = sx[(ty * LANES + i) * ROW_VECS + kv];
-            }
-            #[unroll]
-            for e in 0..LANES {
-                let vv = sy[(kv * LANES + e) * ROW_VECS + tx];
-                #[unroll]
-                for i in 0..LANES {
-                    acc[i] = fma(Vector::new(rows[i].extract(e)), vv, acc[i]);
-                }
-            }
-        }
+        tile_product::<N>(&sx, &sy, &mut rows, &mut acc, ty, tx);
         sync_cube();
     }
     // The rows' sums over all 16 units of a row.
