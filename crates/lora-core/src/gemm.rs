@@ -60,12 +60,7 @@ fn store_block<N: Size>(
     #[unroll]
     for j in 0..LANES {
         if comptime![transpose] {
-            let mut w = Vector::<f32, N>::empty();
-            #[unroll]
-            for i in 0..LANES {
-                w.insert(i, regs[i].extract(j));
-            }
-            sh[off + j * row_vecs] = w;
+            sh[off + j * row_vecs] = crate::kernels::lane_column::<N>(regs, j);
         } else {
             sh[off + j * row_vecs] = regs[j];
         }

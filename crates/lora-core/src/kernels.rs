@@ -55,6 +55,18 @@ pub fn mix32(x: u32) -> u32 {
     x
 }
 
+/// Column `j` of a 4 × 4 block held as four row vectors: `[regs[0][j], .., regs[3][j]]` (the
+/// block transposed a vector at a time, for stores into shared memory).
+#[cube]
+pub fn lane_column<N: Size>(regs: &Array<Vector<f32, N>>, #[comptime] j: usize) -> Vector<f32, N> {
+    let mut w = Vector::<f32, N>::empty();
+    #[unroll]
+    for i in 0..4 {
+        w.insert(i, regs[i].extract(j));
+    }
+    w
+}
+
 /// Hashed dropout's key of row `row`: `mix32(mix32(row ^ s0) + s1)`, with the seed's two
 /// uniforms in `[0, 1)` (24-bit multiples of 2⁻²⁴, as Burn draws them) times 2²⁴ as `s0, s1`
 /// ([`crate::dropout::hashed_kept`]).

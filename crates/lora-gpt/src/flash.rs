@@ -8,6 +8,7 @@
 //! output and the log-sum-exp the backward pass recomputes the probabilities from. Hashed dropout
 //! is drawn as the softmax kernels draw it ([`crate::kernels`]), so the backward pass is unchanged.
 
+use crate::kernels::SHIFT32;
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
@@ -16,7 +17,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use lora_core::kernels::{keep_factors, row_key, vector_width_at};
+use lora_core::kernels::{keep_factors, lane_column, row_key, vector_width_at};
 
 /// Queries and keys of a tile, and the head size the kernel takes.
 const BR: usize = 64;
@@ -27,8 +28,6 @@ const LANES: usize = 4;
 const ROW_VECS: usize = HEAD / LANES;
 /// A masked score: finite, so that `exp(MASKED − max)` is 0 and never NaN.
 const MASKED: f32 = -3.0e38;
-/// Hashed dropout's rule in the attention kernels: all 32 bits of the hash.
-const SHIFT32: u32 = 0;
 /// Shared memory of a cube: two tiles of 64 × 64 f32.
 const SHARED_BYTES: usize = 2 * BR * HEAD * 4;
 
@@ -81,12 +80,8 @@ fn store_tile<N: Size>(
     #[unroll]
     for j in 0..LANES {
         if comptime![transpose] {
-            let mut w = Vector::<f32, N>::empty();
-            #[unroll]
-            for i in 0..LANES {
-                w.insert(i, regs[i].extract(j) * scale);
-            }
-            sh[(db * LANES + j) * ROW_VECS + r / LANES] = w;
+            sh[(db * LANES + j) * ROW_VECS + r / LANES] =
+                lane_column::<N>(regs, j) * Vector::new(scale);
         } else {
             sh[(r + j) * ROW_VECS + db] = regs[j] * Vector::new(scale);
         }
@@ -292,10 +287,10 @@ pub(crate) fn flash_takes(d: usize, dtype: DType) -> bool {
 /// Cubes along y at most.
 const MAX_GRID: usize = 65_535;
 
-/// Causal attention of q, k, v `[batch, head, seq, 64]` (one dtype, [`flash_takes`]) with
-/// hashed dropout `drop` (the seed `[2]`, f32 uniforms, and keep) -> the output `[batch, seq,
-/// head, 64]` (contiguous, q's dtype) and the log-sum-exp `[batch, head, seq, 1]` (f32); `None`
-/// where the device lacks the shared memory or the grid is too large.
+/// Causal attention of q, k, v `[batch, head, seq, d]` (one dtype) with hashed dropout `drop`
+/// (the seed `[2]`, f32 uniforms, and keep) -> the output `[batch, seq, head, d]` (contiguous,
+/// q's dtype) and the log-sum-exp `[batch, head, seq, 1]` (f32); `None` where the kernel does not
+/// take the heads ([`flash_takes`]), the device lacks the shared memory or the grid is too large.
 pub(crate) fn flash_forward(
     q: CubeTensor,
     k: CubeTensor,
@@ -305,11 +300,12 @@ pub(crate) fn flash_forward(
 ) -> Option<(CubeTensor, CubeTensor)> {
     let [b, h, t, d] = q.meta.shape.dims::<4>();
     assert!(
-        flash_takes(d, q.dtype) && k.dtype == q.dtype && v.dtype == q.dtype,
-        "flash attention: heads of {HEAD} in one float dtype"
+        k.dtype == q.dtype && v.dtype == q.dtype,
+        "flash attention: q, k, v in one dtype"
     );
     let props = q.client.properties();
-    if SHARED_BYTES > props.hardware.max_shared_memory_size
+    if !flash_takes(d, q.dtype)
+        || SHARED_BYTES > props.hardware.max_shared_memory_size
         || (UNITS as u32) > props.hardware.max_units_per_cube
         || b * h > MAX_GRID
         || t == 0

@@ -482,13 +482,11 @@ impl Pointwise for Cube {
         if !crate::flash::flash_takes(q.shape()[3], q.dtype()) {
             return None;
         }
+        // Without dropout q stands in for the seed (keep 1: never read).
         let (seed, p) = match keep {
             Keep::Mask(..) => return None,
             Keep::Hashed(seed, p) => (seed.clone(), *p),
-            Keep::All => {
-                let zeros = Self::float_zeros([2].into(), &q.device(), FloatDType::F32);
-                (zeros, 1.0)
-            }
+            Keep::All => (q.clone(), 1.0),
         };
         let (o, lse) = <Self as RowKernels>::flash_attention(
             q.clone(),
@@ -882,18 +880,17 @@ fn blocks_for<B: Pointwise>(blocks: Option<usize>, t: usize, masked: bool) -> us
 /// has one ([`Pointwise::flash_attention`], which always gives the log-sum-exp), else over
 /// `blocks` query blocks ([`query_blocks`]).
 fn attention_forward<B: Pointwise>(
-    [q, k, v]: &[FloatTensor<B>; 3],
+    qkv: &[FloatTensor<B>; 3],
     bias: FloatTensor<B>,
     keep: Keep<B>,
     scale: f64,
     lse: bool,
     blocks: usize,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
-    if let Some((out, lse)) =
-        B::flash_attention(&[q.clone(), k.clone(), v.clone()], &bias, &keep, scale)
-    {
+    if let Some((out, lse)) = B::flash_attention(qkv, &bias, &keep, scale) {
         return (out, Some(lse));
     }
+    let [q, k, v] = qkv;
     let t = q.shape()[2];
     let (mut out, mut lses) = (vec![], vec![]);
     for (start, end) in query_blocks(t, blocks) {

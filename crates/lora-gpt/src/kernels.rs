@@ -32,7 +32,7 @@ use lora_core::kernels::{
 
 /// The attention kernels' hash rule keeps all 32 bits of the hash (`keep_factors`' shift 0,
 /// `threshold = keep·2³²`).
-const SHIFT32: u32 = 0;
+pub(crate) const SHIFT32: u32 = 0;
 
 /// Units per row: one cube of 256 strides over the vocabulary.
 const UNITS: usize = 256;
@@ -1222,13 +1222,8 @@ impl RowKernels for CubeBackend {
         keep: f64,
     ) -> (CubeTensor, CubeTensor) {
         let drop = (keep < 1.0).then_some((seed, keep));
-        let d = q.meta.shape[3];
-        let flash = crate::flash::flash_takes(d, q.dtype)
-            .then(|| {
-                crate::flash::flash_forward(q.clone(), k.clone(), v.clone(), drop.clone(), scale)
-            })
-            .flatten();
-        flash.unwrap_or_else(|| crate::flash::materialised(q, k, v, bias, drop, scale))
+        crate::flash::flash_forward(q.clone(), k.clone(), v.clone(), drop.clone(), scale)
+            .unwrap_or_else(|| crate::flash::materialised(q, k, v, bias, drop, scale))
     }
 
     fn merge_heads(dq: CubeTensor, dk: CubeTensor, dv: CubeTensor) -> CubeTensor {
