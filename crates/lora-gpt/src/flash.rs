@@ -117,6 +117,28 @@ fn tile_product<N: Size>(
     }
 }
 
+/// `acc[i] += Σ_c a[c, 4·ty + i] · b[c, 4·tx ..]` for the 64 × 64 tiles a and b in shared
+/// memory, both stored as they are (`x[c·16 + col / 4]`): `aᵀ·b`, the key gradients `pᵀ·dy` and
+/// `dsᵀ·q` of the backward pass.
+#[cube]
+fn tile_product_tn<N: Size>(
+    a: &Shared<[Vector<f32, N>]>,
+    b: &Shared<[Vector<f32, N>]>,
+    acc: &mut Array<Vector<f32, N>>,
+    ty: usize,
+    tx: usize,
+) {
+    #[unroll]
+    for c in 0..BR {
+        let av = a[c * ROW_VECS + ty];
+        let bv = b[c * ROW_VECS + tx];
+        #[unroll]
+        for i in 0..LANES {
+            acc[i] = fma(Vector::new(av.extract(i)), bv, acc[i]);
+        }
+    }
+}
+
 /// Causal attention of one head's 64 queries: `o = (softmax(q·kᵀ·scale + causal)·m)·v` and
 /// `lse = max + ln Σ exp(x − max)` per query (x the masked, scaled scores), m hashed dropout's
 /// `{0, 1/keep}` factor (`drop`) drawn from the score's row among all `[seq, seq]` score rows of
@@ -279,6 +301,255 @@ fn flash_forward_kernel<F: Float, N: Size>(
     }
 }
 
+/// `dots[row] = Σ_d dy[row, d]·o[row, d]` for each of the `rows = batch·head·seq` rows of dy and
+/// o `[batch, head, seq, 64]` (any strides, rows contiguous): the softmax backward's
+/// `Σ_key p·dp` of each query (FlashAttention's `D`), in f32.
+#[cube(launch_unchecked)]
+fn row_dots_kernel<F: Float, N: Size>(
+    dy: &Tensor<Vector<F, N>>,
+    o: &Tensor<Vector<F, N>>,
+    dots: &mut Tensor<f32>,
+    rows: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let r = ABSOLUTE_POS;
+    if r >= rows {
+        terminate!();
+    }
+    let (heads, t) = (dy.shape(1), dy.shape(2));
+    let (bh, row) = (r / t, r % t);
+    let (bi, hi) = (bh / heads, bh % heads);
+    let yb = (bi * dy.stride(0) + hi * dy.stride(1) + row * dy.stride(2)) / LANES;
+    let ob = (bi * o.stride(0) + hi * o.stride(1) + row * o.stride(2)) / LANES;
+    let mut acc = Vector::<f32, N>::new(0.0);
+    #[unroll]
+    for c in 0..ROW_VECS {
+        acc += Vector::<f32, N>::cast_from(dy[yb + c]) * Vector::<f32, N>::cast_from(o[ob + c]);
+    }
+    let mut sum = f32::new(0.0);
+    #[unroll]
+    for e in 0..LANES {
+        sum += acc.extract(e);
+    }
+    dots[r] = sum;
+}
+
+/// Causal attention's backward pass for one head's 64 keys (FlashAttention-2's outer loop over
+/// keys): the gradients of k and v, and the softmax backward `ds` that [`flash_backward_q_kernel`]
+/// turns into q's gradient (WGSL has no float atomics to sum it here).
+///
+/// For each query block from the diagonal on: the scores again (`s = q·scale·kᵀ`), `p = exp(s −
+/// lse)` (0 above the diagonal and past the sequence), the dropped `pd = p·m` (hashed dropout, as
+/// the forward kernel draws it), `dp = dy·vᵀ`, `ds = p·(dp·m − dots)`; then `dv += pdᵀ·dy`, `dk +=
+/// dsᵀ·q·scale`, and ds stored as tile `(query block, key block)` of the head's lower triangle.
+/// q, k, v, dy `[batch, head, seq, 64]` (any strides, rows contiguous); lse, dots `[batch, head,
+/// seq, 1]` (f32); ds `[batch·head, blocks·(blocks + 1)/2, 64, 64]` (f32); dqkv `[batch, seq,
+/// 3·head·64]` (k's and v's columns written). Cube `(x, y)`: key block x (the longest first) of
+/// head y; unit `(ty, tx)` holds queries (and then keys) `4·ty ..` and keys (and then columns)
+/// `4·tx ..`. Shared memory: q, then dy, then q; kᵀ, then vᵀ, then pd, then ds.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn flash_backward_kv_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    dy: &Tensor<Vector<F, N>>,
+    lse: &Tensor<f32>,
+    dots: &Tensor<f32>,
+    seed: &Tensor<f32>,
+    ds: &mut Tensor<Vector<f32, N>>,
+    dqkv: &mut Tensor<Vector<F, N>>,
+    scale: f32,
+    threshold: u32,
+    inv_keep: f32,
+    blocks: usize,
+    #[comptime] drop: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let heads = q.shape(1);
+    let t = q.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let (bi, hi) = (bh / heads, bh % heads);
+    let kb = CUBE_POS_X as usize;
+    let k0 = kb * BR;
+    let u = UNIT_POS_X as usize;
+    let (ty, tx) = (u / 16, u % 16);
+    let q_base = (bi * q.stride(0) + hi * q.stride(1)) / LANES;
+    let k_base = (bi * k.stride(0) + hi * k.stride(1)) / LANES;
+    let v_base = (bi * v.stride(0) + hi * v.stride(1)) / LANES;
+    let y_base = (bi * dy.stride(0) + hi * dy.stride(1)) / LANES;
+    let (qs, ks, vs, ys) = (
+        q.stride(2) / LANES,
+        k.stride(2) / LANES,
+        v.stride(2) / LANES,
+        dy.stride(2) / LANES,
+    );
+    let tiles = bh * (blocks * (blocks + 1) / 2);
+
+    let mut sx = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));
+    let mut sy = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));
+
+    let mut dk = Array::<Vector<f32, N>>::new(LANES);
+    let mut dv = Array::<Vector<f32, N>>::new(LANES);
+    let mut s = Array::<Vector<f32, N>>::new(LANES);
+    let mut dp = Array::<Vector<f32, N>>::new(LANES);
+    let mut rows = Array::<Vector<f32, N>>::new(LANES);
+    #[unroll]
+    for i in 0..LANES {
+        dk[i] = Vector::new(0.0);
+        dv[i] = Vector::new(0.0);
+    }
+    // Global loads issued a phase before their shared stores: ra takes q, dy, q; rb k, v.
+    let mut ra = Array::<Vector<f32, N>>::new(LANES);
+    let mut rb = Array::<Vector<f32, N>>::new(LANES);
+    fetch_tile::<F, N>(q, q_base, qs, k0, t, &mut ra, false);
+    fetch_tile::<F, N>(k, k_base, ks, k0, t, &mut rb, true);
+    for qb in kb..blocks {
+        let q0 = qb * BR;
+        store_tile::<N>(&ra, &mut sx, scale, false);
+        store_tile::<N>(&rb, &mut sy, 1.0, true);
+        sync_cube();
+        fetch_tile::<F, N>(dy, y_base, ys, q0, t, &mut ra, false);
+        fetch_tile::<F, N>(v, v_base, vs, k0, t, &mut rb, true);
+        #[unroll]
+        for i in 0..LANES {
+            s[i] = Vector::new(0.0);
+            dp[i] = Vector::new(0.0);
+        }
+        // s[i] lane j = q[4·ty + i]·scale · k[4·tx + j].
+        tile_product::<N>(&sx, &sy, &mut rows, &mut s, ty, tx);
+        sync_cube();
+        store_tile::<N>(&ra, &mut sx, 1.0, false);
+        store_tile::<N>(&rb, &mut sy, 1.0, true);
+        sync_cube();
+        fetch_tile::<F, N>(q, q_base, qs, q0, t, &mut ra, false);
+        // dp[i] lane j = dy[4·ty + i] · v[4·tx + j].
+        tile_product::<N>(&sx, &sy, &mut rows, &mut dp, ty, tx);
+        let tile = (tiles + qb * (qb + 1) / 2 + kb) * BR;
+        #[unroll]
+        for i in 0..LANES {
+            let row = q0 + ty * LANES + i;
+            let at = bh * t + row.min(t - 1);
+            let mut p = (s[i] - Vector::new(lse[at])).exp();
+            #[unroll]
+            for j in 0..LANES {
+                let col = k0 + tx * LANES + j;
+                p.insert(
+                    j,
+                    select(col <= row && row < t, p.extract(j), f32::new(0.0)),
+                );
+            }
+            let mut pd = p;
+            let mut g = dp[i];
+            if comptime![drop] {
+                let m = keep_factors::<N>(
+                    row_key(seed, bh * t + row),
+                    k0 + tx * LANES,
+                    threshold,
+                    inv_keep,
+                    SHIFT32,
+                );
+                pd *= m;
+                g *= m;
+            }
+            s[i] = pd;
+            dp[i] = p * (g - Vector::new(dots[at]));
+            ds[(tile + ty * LANES + i) * ROW_VECS + tx] = dp[i];
+        }
+        sync_cube();
+        #[unroll]
+        for i in 0..LANES {
+            sy[(ty * LANES + i) * ROW_VECS + tx] = s[i];
+        }
+        sync_cube();
+        // dv[i] += Σ_query pd[query, 4·ty + i] · dy[query, 4·tx ..].
+        tile_product_tn::<N>(&sy, &sx, &mut dv, ty, tx);
+        sync_cube();
+        #[unroll]
+        for i in 0..LANES {
+            sy[(ty * LANES + i) * ROW_VECS + tx] = dp[i];
+        }
+        store_tile::<N>(&ra, &mut sx, scale, false);
+        sync_cube();
+        if qb + 1 < blocks {
+            fetch_tile::<F, N>(q, q_base, qs, q0 + BR, t, &mut ra, false);
+            fetch_tile::<F, N>(k, k_base, ks, k0, t, &mut rb, true);
+        }
+        // dk[i] += Σ_query ds[query, 4·ty + i] · q[query, 4·tx ..]·scale.
+        tile_product_tn::<N>(&sy, &sx, &mut dk, ty, tx);
+        sync_cube();
+    }
+    #[unroll]
+    for i in 0..LANES {
+        let row = k0 + ty * LANES + i;
+        if row < t {
+            let at = ((bi * t + row) * 3 * heads + heads + hi) * ROW_VECS + tx;
+            dqkv[at] = Vector::cast_from(dk[i]);
+            dqkv[at + heads * ROW_VECS] = Vector::cast_from(dv[i]);
+        }
+    }
+}
+
+/// q's gradient from [`flash_backward_kv_kernel`]'s ds: `dq = Σ_key ds·k·scale` over the key blocks
+/// up to the diagonal. k `[batch, head, seq, 64]`, ds as there, dqkv `[batch, seq, 3·head·64]`
+/// (q's columns written). Cube `(x, y)`: query block `blocks − 1 − x` (the longest first) of head
+/// y; unit `(ty, tx)` queries `4·ty ..`, columns `4·tx ..`.
+#[cube(launch_unchecked)]
+fn flash_backward_q_kernel<F: Float, N: Size>(
+    k: &Tensor<Vector<F, N>>,
+    ds: &Tensor<Vector<f32, N>>,
+    dqkv: &mut Tensor<Vector<F, N>>,
+    scale: f32,
+    blocks: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let heads = k.shape(1);
+    let t = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let (bi, hi) = (bh / heads, bh % heads);
+    let qb = blocks - 1 - CUBE_POS_X as usize;
+    let q0 = qb * BR;
+    let u = UNIT_POS_X as usize;
+    let (ty, tx) = (u / 16, u % 16);
+    let k_base = (bi * k.stride(0) + hi * k.stride(1)) / LANES;
+    let ks = k.stride(2) / LANES;
+    let tiles = (bh * (blocks * (blocks + 1) / 2) + qb * (qb + 1) / 2) * BR * ROW_VECS;
+
+    let mut sx = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));
+    let mut sy = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));
+    let mut acc = Array::<Vector<f32, N>>::new(LANES);
+    let mut rows = Array::<Vector<f32, N>>::new(LANES);
+    #[unroll]
+    for i in 0..LANES {
+        acc[i] = Vector::new(0.0);
+    }
+    let mut ra = Array::<Vector<f32, N>>::new(LANES);
+    let mut rb = Array::<Vector<f32, N>>::new(LANES);
+    let tile = comptime!(BR * ROW_VECS);
+    fetch_tile::<f32, N>(ds, tiles, ROW_VECS, 0, BR, &mut ra, false);
+    fetch_tile::<F, N>(k, k_base, ks, 0, t, &mut rb, false);
+    for kb in 0..qb + 1 {
+        store_tile::<N>(&ra, &mut sx, 1.0, false);
+        store_tile::<N>(&rb, &mut sy, 1.0, false);
+        sync_cube();
+        if kb < qb {
+            fetch_tile::<f32, N>(ds, tiles + (kb + 1) * tile, ROW_VECS, 0, BR, &mut ra, false);
+            fetch_tile::<F, N>(k, k_base, ks, (kb + 1) * BR, t, &mut rb, false);
+        }
+        // acc[i] += Σ_key ds[4·ty + i, key] · k[key, 4·tx ..].
+        tile_product::<N>(&sx, &sy, &mut rows, &mut acc, ty, tx);
+        sync_cube();
+    }
+    #[unroll]
+    for i in 0..LANES {
+        let row = q0 + ty * LANES + i;
+        if row < t {
+            let at = ((bi * t + row) * 3 * heads + hi) * ROW_VECS + tx;
+            dqkv[at] = Vector::cast_from(acc[i] * Vector::new(scale));
+        }
+    }
+}
+
 /// Whether [`flash_forward`] takes heads of size `d` in `dtype`.
 pub(crate) fn flash_takes(d: usize, dtype: DType) -> bool {
     d == HEAD && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
@@ -303,25 +574,10 @@ pub(crate) fn flash_forward(
         k.dtype == q.dtype && v.dtype == q.dtype,
         "flash attention: q, k, v in one dtype"
     );
-    let props = q.client.properties();
-    if !flash_takes(d, q.dtype)
-        || SHARED_BYTES > props.hardware.max_shared_memory_size
-        || (UNITS as u32) > props.hardware.max_units_per_cube
-        || b * h > MAX_GRID
-        || t == 0
-    {
+    if !kernels_fit(&q) {
         return None;
     }
-    // Rows read as vectors of 4: contiguous rows, strides and start offsets multiples of 4.
-    let fit = |x: CubeTensor| {
-        let s = x.meta.strides();
-        let lens = [s[0], s[1], s[2]];
-        match s[3] == 1 && vector_width_at(&lens, x.dtype.size(), LANES, &[&x]) == LANES {
-            true => x,
-            false => into_contiguous(x),
-        }
-    };
-    let (q, k, v) = (fit(q), fit(k), fit(v));
+    let [q, k, v] = [q, k, v].map(vector_rows);
     let drop = crate::kernels::DropArgs::new(drop, &q);
     let (client, device) = (q.client.clone(), q.device.clone());
     let o = empty_device_contiguous_dtype(
@@ -371,4 +627,152 @@ pub(crate) fn materialised(
     let (p, lse) = crate::kernels::launch_softmax_lse(s, bias, 0, drop, scale);
     let o = CubeBackend::float_matmul(p, v);
     (into_contiguous(CubeBackend::float_swap_dims(o, 1, 2)), lse)
+}
+
+/// Rows read as vectors of 4: x itself where its rows are contiguous and its strides and start
+/// offset multiples of 4 elements, else a contiguous copy.
+fn vector_rows(x: CubeTensor) -> CubeTensor {
+    let s = x.meta.strides();
+    let lens = [s[0], s[1], s[2]];
+    match s[3] == 1 && vector_width_at(&lens, x.dtype.size(), LANES, &[&x]) == LANES {
+        true => x,
+        false => into_contiguous(x),
+    }
+}
+
+/// Whether the kernels run here: heads the kernels take ([`flash_takes`]), the shared memory and
+/// units of a cube, and the grid.
+fn kernels_fit(q: &CubeTensor) -> bool {
+    let [b, h, t, d] = q.meta.shape.dims::<4>();
+    let props = q.client.properties();
+    flash_takes(d, q.dtype)
+        && SHARED_BYTES <= props.hardware.max_shared_memory_size
+        && (UNITS as u32) <= props.hardware.max_units_per_cube
+        && b * h <= MAX_GRID
+        && t > 0
+}
+
+/// The gradient w.r.t. `qkv [batch, seq, 3·head·d]` (q's heads, then k's, then v's; q's dtype) of
+/// causal attention from its output o and output gradient dy `[batch, head, seq, d]` (any strides,
+/// rows contiguous), q, k, v as [`flash_forward`] took them, its log-sum-exp, the dropout and the
+/// scale: three kernels ([`row_dots_kernel`], [`flash_backward_kv_kernel`],
+/// [`flash_backward_q_kernel`]); `None` where [`flash_forward`] would be.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_backward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    o: CubeTensor,
+    lse: CubeTensor,
+    dy: CubeTensor,
+    drop: Option<(CubeTensor, f64)>,
+    scale: f64,
+) -> Option<CubeTensor> {
+    let [b, h, t, d] = q.meta.shape.dims::<4>();
+    assert!(
+        [&k, &v, &o, &dy].iter().all(|x| x.dtype == q.dtype),
+        "flash attention backward: q, k, v, o, dy in one dtype"
+    );
+    if !kernels_fit(&q) {
+        return None;
+    }
+    let [q, k, v, o, dy] = [q, k, v, o, dy].map(vector_rows);
+    let lse = into_contiguous(lse);
+    let drop = crate::kernels::DropArgs::new(drop, &q);
+    let (client, device) = (q.client.clone(), q.device.clone());
+    let dtype = dtype_to_storage_type(q.dtype);
+    let blocks = t.div_ceil(BR);
+    let rows = b * h * t;
+    let dots = empty_device_dtype(
+        client.clone(),
+        device.clone(),
+        Shape::new([b, h, t, 1]),
+        DType::F32,
+    );
+    let ds = empty_device_dtype(
+        client.clone(),
+        device.clone(),
+        Shape::new([b * h, blocks * (blocks + 1) / 2, BR, HEAD]),
+        DType::F32,
+    );
+    let dqkv = empty_device_contiguous_dtype(
+        client.clone(),
+        device,
+        Shape::new([b, t, 3 * h * d]),
+        q.dtype,
+    );
+    let grid = CubeCount::Static(blocks as u32, (b * h) as u32, 1);
+    // Safety: rows are clamped into `..t` for the loads of q, k, v, dy and into the tile for ds;
+    // stores check `row < t` (dqkv, dots) or stay in the tile (ds); vector offsets are multiples
+    // of 4 elements (checked above), every head `< b·h`.
+    unsafe {
+        row_dots_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(rows.div_ceil(UNITS) as u32, 1, 1),
+            CubeDim::new_1d(UNITS as u32),
+            LANES,
+            dy.clone().into_tensor_arg(),
+            o.into_tensor_arg(),
+            dots.clone().into_tensor_arg(),
+            rows,
+            dtype,
+        );
+        flash_backward_kv_kernel::launch_unchecked(
+            &client,
+            grid.clone(),
+            CubeDim::new_1d(UNITS as u32),
+            LANES,
+            q.into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.into_tensor_arg(),
+            dy.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            dots.into_tensor_arg(),
+            drop.seed.into_tensor_arg(),
+            ds.clone().into_tensor_arg(),
+            dqkv.clone().into_tensor_arg(),
+            scale as f32,
+            drop.threshold,
+            drop.inv_keep,
+            blocks,
+            drop.drop,
+            dtype,
+        );
+        flash_backward_q_kernel::launch_unchecked(
+            &client,
+            grid,
+            CubeDim::new_1d(UNITS as u32),
+            LANES,
+            k.into_tensor_arg(),
+            ds.into_tensor_arg(),
+            dqkv.clone().into_tensor_arg(),
+            scale as f32,
+            blocks,
+            dtype,
+        );
+    }
+    Some(dqkv)
+}
+
+/// The same gradient without the kernels (Burn's matmuls and the softmax-gradient row kernel),
+/// where [`flash_backward`] does not apply.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn materialised_backward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    lse: CubeTensor,
+    dy: CubeTensor,
+    bias: CubeTensor,
+    drop: Option<(CubeTensor, f64)>,
+    scale: f64,
+) -> CubeTensor {
+    let t = |x: CubeTensor| CubeBackend::float_swap_dims(x, 2, 3);
+    let s = CubeBackend::float_matmul(q.clone(), t(k.clone()));
+    let dp = CubeBackend::float_matmul(dy.clone(), t(v));
+    let (pd, ds) = crate::kernels::launch_softmax_grad_lse(s, bias, 0, lse, dp, drop, scale);
+    let dv = CubeBackend::float_matmul(t(pd), dy);
+    let dq = CubeBackend::float_matmul(ds.clone(), k);
+    let dk = CubeBackend::float_matmul(t(ds), q);
+    crate::kernels::launch_merge_heads([dq, dk, dv].map(into_contiguous))
 }

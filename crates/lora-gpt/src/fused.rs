@@ -148,6 +148,23 @@ pub trait Pointwise: Matmul + MaskBits {
         None
     }
 
+    /// The gradient w.r.t. `qkv [batch, seq, 3·head·d]` of [`Pointwise::flash_attention`] in one
+    /// pass where the backend has one ([`RowKernels::flash_attention_backward`], cubecl): from q,
+    /// k, v, the output o and its gradient dy `[batch, head, seq, d]`, the log-sum-exp and the
+    /// hashed dropout's seed and keep. `None` (the default): the query blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        _qkv: &[FloatTensor<Self>; 3],
+        _o: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _bias: FloatTensor<Self>,
+        _drop: Option<(FloatTensor<Self>, f64)>,
+        _scale: f64,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// `exp(x)`.
     fn fused_exp(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_exp(x)
@@ -498,6 +515,34 @@ impl Pointwise for Cube {
             p,
         );
         Some((Self::float_swap_dims(o, 1, 2), lse))
+    }
+
+    fn flash_attention_backward(
+        [q, k, v]: &[FloatTensor<Self>; 3],
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        drop: Option<(FloatTensor<Self>, f64)>,
+        scale: f64,
+    ) -> Option<FloatTensor<Self>> {
+        if !crate::flash::flash_takes(q.shape()[3], q.dtype()) {
+            return None;
+        }
+        // Without dropout q stands in for the seed (keep 1: never read).
+        let (seed, p) = drop.unwrap_or_else(|| (q.clone(), 1.0));
+        Some(<Self as RowKernels>::flash_attention_backward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            o,
+            lse,
+            dy,
+            bias,
+            seed,
+            scale,
+            p,
+        ))
     }
 
     fn merge_heads(
@@ -877,8 +922,8 @@ fn blocks_for<B: Pointwise>(blocks: Option<usize>, t: usize, masked: bool) -> us
 
 /// The attention output and, with `lse` (for [`Pointwise::PROBS_FROM_LSE`]) or hashed dropout,
 /// the scores' per-row log-sum-exp `[batch, head, seq, 1]` (f32); in one pass where the backend
-/// has one ([`Pointwise::flash_attention`], which always gives the log-sum-exp), else over
-/// `blocks` query blocks ([`query_blocks`]).
+/// has one ([`Pointwise::flash_attention`], which always gives the log-sum-exp; then `true`), else
+/// over `blocks` query blocks ([`query_blocks`]).
 fn attention_forward<B: Pointwise>(
     qkv: &[FloatTensor<B>; 3],
     bias: FloatTensor<B>,
@@ -886,9 +931,9 @@ fn attention_forward<B: Pointwise>(
     scale: f64,
     lse: bool,
     blocks: usize,
-) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+) -> (FloatTensor<B>, Option<FloatTensor<B>>, bool) {
     if let Some((out, lse)) = B::flash_attention(qkv, &bias, &keep, scale) {
-        return (out, Some(lse));
+        return (out, Some(lse), true);
     }
     let [q, k, v] = qkv;
     let t = q.shape()[2];
@@ -921,7 +966,7 @@ fn attention_forward<B: Pointwise>(
         true => B::float_swap_dims(B::swap_heads(out), 1, 2),
         false => out,
     };
-    (out, lse)
+    (out, lse, false)
 }
 
 /// `p · mask` for [`Keep::Mask`], p otherwise.
@@ -1272,7 +1317,8 @@ enum Dropped<B: Pointwise> {
 
 /// q, k, v `[batch, head, seq, d]` (contiguous on GPUs: the backward pass copies nothing), bias,
 /// the dropout, scale, the log-sum-exp ([`Pointwise::PROBS_FROM_LSE`], and always with hashed
-/// dropout), the query blocks.
+/// dropout), the query blocks, and the output where the one-pass forward made it
+/// ([`Pointwise::flash_attention`]: its backward pass needs it).
 type AttentionState<B> = (
     [FloatTensor<B>; 3],
     FloatTensor<B>,
@@ -1280,6 +1326,7 @@ type AttentionState<B> = (
     f64,
     Option<FloatTensor<B>>,
     usize,
+    Option<FloatTensor<B>>,
 );
 
 impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
@@ -1289,8 +1336,22 @@ impl<B: Pointwise> Backward<B, 1> for AttentionBackward {
         let [node] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let Some(node) = node else { return };
-        let ([q, k, v], bias, dropped, scale, lse, blocks) = ops.state;
+        let ([q, k, v], bias, dropped, scale, lse, blocks, out) = ops.state;
         let t = q.shape()[2];
+        if let (Some(o), Some(lse)) = (out, &lse) {
+            let drop = match &dropped {
+                Dropped::Hashed(seed, keep) => Some((seed.clone(), *keep)),
+                _ => None,
+            };
+            let heads = [q.clone(), k.clone(), v.clone()];
+            let (lse, bias) = (lse.clone(), bias.clone());
+            if let Some(d) =
+                B::flash_attention_backward(&heads, o, lse, dy.clone(), bias, drop, scale)
+            {
+                grads.register::<B>(node.id, d);
+                return;
+            }
+        }
         // The output's gradient, from the caller's `[batch, seq, head, d]` view: contiguous once
         // for all blocks' products (on GPUs).
         let dy = match B::contiguous_heads(t) {
@@ -1482,7 +1543,7 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
         let masked = matches!(keep, Keep::Mask(..));
         let blocks = blocks_for::<B>(blocks, qkv.shape()[1], masked);
         let heads = split_heads::<B>(qkv, n_head);
-        let (out, lse) = attention_forward::<B>(
+        let (out, lse, flash) = attention_forward::<B>(
             &heads,
             bias.clone(),
             keep.clone(),
@@ -1497,7 +1558,8 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
                     Keep::Hashed(seed, p) => Dropped::Hashed(seed, p),
                     Keep::All => Dropped::None,
                 };
-                prep.finish((heads, bias, dropped, scale, lse, blocks), out)
+                let o = flash.then(|| out.clone());
+                prep.finish((heads, bias, dropped, scale, lse, blocks, o), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }

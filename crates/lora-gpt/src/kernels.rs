@@ -741,7 +741,7 @@ pub(crate) fn launch_softmax_lse(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch_softmax_grad_lse(
+pub(crate) fn launch_softmax_grad_lse(
     scores: CubeTensor,
     bias: CubeTensor,
     start: usize,
@@ -885,7 +885,7 @@ fn launch_swap_heads(x: CubeTensor) -> CubeTensor {
 }
 
 /// dq, dk, dv `[batch, head, seq, d]` (d contiguous) -> `[batch, seq, 3·head·d]`.
-fn launch_merge_heads(parts: [CubeTensor; 3]) -> CubeTensor {
+pub(crate) fn launch_merge_heads(parts: [CubeTensor; 3]) -> CubeTensor {
     let [b, h, t, d] = parts[0].meta.shape.dims::<4>();
     let out = empty_device_contiguous_dtype(
         parts[0].client.clone(),
@@ -1107,6 +1107,26 @@ pub trait RowKernels: Backend {
         keep: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
+    /// The backward pass of [`flash_attention`](Self::flash_attention): the gradient w.r.t. the
+    /// heads side by side, `[batch, seq, 3·head·d]` (q's heads, then k's, then v's), from q, k,
+    /// v, the output o and its gradient dy `[batch, head, seq, d]` (any strides, d contiguous) and
+    /// the log-sum-exp: three kernels ([`crate::flash`]) for heads of 64, else the scores, the
+    /// softmax-gradient kernel and matmuls.
+    #[fusion(meta = |q, _k, _v, _o, _lse, _dy, _bias, _seed, _scale, _keep| merged_spec(q))]
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        scale: f64,
+        keep: f64,
+    ) -> FloatTensor<Self>;
+
     /// The attention's input gradient from dq, dk, dv `[batch, head, seq, d]` (one dtype, d
     /// contiguous): `[batch, seq, 3·head·d]`, q's heads then k's then v's.
     #[fusion(meta = |dq, _dk, _dv| merged_spec(dq))]
@@ -1224,6 +1244,26 @@ impl RowKernels for CubeBackend {
         let drop = (keep < 1.0).then_some((seed, keep));
         crate::flash::flash_forward(q.clone(), k.clone(), v.clone(), drop.clone(), scale)
             .unwrap_or_else(|| crate::flash::materialised(q, k, v, bias, drop, scale))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        o: CubeTensor,
+        lse: CubeTensor,
+        dy: CubeTensor,
+        bias: CubeTensor,
+        seed: CubeTensor,
+        scale: f64,
+        keep: f64,
+    ) -> CubeTensor {
+        let drop = (keep < 1.0).then_some((seed, keep));
+        let (q2, k2, v2, lse2, dy2) = (q.clone(), k.clone(), v.clone(), lse.clone(), dy.clone());
+        crate::flash::flash_backward(q, k, v, o, lse, dy, drop.clone(), scale).unwrap_or_else(
+            || crate::flash::materialised_backward(q2, k2, v2, lse2, dy2, bias, drop, scale),
+        )
     }
 
     fn merge_heads(dq: CubeTensor, dk: CubeTensor, dv: CubeTensor) -> CubeTensor {

@@ -480,6 +480,77 @@ fn flash_attention_op_and_its_fallback_on_wgpu() {
     }
 }
 
+/// The backward op of the one-kernel attention (`RowKernels::flash_attention_backward`) against
+/// autodiff through softmax and matmuls: heads of 64 run the kernels, heads of 16 the fallback
+/// (the scores, the softmax-gradient kernel, matmuls). The output gradient is a strided view, as
+/// the caller's `[batch, seq, head, d]` gradient is; 130 queries leave the last tile part empty.
+#[test]
+fn flash_attention_backward_op_and_its_fallback_on_wgpu() {
+    use crate::kernels::RowKernels;
+    use burn::backend::Dispatch;
+    let _one = crate::WGPU.lock();
+    let plain = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    let device = plain.clone().autodiff();
+    device.seed(11);
+    let (b, h, t, s) = (2, 3, 130, 0.3);
+    for d in [64, 16] {
+        let normal = Distribution::Normal(0.0, 1.0);
+        let [q, k, v] = [0; 3].map(|_| Tensor::<4>::random([b, h, t, d], normal, &device));
+        let dy = Tensor::<4>::random([b, t, h, d], normal, &device).swap_dims(1, 2);
+        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device);
+        let bias = Tensor::<2>::zeros([t, t], &device)
+            .mask_fill(future.clone(), f32::NEG_INFINITY)
+            .reshape([1, 1, t, t]);
+        let [q, k, v] = [q, k, v].map(|x| x.require_grad());
+        let x = q
+            .clone()
+            .matmul(k.clone().swap_dims(2, 3))
+            .mul_scalar(s)
+            .mask_fill(
+                future.unsqueeze::<4>().expand([b, h, t, t]),
+                f32::NEG_INFINITY,
+            );
+        let y = softmax(x, 3).matmul(v.clone());
+        let grads = (y.clone() * dy.clone()).sum().backward();
+        let expect = [&q, &k, &v].map(|x| x.grad(&grads).expect("a gradient"));
+        let expect =
+            Tensor::cat(expect.map(|g| g.swap_dims(1, 2)).to_vec(), 2).reshape([b, t, 3 * h * d]);
+        let plain_of = |x: Tensor<4>| Tensor::<4>::from_data(x.to_data(), &plain).into_dispatch();
+        let (q, k, v, bias) = (plain_of(q), plain_of(k), plain_of(v), plain_of(bias));
+        let seed = Tensor::<1>::zeros([2], &plain).into_dispatch();
+        let (o, lse) = <Dispatch as RowKernels>::flash_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            bias.clone(),
+            seed.clone(),
+            s,
+            1.0,
+        );
+        let o = Tensor::<4>::from_dispatch(o)
+            .swap_dims(1, 2)
+            .into_dispatch();
+        let dy = Tensor::<4>::from_data(dy.swap_dims(1, 2).to_data(), &plain).swap_dims(1, 2);
+        let dqkv = <Dispatch as RowKernels>::flash_attention_backward(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            dy.into_dispatch(),
+            bias,
+            seed,
+            s,
+            1.0,
+        );
+        let dqkv = Tensor::<3>::from_dispatch(dqkv);
+        assert_eq!(dqkv.dims(), [b, t, 3 * h * d], "heads of {d}");
+        let expect = Tensor::<3>::from_data(expect.to_data(), &plain);
+        let diff = max_diff(dqkv, expect);
+        assert!(diff < 1e-4, "grad qkv {diff}, heads of {d}");
+    }
+}
+
 /// The wgpu device (autodiff) while holding the wgpu lock, or `None` (said on stderr) where it
 /// has no f16 (llvmpipe): the f16 tests check nothing there.
 fn f16_wgpu(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Device)> {
