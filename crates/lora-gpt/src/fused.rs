@@ -135,6 +135,13 @@ pub trait Pointwise: Matmul + MaskBits {
         merge_heads_composed::<Self>(dq, dk, dv)
     }
 
+    /// Whether [`Pointwise::flash_attention`] takes heads of `d` in `dtype` (without a dropout
+    /// mask tensor): then q, k, v stay strided views of the `c_attn` output, which its kernels
+    /// read as they are.
+    fn flash_takes(_d: usize, _dtype: DType) -> bool {
+        false
+    }
+
     /// Causal attention of q, k, v `[batch, head, seq, d]` in one pass where the backend has one
     /// ([`RowKernels::flash_attention`], cubecl): the output `[batch, head, seq, d]` and the
     /// log-sum-exp `[batch, head, seq, 1]` (f32). `None` (the default, and with a dropout mask
@@ -486,6 +493,10 @@ impl Pointwise for Cube {
 
     fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
         <Self as RowKernels>::swap_heads(x)
+    }
+
+    fn flash_takes(d: usize, dtype: DType) -> bool {
+        crate::flash::flash_takes(d, dtype)
     }
 
     /// Heads of 64 in one kernel ([`crate::flash`]); the output is stored as `[batch, seq, head,
@@ -875,16 +886,24 @@ fn add_key_rows<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -
     B::float_slice_assign(acc, &ranges, sum)
 }
 
-/// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`.
-fn split_heads<B: Pointwise>(qkv: FloatTensor<B>, n_head: usize) -> [FloatTensor<B>; 3] {
+/// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`: copies where
+/// [`Pointwise::contiguous_heads`] asks for them, unless the one-pass attention takes the heads
+/// (`masked`: a dropout mask tensor, which it does not take).
+fn split_heads<B: Pointwise>(
+    qkv: FloatTensor<B>,
+    n_head: usize,
+    masked: bool,
+) -> [FloatTensor<B>; 3] {
     let [b, t, c3] = qkv.shape().dims::<3>();
     let hs = c3 / 3 / n_head;
+    // The one-pass attention reads the strided views as they are.
+    let copy = B::contiguous_heads(t) && (masked || !B::flash_takes(hs, qkv.dtype()));
     // `[b, t, 3·head, hs]` is a view; each third of its heads a strided one.
     let heads = B::float_reshape(qkv, [b, t, 3 * n_head, hs].into());
     [0, 1, 2].map(|j| {
         let range = Slice::from(j * n_head..(j + 1) * n_head);
         let z = B::float_slice(heads.clone(), &[Slice::full(), Slice::full(), range]);
-        match B::contiguous_heads(t) {
+        match copy {
             true => B::swap_heads(z),
             false => B::float_swap_dims(z, 1, 2),
         }
@@ -1266,7 +1285,7 @@ macro_rules! plain_backend {
             ) -> FloatTensor<Self> {
                 let masked = matches!(keep, Keep::Mask(..));
                 let blocks = blocks_for::<Self>(blocks, qkv.shape()[1], masked);
-                let heads = split_heads::<Self>(qkv, n_head);
+                let heads = split_heads::<Self>(qkv, n_head, masked);
                 attention_forward::<Self>(&heads, bias, keep, scale, false, blocks).0
             }
 
@@ -1315,7 +1334,8 @@ enum Dropped<B: Pointwise> {
     None,
 }
 
-/// q, k, v `[batch, head, seq, d]` (contiguous on GPUs: the backward pass copies nothing), bias,
+/// q, k, v `[batch, head, seq, d]` (contiguous on GPUs, or views of qkv for the one-pass attention:
+/// the backward pass copies nothing), bias,
 /// the dropout, scale, the log-sum-exp ([`Pointwise::PROBS_FROM_LSE`], and always with hashed
 /// dropout), the query blocks, and the output where the one-pass forward made it
 /// ([`Pointwise::flash_attention`]: its backward pass needs it).
@@ -1542,7 +1562,7 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
         let tracked = matches!(prep, OpsKind::Tracked(_));
         let masked = matches!(keep, Keep::Mask(..));
         let blocks = blocks_for::<B>(blocks, qkv.shape()[1], masked);
-        let heads = split_heads::<B>(qkv, n_head);
+        let heads = split_heads::<B>(qkv, n_head, masked);
         let (out, lse, flash) = attention_forward::<B>(
             &heads,
             bias.clone(),
