@@ -555,6 +555,12 @@ pub(crate) fn flash_takes(d: usize, dtype: DType) -> bool {
     d == HEAD && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
+/// Whether [`flash_backward`] runs for heads of `d` in `dtype`: f32. In f16 the materialised
+/// backward pass's products run on tensor cores, faster than these f32 kernels.
+pub(crate) fn flash_backward_takes(d: usize, dtype: DType) -> bool {
+    d == HEAD && dtype == DType::F32
+}
+
 /// Cubes along y at most.
 const MAX_GRID: usize = 65_535;
 

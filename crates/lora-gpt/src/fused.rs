@@ -142,6 +142,12 @@ pub trait Pointwise: Matmul + MaskBits {
         false
     }
 
+    /// Whether [`Pointwise::flash_attention_backward`] takes heads of `d` in `dtype`: then the
+    /// forward pass keeps its output for it.
+    fn flash_backward_takes(_d: usize, _dtype: DType) -> bool {
+        false
+    }
+
     /// Causal attention of q, k, v `[batch, head, seq, d]` in one pass where the backend has one
     /// ([`RowKernels::flash_attention`], cubecl): the output `[batch, head, seq, d]` and the
     /// log-sum-exp `[batch, head, seq, 1]` (f32). `None` (the default, and with a dropout mask
@@ -499,6 +505,10 @@ impl Pointwise for Cube {
         crate::flash::flash_takes(d, dtype)
     }
 
+    fn flash_backward_takes(d: usize, dtype: DType) -> bool {
+        crate::flash::flash_backward_takes(d, dtype)
+    }
+
     /// Heads of 64 in one kernel ([`crate::flash`]); the output is stored as `[batch, seq, head,
     /// d]` (a view returned), so that the caller's merge of the heads is free.
     fn flash_attention(
@@ -537,7 +547,7 @@ impl Pointwise for Cube {
         drop: Option<(FloatTensor<Self>, f64)>,
         scale: f64,
     ) -> Option<FloatTensor<Self>> {
-        if !crate::flash::flash_takes(q.shape()[3], q.dtype()) {
+        if !crate::flash::flash_backward_takes(q.shape()[3], q.dtype()) {
             return None;
         }
         // Without dropout q stands in for the seed (keep 1: never read).
@@ -1578,7 +1588,9 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
                     Keep::Hashed(seed, p) => Dropped::Hashed(seed, p),
                     Keep::All => Dropped::None,
                 };
-                let o = flash.then(|| out.clone());
+                let [q, ..] = &heads;
+                let o = (flash && B::flash_backward_takes(q.shape()[3], q.dtype()))
+                    .then(|| out.clone());
                 prep.finish((heads, bias, dropped, scale, lse, blocks, o), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
