@@ -1,4 +1,5 @@
-//! Causal attention's forward pass on cubecl as one kernel (FlashAttention's online softmax).
+//! Causal attention on cubecl as kernels of its own (FlashAttention's online softmax forward,
+//! FlashAttention-2's backward).
 //!
 //! The materialised form writes each block of scores `[.., 256, keys]`, runs the softmax kernel
 //! over it and multiplies the probabilities by v: three passes over the scores a block, ~11 ms of
@@ -6,7 +7,11 @@
 //! in registers and shared memory: a cube of 256 units takes 64 queries of one head, walks the
 //! keys up to the diagonal 64 at a time, keeps each row's running max and sum, and writes the
 //! output and the log-sum-exp the backward pass recomputes the probabilities from. Hashed dropout
-//! is drawn as the softmax kernels draw it ([`crate::kernels`]), so the backward pass is unchanged.
+//! is drawn as the softmax kernels draw it ([`crate::kernels`]), so either backward pass fits it.
+//! [`flash_backward`] (f32): [`flash_backward_kv_kernel`] walks the queries of 64 keys, keeping
+//! their gradients in registers, and stores the softmax gradient per tile, which
+//! [`flash_backward_q_kernel`] multiplies by k (2.35 -> 1.94 ms a layer of GPT-2 small at 8 × 1024
+//! on an H100).
 
 use crate::kernels::SHIFT32;
 use burn::backend::cubecl::dtype_to_storage_type;
