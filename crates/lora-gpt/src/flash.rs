@@ -50,6 +50,15 @@ fn block_of(#[comptime] transpose: bool) -> (usize, usize) {
     (rb * LANES, db)
 }
 
+/// Head `(bi, hi)` of x `[batch, head, seq, d]`: its first vector and its rows' stride in vectors.
+#[cube]
+fn head_of<F: Float, N: Size>(x: &Tensor<Vector<F, N>>, bi: usize, hi: usize) -> (usize, usize) {
+    (
+        (bi * x.stride(0) + hi * x.stride(1)) / LANES,
+        x.stride(2) / LANES,
+    )
+}
+
 /// The unit's block ([`block_of`]) of rows `r0 .. r0 + 64` of a head (rows past `len` re-read the
 /// last one) from `x` (vector `base`, rows `rs` vectors apart) into `regs`, as f32: issued here,
 /// waited for where [`store_tile`] uses them.
@@ -179,14 +188,9 @@ fn flash_forward_kernel<F: Float, N: Size>(
     let q0 = qb * BR;
     let u = UNIT_POS_X as usize;
     let (ty, tx) = (u / 16, u % 16);
-    let q_base = (bi * q.stride(0) + hi * q.stride(1)) / LANES;
-    let k_base = (bi * k.stride(0) + hi * k.stride(1)) / LANES;
-    let v_base = (bi * v.stride(0) + hi * v.stride(1)) / LANES;
-    let (qs, ks, vs) = (
-        q.stride(2) / LANES,
-        k.stride(2) / LANES,
-        v.stride(2) / LANES,
-    );
+    let (q_base, qs) = head_of::<F, N>(q, bi, hi);
+    let (k_base, ks) = head_of::<F, N>(k, bi, hi);
+    let (v_base, vs) = head_of::<F, N>(v, bi, hi);
 
     let mut sx = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));
     let mut sy = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));
@@ -324,8 +328,9 @@ fn row_dots_kernel<F: Float, N: Size>(
     let (heads, t) = (dy.shape(1), dy.shape(2));
     let (bh, row) = (r / t, r % t);
     let (bi, hi) = (bh / heads, bh % heads);
-    let yb = (bi * dy.stride(0) + hi * dy.stride(1) + row * dy.stride(2)) / LANES;
-    let ob = (bi * o.stride(0) + hi * o.stride(1) + row * o.stride(2)) / LANES;
+    let (yb, ys) = head_of::<F, N>(dy, bi, hi);
+    let (ob, os) = head_of::<F, N>(o, bi, hi);
+    let (yb, ob) = (yb + row * ys, ob + row * os);
     let mut acc = Vector::<f32, N>::new(0.0);
     #[unroll]
     for c in 0..ROW_VECS {
@@ -379,16 +384,10 @@ fn flash_backward_kv_kernel<F: Float, N: Size>(
     let k0 = kb * BR;
     let u = UNIT_POS_X as usize;
     let (ty, tx) = (u / 16, u % 16);
-    let q_base = (bi * q.stride(0) + hi * q.stride(1)) / LANES;
-    let k_base = (bi * k.stride(0) + hi * k.stride(1)) / LANES;
-    let v_base = (bi * v.stride(0) + hi * v.stride(1)) / LANES;
-    let y_base = (bi * dy.stride(0) + hi * dy.stride(1)) / LANES;
-    let (qs, ks, vs, ys) = (
-        q.stride(2) / LANES,
-        k.stride(2) / LANES,
-        v.stride(2) / LANES,
-        dy.stride(2) / LANES,
-    );
+    let (q_base, qs) = head_of::<F, N>(q, bi, hi);
+    let (k_base, ks) = head_of::<F, N>(k, bi, hi);
+    let (v_base, vs) = head_of::<F, N>(v, bi, hi);
+    let (y_base, ys) = head_of::<F, N>(dy, bi, hi);
     let tiles = bh * (blocks * (blocks + 1) / 2);
 
     let mut sx = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));
@@ -516,8 +515,7 @@ fn flash_backward_q_kernel<F: Float, N: Size>(
     let q0 = qb * BR;
     let u = UNIT_POS_X as usize;
     let (ty, tx) = (u / 16, u % 16);
-    let k_base = (bi * k.stride(0) + hi * k.stride(1)) / LANES;
-    let ks = k.stride(2) / LANES;
+    let (k_base, ks) = head_of::<F, N>(k, bi, hi);
     let tiles = (bh * (blocks * (blocks + 1) / 2) + qb * (qb + 1) / 2) * BR * ROW_VECS;
 
     let mut sx = Shared::<[Vector<f32, N>]>::new_slice(comptime!(BR * ROW_VECS));

@@ -429,6 +429,26 @@ fn flash_attention_on_wgpu() {
     attention_case_d(&d, Drop::Mask, [1, 2, 70, 64], None, 1e-4);
 }
 
+/// The causal bias `[1, 1, t, t]` (−∞ above the diagonal) and `q·kᵀ·s` masked by it, for q, k
+/// `[b, h, t, d]`: the reference side of the one-kernel attention's op tests.
+fn causal_scores(q: &Tensor<4>, k: &Tensor<4>, s: f64) -> (Tensor<4>, Tensor<4>) {
+    let [b, h, t, _] = q.dims();
+    let device = q.device();
+    let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device);
+    let bias = Tensor::<2>::zeros([t, t], &device)
+        .mask_fill(future.clone(), f32::NEG_INFINITY)
+        .reshape([1, 1, t, t]);
+    let x = q
+        .clone()
+        .matmul(k.clone().swap_dims(2, 3))
+        .mul_scalar(s)
+        .mask_fill(
+            future.unsqueeze::<4>().expand([b, h, t, t]),
+            f32::NEG_INFINITY,
+        );
+    (bias, x)
+}
+
 /// The op under the one-kernel attention (`RowKernels::flash_attention`) against softmax and
 /// matmuls: heads of 64 run the kernel, heads of 16 the fallback of scores and the softmax kernel.
 /// The output `[batch, seq, head, d]` and the log-sum-exp of the masked, scaled scores.
@@ -443,18 +463,7 @@ fn flash_attention_op_and_its_fallback_on_wgpu() {
     for d in [64, 16] {
         let normal = Distribution::Normal(0.0, 1.0);
         let [q, k, v] = [0; 3].map(|_| Tensor::<4>::random([b, h, t, d], normal, &device));
-        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device);
-        let bias = Tensor::<2>::zeros([t, t], &device)
-            .mask_fill(future.clone(), f32::NEG_INFINITY)
-            .reshape([1, 1, t, t]);
-        let x = q
-            .clone()
-            .matmul(k.clone().swap_dims(2, 3))
-            .mul_scalar(s)
-            .mask_fill(
-                future.unsqueeze::<4>().expand([b, h, t, t]),
-                f32::NEG_INFINITY,
-            );
+        let (bias, x) = causal_scores(&q, &k, s);
         let expect_y = softmax(x.clone(), 3).matmul(v.clone()).swap_dims(1, 2);
         let max = x.clone().max_dim(3);
         let expect_lse = max.clone() + (x - max).exp().sum_dim(3).log();
@@ -497,19 +506,8 @@ fn flash_attention_backward_op_and_its_fallback_on_wgpu() {
         let normal = Distribution::Normal(0.0, 1.0);
         let [q, k, v] = [0; 3].map(|_| Tensor::<4>::random([b, h, t, d], normal, &device));
         let dy = Tensor::<4>::random([b, t, h, d], normal, &device).swap_dims(1, 2);
-        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device);
-        let bias = Tensor::<2>::zeros([t, t], &device)
-            .mask_fill(future.clone(), f32::NEG_INFINITY)
-            .reshape([1, 1, t, t]);
         let [q, k, v] = [q, k, v].map(|x| x.require_grad());
-        let x = q
-            .clone()
-            .matmul(k.clone().swap_dims(2, 3))
-            .mul_scalar(s)
-            .mask_fill(
-                future.unsqueeze::<4>().expand([b, h, t, t]),
-                f32::NEG_INFINITY,
-            );
+        let (bias, x) = causal_scores(&q, &k, s);
         let y = softmax(x, 3).matmul(v.clone());
         let grads = (y.clone() * dy.clone()).sum().backward();
         let expect = [&q, &k, &v].map(|x| x.grad(&grads).expect("a gradient"));
