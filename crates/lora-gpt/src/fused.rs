@@ -485,6 +485,15 @@ fn gelu_grad_composed<B: Backend>(x: FloatTensor<B>, g: FloatTensor<B>) -> Float
     B::float_mul(g, d)
 }
 
+/// Hashed dropout's seed and keep probability as the one-pass attention ops take them: without
+/// dropout, `like` stands in for the seed (keep 1: never read).
+fn seed_and_keep(
+    like: &FloatTensor<Cube>,
+    drop: Option<(FloatTensor<Cube>, f64)>,
+) -> (FloatTensor<Cube>, f64) {
+    drop.unwrap_or_else(|| (like.clone(), 1.0))
+}
+
 impl Pointwise for Cube {
     const SPLIT_VOCAB: bool = true;
     const PROBS_FROM_LSE: bool = true;
@@ -520,12 +529,12 @@ impl Pointwise for Cube {
         if !crate::flash::flash_takes(q.shape()[3], q.dtype()) {
             return None;
         }
-        // Without dropout q stands in for the seed (keep 1: never read).
-        let (seed, p) = match keep {
+        let drop = match keep {
             Keep::Mask(..) => return None,
-            Keep::Hashed(seed, p) => (seed.clone(), *p),
-            Keep::All => (q.clone(), 1.0),
+            Keep::Hashed(seed, p) => Some((seed.clone(), *p)),
+            Keep::All => None,
         };
+        let (seed, p) = seed_and_keep(q, drop);
         let (o, lse) = <Self as RowKernels>::flash_attention(
             q.clone(),
             k.clone(),
@@ -550,8 +559,7 @@ impl Pointwise for Cube {
         if !crate::flash::flash_backward_takes(q.shape()[3], q.dtype()) {
             return None;
         }
-        // Without dropout q stands in for the seed (keep 1: never read).
-        let (seed, p) = drop.unwrap_or_else(|| (q.clone(), 1.0));
+        let (seed, p) = seed_and_keep(q, drop);
         Some(<Self as RowKernels>::flash_attention_backward(
             q.clone(),
             k.clone(),
@@ -897,17 +905,22 @@ fn add_key_rows<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -
 }
 
 /// q, k, v `[batch, head, seq, d]` of `qkv [batch, seq, 3·head·d]`: copies where
-/// [`Pointwise::contiguous_heads`] asks for them, unless the one-pass attention takes the heads
-/// (`masked`: a dropout mask tensor, which it does not take).
+/// [`Pointwise::contiguous_heads`] asks for them, unless every pass that reads them is a one-pass
+/// kernel, which reads the strided views as they are: the forward ([`Pointwise::flash_takes`];
+/// `masked`: a dropout mask tensor, which it does not take) and, when `training`, the backward
+/// ([`Pointwise::flash_backward_takes`]; else the query blocks' matmuls read the heads again).
 fn split_heads<B: Pointwise>(
     qkv: FloatTensor<B>,
     n_head: usize,
     masked: bool,
+    training: bool,
 ) -> [FloatTensor<B>; 3] {
     let [b, t, c3] = qkv.shape().dims::<3>();
     let hs = c3 / 3 / n_head;
-    // The one-pass attention reads the strided views as they are.
-    let copy = B::contiguous_heads(t) && (masked || !B::flash_takes(hs, qkv.dtype()));
+    let dt = qkv.dtype();
+    let kernels =
+        !masked && B::flash_takes(hs, dt) && (!training || B::flash_backward_takes(hs, dt));
+    let copy = B::contiguous_heads(t) && !kernels;
     // `[b, t, 3·head, hs]` is a view; each third of its heads a strided one.
     let heads = B::float_reshape(qkv, [b, t, 3 * n_head, hs].into());
     [0, 1, 2].map(|j| {
@@ -1295,7 +1308,7 @@ macro_rules! plain_backend {
             ) -> FloatTensor<Self> {
                 let masked = matches!(keep, Keep::Mask(..));
                 let blocks = blocks_for::<Self>(blocks, qkv.shape()[1], masked);
-                let heads = split_heads::<Self>(qkv, n_head, masked);
+                let heads = split_heads::<Self>(qkv, n_head, masked, false);
                 attention_forward::<Self>(&heads, bias, keep, scale, false, blocks).0
             }
 
@@ -1572,7 +1585,7 @@ impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
         let tracked = matches!(prep, OpsKind::Tracked(_));
         let masked = matches!(keep, Keep::Mask(..));
         let blocks = blocks_for::<B>(blocks, qkv.shape()[1], masked);
-        let heads = split_heads::<B>(qkv, n_head, masked);
+        let heads = split_heads::<B>(qkv, n_head, masked, tracked);
         let (out, lse, flash) = attention_forward::<B>(
             &heads,
             bias.clone(),
