@@ -19,8 +19,9 @@ use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_ex
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
 
 use crate::dropout::hashed_mul;
-use crate::kernels::{AdapterKernels, MAX_RANK};
+use crate::kernels::{AdapterKernels, MAX_RANK, THIN_MAX};
 use crate::matmul::Matmul;
+use crate::matmul::THIN_FROM_ROWS;
 
 /// The adapter's two thin products on a backend; Burn's ops unless a backend has kernels.
 pub trait AdapterOps: Matmul {
@@ -48,6 +49,49 @@ pub trait AdapterOps: Matmul {
         keep: f64,
     ) -> FloatTensor<Self> {
         up_composed::<Self>(base, bias, xa, bt, seed, keep)
+    }
+
+    /// A's gradient from a LayerNorm's input: `gᵀ·drop(ln(x))` `[r, k]`, g `[rows, r]`, `norm`'s
+    /// x `[rows, k]` and statistics ([`Normed`]); `drop` as in [`AdapterOps::down`].
+    fn normed_tn(
+        g: FloatTensor<Self>,
+        norm: Normed<Self>,
+        seed: FloatTensor<Self>,
+        keep: f64,
+    ) -> FloatTensor<Self> {
+        let y = norm.output();
+        let y = match keep < 1.0 {
+            true => hashed_mul::<Self>(y, seed, keep),
+            false => y,
+        };
+        Self::mm_tn(g, y)
+    }
+}
+
+/// A LayerNorm's output `(x − mean)·rstd·gamma + beta` (computed in f32, rounded to x's dtype)
+/// as its backward pass keeps it: its input x `[rows, k]`, the per-row mean and rstd `[rows, 1]`
+/// (f32), gamma and beta `[k]`.
+#[derive(Debug, Clone)]
+pub struct Normed<B: Backend> {
+    pub x: FloatTensor<B>,
+    pub mean: FloatTensor<B>,
+    pub rstd: FloatTensor<B>,
+    pub gamma: FloatTensor<B>,
+    pub beta: FloatTensor<B>,
+}
+
+impl<B: Backend> Normed<B> {
+    /// The norm's output `[rows, k]` in Burn's ops.
+    pub fn output(self) -> FloatTensor<B> {
+        let k = self.gamma.shape()[0];
+        let row = |t: FloatTensor<B>| {
+            B::float_reshape(B::float_cast(t, FloatDType::F32), Shape::new([1, k]))
+        };
+        let dt = self.x.dtype();
+        let x = B::float_cast(self.x, FloatDType::F32);
+        let xh = B::float_mul(B::float_sub(x, self.mean), self.rstd);
+        let y = B::float_add(B::float_mul(xh, row(self.gamma)), row(self.beta));
+        B::float_cast(y, dt.into())
     }
 }
 
@@ -116,6 +160,35 @@ impl AdapterOps for Cube {
                 None,
             ),
         }
+    }
+
+    /// One pass over x ([`AdapterKernels::thin_tn_normed`]) for thin g over many rows, as
+    /// [`Matmul::mm_tn`] takes [`AdapterKernels::thin_tn`].
+    fn normed_tn(
+        g: FloatTensor<Self>,
+        norm: Normed<Self>,
+        seed: FloatTensor<Self>,
+        keep: f64,
+    ) -> FloatTensor<Self> {
+        let [rows, m] = g.shape().dims::<2>();
+        if m <= THIN_MAX && rows >= THIN_FROM_ROWS && g.dtype() == norm.x.dtype() {
+            let Normed {
+                x,
+                mean,
+                rstd,
+                gamma,
+                beta,
+            } = norm;
+            return <Self as AdapterKernels>::thin_tn_normed(
+                g, x, mean, rstd, gamma, beta, seed, keep,
+            );
+        }
+        let y = norm.output();
+        let y = match keep < 1.0 {
+            true => hashed_mul::<Self>(y, seed, keep),
+            false => y,
+        };
+        Self::mm_tn(g, y)
     }
 
     /// One kernel ([`crate::kernels`]) up to rank [`MAX_RANK`].
@@ -213,63 +286,170 @@ macro_rules! plain_backend {
 
 plain_backend!(Cube, Flex, NdArray);
 
-/// What the backward pass keeps: each only where a gradient needs it.
+/// The gradients a LoRA linear's backward pass computes, in its parents' order: x, w, bias, a, b.
+pub type Wanted = [bool; 5];
+
+/// What a LoRA linear's backward pass needs ([`lora_forward`] -> [`lora_backward`]): each tensor
+/// only where a wanted gradient needs it. Ops that fuse the layer with what feeds it (lora-gpt's
+/// LayerNorm + LoRA) keep it in their own state.
 #[derive(Debug, Clone)]
-struct LoraState<B: Backend> {
-    /// x (W's gradient), `drop(x)` (A's), xa (B's).
+pub struct LoraSaved<B: Backend> {
+    /// x (W's gradient), `drop(x)` (A's), xa (B's); x and `drop(x)` none where the caller
+    /// recomputes the input for [`lora_backward`].
     x: Option<FloatTensor<B>>,
     xd: Option<FloatTensor<B>>,
     xa: Option<FloatTensor<B>>,
-    /// W (x's gradient), A (x's), Bᵀ `[r, n]` (x's and A's).
+    /// W (x's gradient), A (x's; and A's where `drop(x)` is drawn again), Bᵀ `[r, n]` (x's, A's).
     w: Option<FloatTensor<B>>,
     a: Option<FloatTensor<B>>,
     bt: Option<FloatTensor<B>>,
-    /// The dropout's seed and keep probability, the scale, the bias dtype, whether there is one.
+    /// The dropout's seed and keep probability, the scale, the bias dtype, the gradients wanted.
     seed: FloatTensor<B>,
     keep: f64,
     scale: f64,
     bias_dtype: DType,
-    with_bias: bool,
+    want: Wanted,
+}
+
+/// The forward pass of [`LoraKernels::lora_linear`] on an autodiff device: the output `[rows, n]`
+/// and what the backward pass needs for the gradients `want` (x, w, bias, a, b; bias only where
+/// there is one). With `keep_input` false the layer's input is not kept: the caller recomputes it
+/// for [`lora_backward`] (it saves a `[rows, k]` tensor per layer where the caller keeps what
+/// the input comes from anyway).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward<B: AdapterOps>(
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    seed: FloatTensor<B>,
+    keep: f64,
+    scale: f64,
+    want: Wanted,
+    keep_input: bool,
+) -> (FloatTensor<B>, LoraSaved<B>) {
+    let [gx, gw, _, ga, gb] = want;
+    let bias_dtype = bias.as_ref().map_or(DType::F32, |b| b.dtype());
+    let (out, xa, xd, bt) = forward::<B>(
+        x.clone(),
+        w.clone(),
+        bias,
+        a.clone(),
+        b,
+        seed.clone(),
+        keep,
+        scale,
+        keep_input && ga && keep < 1.0,
+    );
+    let saved = LoraSaved {
+        xd: (keep_input && ga).then(|| xd.unwrap_or_else(|| x.clone())),
+        x: (keep_input && gw).then_some(x),
+        xa: gb.then_some(xa),
+        w: gx.then_some(w),
+        a: (gx || (ga && !keep_input)).then_some(a),
+        bt: (gx || ga).then_some(bt),
+        seed,
+        keep,
+        scale,
+        bias_dtype,
+        want,
+    };
+    (out, saved)
+}
+
+/// The layer's input for [`lora_backward`] where [`lora_forward`] did not keep it.
+#[derive(Debug, Clone)]
+pub enum Input<B: Backend> {
+    /// Kept by the forward pass.
+    Kept,
+    /// Recomputed by the caller `[rows, k]`.
+    Given(FloatTensor<B>),
+    /// A LayerNorm's output, from what the norm keeps: A's gradient reads the norm's input
+    /// directly ([`AdapterOps::normed_tn`]); W's gradient needs [`Input::Given`].
+    Normed(Normed<B>),
+}
+
+/// The gradients of [`lora_forward`]'s output w.r.t. x, w, bias, a, b from dy `[rows, n]`, each
+/// where it was wanted: `g = s·dy·B`, `dB = dyᵀ·xa`, `dA = gᵀ·drop(x)`, `dW = xᵀ·dy`,
+/// `dbias = Σ dy`, `dx = dy·Wᵀ + drop(g·A)`; `input` where the forward pass did not keep it.
+pub fn lora_backward<B: AdapterOps>(
+    s: LoraSaved<B>,
+    dy: FloatTensor<B>,
+    input: Input<B>,
+) -> [Option<FloatTensor<B>>; 5] {
+    let [gx, gw, gbias, ga, gb] = s.want;
+    // g = s·dy·B `[rows, r]`: A's and x's gradients.
+    let g = (gx || ga).then(|| {
+        let bt = s.bt.clone().expect("kept for x and A");
+        B::down(dy.clone(), bt, s.seed.clone(), s.scale, 1.0, false).0
+    });
+    // dB = dyᵀ·xa `[n, r]`, as `(xaᵀ·dy)ᵀ`.
+    let db =
+        s.xa.filter(|_| gb)
+            .map(|xa| B::float_transpose(B::mm_tn(xa, dy.clone())));
+    let da = match (ga, s.xd, &g) {
+        (true, Some(xd), Some(g)) => Some(B::mm_tn(g.clone(), xd)),
+        // drop(x) drawn again from the seed, as the forward pass's kernel drew it.
+        (true, None, Some(g)) => match &input {
+            Input::Given(x) if s.keep < 1.0 => {
+                let a = s.a.clone().expect("kept to draw drop(x) again");
+                let xd = B::down(x.clone(), a, s.seed.clone(), 1.0, s.keep, true).1;
+                Some(B::mm_tn(g.clone(), xd.expect("drop(x)")))
+            }
+            Input::Given(x) => Some(B::mm_tn(g.clone(), x.clone())),
+            Input::Normed(norm) => Some(B::normed_tn(
+                g.clone(),
+                norm.clone(),
+                s.seed.clone(),
+                s.keep,
+            )),
+            Input::Kept => panic!("A's gradient without the layer's input"),
+        },
+        _ => None,
+    };
+    let given = match input {
+        Input::Given(x) => Some(x),
+        _ => None,
+    };
+    let dw = match gw {
+        true => Some(B::mm_tn(
+            s.x.or(given)
+                .expect("W's gradient without the layer's input"),
+            dy.clone(),
+        )),
+        false => None,
+    };
+    let dbias = gbias.then(|| {
+        // Σ over the rows in f32.
+        let n = dy.shape()[1];
+        let sum = B::float_sum_dim(B::float_cast(dy.clone(), FloatDType::F32), 0);
+        let sum = B::float_reshape(sum, Shape::new([n]));
+        B::float_cast(sum, s.bias_dtype.into())
+    });
+    let dx = match (gx, s.w, s.a, g) {
+        (true, Some(w), Some(a), Some(g)) => {
+            let dx = B::mm(dy, B::float_transpose(w));
+            Some(B::up(dx, None, g, a, s.seed, s.keep))
+        }
+        _ => None,
+    };
+    [dx, dw, dbias, da, db]
 }
 
 #[derive(Debug)]
 struct LoraLinearBackward;
 
 impl<B: AdapterOps> Backward<B, 5> for LoraLinearBackward {
-    type State = LoraState<B>;
+    type State = LoraSaved<B>;
 
     fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_w, node_bias, node_a, node_b] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
-        let s = ops.state;
-        // g = s·dy·B `[rows, r]`: A's and x's gradients.
-        let g = match (&node_x, &node_a) {
-            (None, None) => None,
-            _ => {
-                let bt = s.bt.clone().expect("kept for x and A");
-                Some(B::down(dy.clone(), bt, s.seed.clone(), s.scale, 1.0, false).0)
+        let parts = lora_backward::<B>(ops.state, dy, Input::Kept);
+        for (node, grad) in ops.parents.into_iter().zip(parts) {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
             }
-        };
-        if let (Some(node), Some(xa)) = (node_b, s.xa) {
-            // dB = dyᵀ·xa `[n, r]`, as `(xaᵀ·dy)ᵀ`.
-            grads.register::<B>(node.id, B::float_transpose(B::mm_tn(xa, dy.clone())));
-        }
-        if let (Some(node), Some(xd), Some(g)) = (node_a, s.xd, &g) {
-            grads.register::<B>(node.id, B::mm_tn(g.clone(), xd));
-        }
-        if let (Some(node), Some(x)) = (node_w, s.x) {
-            grads.register::<B>(node.id, B::mm_tn(x, dy.clone()));
-        }
-        if let (Some(node), true) = (node_bias, s.with_bias) {
-            // Σ over the rows in f32.
-            let n = dy.shape()[1];
-            let sum = B::float_sum_dim(B::float_cast(dy.clone(), FloatDType::F32), 0);
-            let sum = B::float_reshape(sum, Shape::new([n]));
-            grads.register::<B>(node.id, B::float_cast(sum, s.bias_dtype.into()));
-        }
-        if let (Some(node), Some(w), Some(a), Some(g)) = (node_x, s.w, s.a, g) {
-            let dx = B::mm(dy, B::float_transpose(w));
-            grads.register::<B>(node.id, B::up(dx, None, g, a, s.seed, s.keep));
         }
     }
 }
@@ -286,44 +466,100 @@ impl<B: AdapterOps, C: CheckpointStrategy> LoraKernels for Autodiff<B, C> {
         scale: f64,
         with_bias: bool,
     ) -> FloatTensor<Self> {
-        let [gx, gw, ga, gb] = [&x, &w, &a, &b].map(|t| t.is_tracked());
+        let want = [
+            x.is_tracked(),
+            w.is_tracked(),
+            with_bias && bias.is_tracked(),
+            a.is_tracked(),
+            b.is_tracked(),
+        ];
         let prep = LoraLinearBackward
             .prepare::<C>([x.node(), w.node(), bias.node(), a.node(), b.node()])
             .compute_bound()
             .stateful();
-        let bias_dtype = bias.dtype();
         let [x, w, bias, a, b, seed] = [x, w, bias, a, b, seed].map(|t| t.into_primitive());
         let bias = with_bias.then_some(bias);
-        let dropped = ga && keep < 1.0;
-        let (out, xa, xd, bt) = forward::<B>(
-            x.clone(),
-            w.clone(),
-            bias,
-            a.clone(),
-            b,
-            seed.clone(),
-            keep,
-            scale,
-            dropped,
-        );
+        let (out, saved) = lora_forward::<B>(x, w, bias, a, b, seed, keep, scale, want, true);
         match prep {
-            OpsKind::Tracked(prep) => {
-                let state = LoraState {
-                    xd: ga.then(|| xd.unwrap_or_else(|| x.clone())),
-                    x: gw.then_some(x),
-                    xa: gb.then_some(xa),
-                    w: gx.then_some(w),
-                    a: gx.then_some(a),
-                    bt: (gx || ga).then_some(bt),
-                    seed,
-                    keep,
-                    scale,
-                    bias_dtype,
-                    with_bias,
-                };
-                prep.finish(state, out)
-            }
+            OpsKind::Tracked(prep) => prep.finish(saved, out),
             OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// A LoRA linear's tensors as [`lora_linear`] takes them (in the input's dtype): w `[k, n]`,
+/// bias `[n]`, a `[r, k]`, b `[n, r]`, the dropout's seed `[2]` where it drops
+/// ([`crate::dropout::dropout_seed`]) and its keep probability, the scale.
+#[derive(Debug, Clone)]
+pub struct LoraParts {
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+    pub a: Tensor<2>,
+    pub b: Tensor<2>,
+    pub seed: Option<Tensor<1>>,
+    pub keep: f64,
+    pub scale: f64,
+}
+
+/// [`LoraParts`] as backend ops take them ([`LoraKernels::lora_linear`]'s arguments after x):
+/// primitives, with stand-ins the op never reads for the seed without dropout (`keep` 1) and
+/// the bias without one.
+pub struct LoraOpArgs {
+    pub w: FloatTensor<Dispatch>,
+    pub bias: FloatTensor<Dispatch>,
+    pub a: FloatTensor<Dispatch>,
+    pub b: FloatTensor<Dispatch>,
+    pub seed: FloatTensor<Dispatch>,
+    pub keep: f64,
+    pub scale: f64,
+    pub with_bias: bool,
+}
+
+impl LoraParts {
+    /// `x·w + bias + scale·(drop(x)·aᵀ)·bᵀ` for x `[..., k]` -> `[..., n]` ([`lora_linear`]).
+    pub fn forward<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let k = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let n = self.weight.dims()[1];
+        let args = self.op_args();
+        let y = Tensor::<2>::from_dispatch(<Dispatch as LoraKernels>::lora_linear(
+            x.reshape([rows, k]).into_dispatch(),
+            args.w,
+            args.bias,
+            args.a,
+            args.b,
+            args.seed,
+            args.keep,
+            args.scale,
+            args.with_bias,
+        ));
+        let mut out = dims;
+        out[D - 1] = n;
+        y.reshape(out)
+    }
+
+    /// The op's arguments ([`LoraOpArgs`]).
+    pub fn op_args(self) -> LoraOpArgs {
+        let a = self.a;
+        // Stand-ins: A's values, untracked (an empty tensor would be memory never written, which
+        // cubecl's fusion rejects).
+        let stand_in = || a.clone().detach().set_require_grad(false).reshape([-1]);
+        let (seed, keep) = match self.seed {
+            Some(seed) => (seed, self.keep),
+            None => (stand_in(), 1.0),
+        };
+        let with_bias = self.bias.is_some();
+        let bias = self.bias.unwrap_or_else(stand_in);
+        LoraOpArgs {
+            w: self.weight.into_dispatch(),
+            bias: bias.into_dispatch(),
+            a: a.into_dispatch(),
+            b: self.b.into_dispatch(),
+            seed: seed.into_dispatch(),
+            keep,
+            scale: self.scale,
+            with_bias,
         }
     }
 }
@@ -334,7 +570,7 @@ impl<B: AdapterOps, C: CheckpointStrategy> LoraKernels for Autodiff<B, C> {
 #[allow(clippy::too_many_arguments)]
 pub fn lora_linear<const D: usize>(
     x: Tensor<D>,
-    w: Tensor<2>,
+    weight: Tensor<2>,
     bias: Option<Tensor<1>>,
     a: Tensor<2>,
     b: Tensor<2>,
@@ -342,31 +578,14 @@ pub fn lora_linear<const D: usize>(
     keep: f64,
     scale: f64,
 ) -> Tensor<D> {
-    let dims = x.dims();
-    let k = dims[D - 1];
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let n = w.dims()[1];
-    // Stand-ins the op never reads (the seed without dropout, the bias without one): A's values,
-    // untracked (an empty tensor would be memory never written, which cubecl's fusion rejects).
-    let stand_in = || a.clone().detach().set_require_grad(false).reshape([-1]);
-    let (seed, keep) = match seed {
-        Some(seed) => (seed, keep),
-        None => (stand_in(), 1.0),
-    };
-    let with_bias = bias.is_some();
-    let bias = bias.unwrap_or_else(stand_in);
-    let y = Tensor::<2>::from_dispatch(<Dispatch as LoraKernels>::lora_linear(
-        x.reshape([rows, k]).into_dispatch(),
-        w.into_dispatch(),
-        bias.into_dispatch(),
-        a.into_dispatch(),
-        b.into_dispatch(),
-        seed.into_dispatch(),
+    let parts = LoraParts {
+        weight,
+        bias,
+        a,
+        b,
+        seed,
         keep,
         scale,
-        with_bias,
-    ));
-    let mut out = dims;
-    out[D - 1] = n;
-    y.reshape(out)
+    };
+    parts.forward(x)
 }

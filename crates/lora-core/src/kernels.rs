@@ -518,23 +518,40 @@ const THIN_UNITS: usize = 64;
 /// The widest thin side [`AdapterKernels::thin_tn`] takes: m f32 vectors of sums a unit.
 pub const THIN_MAX: usize = 16;
 
-/// Part `CUBE_POS_Y` of `aᵀ·b`, rows `THIN_ROWS·y ..`: a `[rows, m]` (any strides), b `[rows, n]`
+/// Part `CUBE_POS_Y` of `aᵀ·b`, rows `part_rows·y ..`: a `[rows, m]` (any strides), b `[rows, n]`
 /// read `N` columns at a time -> `out [parts, m, n]` (f32). Unit `x` of the grid sums columns
 /// `N·x ..` for all m rows of the output; the part's rows of a are staged in shared memory. LoRA's
-/// gradients `[r, n]` over thousands of tokens: one pass over b at memory speed.
+/// gradients `[r, n]` over thousands of tokens: one pass over b at memory speed. With `normed`, b
+/// is a LayerNorm's input and the product takes its output `(b − mean)·rstd·gamma + beta`
+/// (mean, rstd `[rows]` f32, gamma, beta `[n]`; rounded to b's dtype, as the norm's kernel
+/// writes it); with `drop`, times hashed dropout ([`keep_factor`], as [`lora_down_kernel`]
+/// draws it).
 #[cube(launch_unchecked)]
-fn thin_tn_kernel<F: Float, N: Size>(
+#[allow(clippy::too_many_arguments)]
+fn thin_tn_kernel<F: Float, G: Float, N: Size>(
     a: &Tensor<F>,
     b: &Tensor<Vector<F, N>>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    gamma: &Tensor<Vector<G, N>>,
+    beta: &Tensor<Vector<G, N>>,
+    seed: &Tensor<f32>,
     out: &mut Tensor<Vector<f32, N>>,
+    threshold: u32,
+    inv_keep: f32,
     #[comptime] m: usize,
-    #[define(F)] _dtype: ElemType,
+    #[comptime] part_rows: usize,
+    #[comptime] normed: bool,
+    #[comptime] drop: bool,
+    #[define(F, G)] _dtypes: [ElemType; 2],
 ) {
     let rows = b.shape(0);
     let nv = b.shape(1) / N::value();
-    let r0 = CUBE_POS_Y as usize * THIN_ROWS;
-    let len = (rows - r0).min(THIN_ROWS);
-    let mut sh = Shared::<[f32]>::new_slice(comptime!(THIN_ROWS * m));
+    let r0 = CUBE_POS_Y as usize * part_rows;
+    let len = (rows - r0).min(part_rows);
+    let mut sh = Shared::<[f32]>::new_slice(comptime!(part_rows * m));
+    // Per row: the norm's mean and rstd, the dropout's key (as f32 bits).
+    let mut rs = Shared::<[f32]>::new_slice(comptime!(part_rows * 3));
     let u = UNIT_POS_X as usize;
     let mut i = u;
     while i < len * m {
@@ -542,6 +559,19 @@ fn thin_tn_kernel<F: Float, N: Size>(
         let c = i % m;
         sh[i] = f32::cast_from(a[(r0 + rr) * a.stride(0) + c * a.stride(1)]);
         i += CUBE_DIM_X as usize;
+    }
+    if comptime![normed || drop] {
+        let mut rr = u;
+        while rr < len {
+            if comptime![normed] {
+                rs[rr] = mean[r0 + rr];
+                rs[part_rows + rr] = rstd[r0 + rr];
+            }
+            if comptime![drop] {
+                rs[2 * part_rows + rr] = f32::reinterpret(row_key(seed, r0 + rr));
+            }
+            rr += CUBE_DIM_X as usize;
+        }
     }
     sync_cube();
     let col = CUBE_POS_X as usize * CUBE_DIM_X as usize + u;
@@ -551,9 +581,23 @@ fn thin_tn_kernel<F: Float, N: Size>(
         for c in 0..m {
             acc[c] = Vector::new(0.0);
         }
+        let mut gv = Vector::<f32, N>::new(1.0);
+        let mut bev = Vector::<f32, N>::new(0.0);
+        if comptime![normed] {
+            gv = Vector::cast_from(gamma[col]);
+            bev = Vector::cast_from(beta[col]);
+        }
         let bs = b.stride(0) / N::value();
         for rr in 0..len {
-            let bv = Vector::<f32, N>::cast_from(b[(r0 + rr) * bs + col]);
+            let mut bv = Vector::<f32, N>::cast_from(b[(r0 + rr) * bs + col]);
+            if comptime![normed] {
+                let v = (bv - Vector::new(rs[rr])) * Vector::new(rs[part_rows + rr]);
+                bv = Vector::cast_from(Vector::<F, N>::cast_from(v * gv + bev));
+            }
+            if comptime![drop] {
+                let key = u32::reinterpret(rs[2 * part_rows + rr]);
+                bv *= keep_factors::<N>(key, col * N::value(), threshold, inv_keep, SHIFT24);
+            }
             #[unroll]
             for c in 0..m {
                 acc[c] = fma(Vector::new(sh[rr * m + c]), bv, acc[c]);
@@ -567,9 +611,25 @@ fn thin_tn_kernel<F: Float, N: Size>(
     }
 }
 
+/// A LayerNorm's input-side statistics and affine parameters, for [`launch_thin_tn`]: the per-row
+/// mean and rstd `[rows, 1]` (f32), gamma and beta `[n]`.
+struct Norm {
+    mean: CubeTensor,
+    rstd: CubeTensor,
+    gamma: CubeTensor,
+    beta: CubeTensor,
+}
+
 /// `aᵀ·b` with [`thin_tn_kernel`]: a `[rows, m]` (m ≤ [`THIN_MAX`]), b `[rows, n]` -> `[m, n]` in b's
-/// dtype, summed in f32 (the parts' sums one reduction more).
-fn launch_thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
+/// dtype, summed in f32 (the parts' sums one reduction more); b normalized first with `norm`,
+/// then dropped with `(seed, keep)` where `keep < 1`.
+fn launch_thin_tn(
+    a: CubeTensor,
+    b: CubeTensor,
+    norm: Option<Norm>,
+    seed: CubeTensor,
+    keep: f64,
+) -> CubeTensor {
     let dtype = b.dtype;
     let a = match a.dtype == dtype {
         true => a,
@@ -590,9 +650,32 @@ fn launch_thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
     if rows == 0 {
         return CubeBackend::float_zeros(Shape::new([m, n]), &b.device, dtype.into());
     }
+    let (seed, threshold, inv_keep, drop) = drop_args(seed, keep);
+    let normed = norm.is_some();
+    // Without a norm, stand-ins never read: the seed for the statistics, b for gamma and beta.
+    let (mean, rstd, gamma, beta) = match norm {
+        Some(nm) => {
+            let gamma = into_contiguous(nm.gamma);
+            let beta = into_contiguous(CubeBackend::float_cast(nm.beta, gamma.dtype.into()));
+            (
+                into_contiguous(nm.mean),
+                into_contiguous(nm.rstd),
+                gamma,
+                beta,
+            )
+        }
+        None => (seed.clone(), seed.clone(), b.clone(), b.clone()),
+    };
     // Vectors of f32 sums: 4 at most.
-    let v = vector_width_at(&[n, b.meta.strides()[0]], 4, 4, &[&b]);
-    let parts = rows.div_ceil(THIN_ROWS);
+    let v = vector_width_at(&[n, b.meta.strides()[0]], 4, 4, &[&b, &gamma, &beta]);
+    // The normed product's per-element work (the norm, the hash) makes a unit's walk down its
+    // rows the bottleneck where n is narrow (768 columns: 192 cubes of 64 units at 128 rows a
+    // part): parts of 32 rows there.
+    let part_rows = match normed {
+        true => THIN_ROWS / 4,
+        false => THIN_ROWS,
+    };
+    let parts = rows.div_ceil(part_rows);
     let (client, device) = (b.client.clone(), b.device.clone());
     let out = empty_device_dtype(
         client.clone(),
@@ -600,8 +683,13 @@ fn launch_thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
         Shape::new([parts, m, n]),
         DType::F32,
     );
-    // Safety: a's rows `< rows` and columns `< m`, b's rows `< rows` and vectors `< n / v`, out
-    // `[parts, m, n]` written at part `y < parts`.
+    let dtypes = [
+        dtype_to_storage_type(dtype),
+        dtype_to_storage_type(gamma.dtype),
+    ];
+    // Safety: a's rows `< rows` and columns `< m`, b's rows `< rows` and vectors `< n / v` (gamma
+    // and beta `[n]`, mean and rstd `[rows, 1]`, read only `normed`), out `[parts, m, n]` written
+    // at part `y < parts`.
     unsafe {
         thin_tn_kernel::launch_unchecked(
             &client,
@@ -610,9 +698,19 @@ fn launch_thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
             v,
             a.into_tensor_arg(),
             b.into_tensor_arg(),
+            mean.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            beta.into_tensor_arg(),
+            seed.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            threshold,
+            inv_keep,
             m,
-            dtype_to_storage_type(dtype),
+            part_rows,
+            normed,
+            drop,
+            dtypes,
         );
     }
     let sum = CubeBackend::float_sum_dim(out, 0);
@@ -669,6 +767,23 @@ pub trait AdapterKernels: Backend {
     /// f32 (LoRA's `[r, n]` weight gradients).
     #[fusion(meta = |a, b| spec(a.shape[1], b.shape[1], b))]
     fn thin_tn(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `aᵀ·drop(ln(x))`: a `[rows, m]` (m ≤ [`THIN_MAX`]), LayerNorm's input x `[rows, n]`, its
+    /// mean and rstd `[rows, 1]` (f32), gamma and beta `[n]`; `ln(x) = (x − mean)·rstd·gamma +
+    /// beta` in x's dtype, `drop` hashed dropout where `keep < 1` -> `[m, n]` in x's dtype, one
+    /// pass over x.
+    #[fusion(meta = |a, x, _mean, _rstd, _gamma, _beta, _seed, _keep| spec(a.shape[1], x.shape[1], x))]
+    #[allow(clippy::too_many_arguments)]
+    fn thin_tn_normed(
+        a: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        seed: FloatTensor<Self>,
+        keep: f64,
+    ) -> FloatTensor<Self>;
 }
 
 impl AdapterKernels for CubeBackend {
@@ -706,6 +821,26 @@ impl AdapterKernels for CubeBackend {
     }
 
     fn thin_tn(a: CubeTensor, b: CubeTensor) -> CubeTensor {
-        launch_thin_tn(a, b)
+        let seed = b.clone();
+        launch_thin_tn(a, b, None, seed, 1.0)
+    }
+
+    fn thin_tn_normed(
+        a: CubeTensor,
+        x: CubeTensor,
+        mean: CubeTensor,
+        rstd: CubeTensor,
+        gamma: CubeTensor,
+        beta: CubeTensor,
+        seed: CubeTensor,
+        keep: f64,
+    ) -> CubeTensor {
+        let norm = Norm {
+            mean,
+            rstd,
+            gamma,
+            beta,
+        };
+        launch_thin_tn(a, x, Some(norm), seed, keep)
     }
 }

@@ -86,7 +86,7 @@ pub fn sum_of_products<B: Matmul>(
 
 /// From how many rows [`Matmul::mm_tn`] on cubecl computes a thin `xᵀ·dy` (x `[rows, m ≤ 16]`: LoRA's
 /// gradients) with [`AdapterKernels::thin_tn`], one pass over dy, rather than a split batched matmul.
-const THIN_FROM_ROWS: usize = 512;
+pub(crate) const THIN_FROM_ROWS: usize = 512;
 
 /// Outputs below this many elements get their reduction split on a GPU (a 64 × 64 tile each is 16
 /// tiles; an H100 has 132 SMs).

@@ -1536,31 +1536,45 @@ impl<B: Pointwise> Backward<B, 3> for LayerNormBackward {
     );
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_gamma, node_beta] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let (x, gamma, mean, rstd) = ops.state;
-        let d = gamma.shape()[0];
-        let gamma_dt: FloatDType = gamma.dtype().into();
-        // Σ over the rows of an f32 `[.., d]` -> `[d]` in gamma's dtype.
-        let column_sums = |t: FloatTensor<B>| {
-            let rows = t.shape().num_elements() / d;
-            let s = B::float_sum_dim(B::float_reshape(t, [rows, d].into()), 0);
-            B::float_cast(B::float_reshape(s, [d].into()), gamma_dt)
-        };
-        // dy in f32 once, only where gamma or beta is trained.
-        let dy32 = (node_beta.is_some() || node_gamma.is_some())
-            .then(|| B::float_cast(dy.clone(), FloatDType::F32));
-        if let (Some(node), Some(dy32)) = (node_beta, &dy32) {
-            grads.register::<B>(node.id, column_sums(dy32.clone()));
-        }
-        if let (Some(node), Some(dy32)) = (node_gamma, dy32) {
-            let xh = normalized::<B>(x.clone(), mean.clone(), rstd.clone());
-            grads.register::<B>(node.id, column_sums(B::float_mul(dy32, xh)));
-        }
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::layer_norm_grad(x, gamma, mean, rstd, dy));
+        let want = ops.parents.each_ref().map(|n| n.is_some());
+        let parts = layer_norm_grads::<B>(x, gamma, mean, rstd, dy, want);
+        for (node, grad) in ops.parents.into_iter().zip(parts) {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
+}
+
+/// LayerNorm's gradients w.r.t. x, gamma and beta, each where `want` says, from its input x,
+/// gamma, the per-row mean and rstd (f32) of [`Pointwise::layer_norm_stats`] and dy.
+pub(crate) fn layer_norm_grads<B: Pointwise>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    mean: FloatTensor<B>,
+    rstd: FloatTensor<B>,
+    dy: FloatTensor<B>,
+    [want_x, want_gamma, want_beta]: [bool; 3],
+) -> [Option<FloatTensor<B>>; 3] {
+    let d = gamma.shape()[0];
+    let gamma_dt: FloatDType = gamma.dtype().into();
+    // Σ over the rows of an f32 `[.., d]` -> `[d]` in gamma's dtype.
+    let column_sums = |t: FloatTensor<B>| {
+        let rows = t.shape().num_elements() / d;
+        let s = B::float_sum_dim(B::float_reshape(t, [rows, d].into()), 0);
+        B::float_cast(B::float_reshape(s, [d].into()), gamma_dt)
+    };
+    // dy in f32 once, only where gamma or beta is trained.
+    let dy32 = (want_beta || want_gamma).then(|| B::float_cast(dy.clone(), FloatDType::F32));
+    let dbeta = dy32.clone().filter(|_| want_beta).map(column_sums);
+    let dgamma = dy32.filter(|_| want_gamma).map(|dy32| {
+        let xh = normalized::<B>(x.clone(), mean.clone(), rstd.clone());
+        column_sums(B::float_mul(dy32, xh))
+    });
+    let dx = want_x.then(|| B::layer_norm_grad(x, gamma, mean, rstd, dy));
+    [dx, dgamma, dbeta]
 }
 
 impl<B: Pointwise, C: CheckpointStrategy> GptKernels for Autodiff<B, C> {
@@ -1786,15 +1800,24 @@ pub fn nll(logits: Tensor<2>, targets: Tensor<2, Int>) -> Tensor<2> {
     ))
 }
 
+/// The most bytes of logits [`linear_cross_entropy`] forms at a time, where it can.
+const MAX_CHUNK_BYTES: usize = 256 << 20;
+
 /// Mean cross-entropy of the logits `h·w` over the rows whose target is ≥ 0 (PyTorch's
 /// `ignore_index=-1`), without the logits: h `[n, d]`, w `[d, vocab]`, targets `[n]` -> `[1]` (f32).
 /// See [`GptKernels::linear_cross_entropy`].
 pub fn linear_cross_entropy(h: Tensor<2>, w: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-    // At least 2²⁵ logits (128 MiB in f32) per chunk and at most four chunks: each chunk costs a
-    // round of kernels (on an H100, 13 chunks of a GPT-2 step at 8 × 1024 tokens made it 25 %
-    // slower, 4 chunks 2–5 %), and the memory saved is the same from 4 chunks on.
+    // Chunks of rows: each costs a round of kernels (on an H100, 13 chunks of a GPT-2 step at
+    // 8 × 1024 tokens made it 25 % slower, 4 chunks 2–5 %), and on GPUs the largest chunk's logits
+    // size cubecl's allocator pages (sized to the largest allocation, so the memory reserved
+    // grows by that much at a time): four chunks, or the power of two that keeps a chunk's
+    // logits within 256 MiB (8 for GPT-2 in f32 at 8 × 1024 tokens: reserved 4,817 -> 4,378 MiB
+    // for LoRA, no slower), of at least 2²⁵ logits each.
     let n = targets.dims()[0];
-    let rows = ((1usize << 25) / w.dims()[1].max(1)).max(n.div_ceil(4));
+    let v = w.dims()[1].max(1);
+    let bytes = n * v * h.dtype().size();
+    let chunks = bytes.div_ceil(MAX_CHUNK_BYTES).next_power_of_two().max(4);
+    let rows = ((1usize << 25) / v).max(n.div_ceil(chunks));
     linear_cross_entropy_in_chunks(h, w, targets, rows)
 }
 

@@ -7,6 +7,7 @@ pub mod gpt2;
 mod host;
 mod kernels;
 pub mod mingpt;
+pub mod norm_lora;
 pub mod optim;
 pub mod pytorch;
 

@@ -5,6 +5,7 @@
 //! embeddings are [`LoraEmbedding`]s; layers not in [`LoraTargets`] get rank 0 (plain layers).
 
 use crate::fused;
+use crate::norm_lora::layer_norm_lora_linear;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{
@@ -336,9 +337,15 @@ impl CausalSelfAttention {
 
     /// [`forward`](Self::forward) with the [`causal_bias`] given (in c_attn's output dtype).
     pub fn forward_biased(&self, x: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
-        let [b, t, c] = x.dims();
+        self.attend(self.c_attn.forward(x), bias)
+    }
+
+    /// The attention after `c_attn`: its output `qkv [batch, seq, 3·n_embd]`, the
+    /// [`causal_bias`] -> `[batch, seq, n_embd]`.
+    pub fn attend(&self, qkv: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
+        let [b, t, c3] = qkv.dims();
+        let c = c3 / 3;
         let (nh, hs) = (self.n_head, c / self.n_head);
-        let qkv = self.c_attn.forward(x);
         let device = qkv.device();
         let training = self.attn_dropout.training.is_enabled() && device.is_autodiff();
         let dt = qkv.dtype();
@@ -380,8 +387,12 @@ pub fn new_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 impl Mlp {
     /// `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = self.c_proj.forward(new_gelu(self.c_fc.forward(x)));
-        dropout_folded(&self.dropout, x)
+        self.activate(self.c_fc.forward(x))
+    }
+
+    /// The MLP after `c_fc`: its output `[batch, seq, 4·n_embd]` -> `[batch, seq, n_embd]`.
+    pub fn activate(&self, h: Tensor<3>) -> Tensor<3> {
+        dropout_folded(&self.dropout, self.c_proj.forward(new_gelu(h)))
     }
 }
 
@@ -411,9 +422,24 @@ impl Block {
     /// [`forward`](Self::forward) with the attention's [`causal_bias`] given (in x's dtype).
     pub fn forward_biased(&self, x: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
         let eps = self.layer_norm_eps;
-        let x = x.clone() + self.attn.forward_biased(norm(&self.ln_1, eps, x), bias);
-        x.clone() + self.mlp.forward(norm(&self.ln_2, eps, x))
+        let qkv = norm_linear(&self.ln_1, eps, x.clone(), &self.attn.c_attn);
+        let x = x + self.attn.attend(qkv, bias);
+        let h = norm_linear(&self.ln_2, eps, x.clone(), &self.mlp.c_fc);
+        x + self.mlp.activate(h)
     }
+}
+
+/// `lin(ln(x))` (`ln`'s epsilon `eps`). On cubecl devices (GPUs), with an unmerged adapter, one
+/// op ([`layer_norm_lora_linear`]): training keeps x for both, not x and `ln(x)`.
+fn norm_linear(ln: &LayerNorm, eps: f64, x: Tensor<3>, lin: &LoraLinear) -> Tensor<3> {
+    let device = x.device();
+    if let Some(beta) = &ln.beta
+        && lora_core::dropout::on_cubecl(&device)
+        && let Some(parts) = lin.fused_parts(x.dtype(), &device)
+    {
+        return layer_norm_lora_linear(x, ln.gamma.val(), beta.val(), eps, parts);
+    }
+    lin.forward(norm(ln, eps, x))
 }
 
 /// `ln(x)` computed in f32, returned in `x`'s dtype; on cubecl devices (GPUs) one fused op

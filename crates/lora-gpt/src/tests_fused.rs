@@ -415,6 +415,14 @@ fn fused_ops_on_wgpu() {
     // The LayerNorm row kernels.
     layer_norm_case(&d, 50, 1e-4);
     layer_norm_case(&d, 300, 1e-4);
+    // LayerNorm + LoRA: A's gradient draws ln(x) and its dropout again as the forward pass's
+    // kernels drew them, in one kernel from 512 rows (600), else Burn's ops (18); W's gradient
+    // through the norm's kernel and the adapter's down kernel.
+    for t in [9, 300] {
+        for (keep, train_base) in [(1.0, false), (0.9, false), (0.9, true)] {
+            norm_lora_case(&d, t, keep, train_base, 1e-4);
+        }
+    }
 }
 
 /// Heads of 64: cubecl's one-kernel attention forward (`flash.rs`), queries in tiles of 64 (150:
@@ -703,5 +711,96 @@ fn hashed_dropout_mask_is_bernoulli() {
         ("next column", next_col),
     ] {
         assert!((x - expected).abs() < 0.003, "{what}: {x} vs {expected}");
+    }
+}
+
+/// LayerNorm + LoRA as one op (`norm_lora`) against the two ops it replaces (the fused
+/// LayerNorm, then `lora_core`'s LoRA op): values and the gradients of x, gamma, beta, A, B, and
+/// of W and the bias where `train_base`; `keep` < 1: the dropout drawn again in the backward pass;
+/// `t` tokens a sequence (2 sequences: from 512 rows A's gradient is one kernel on GPUs).
+fn norm_lora_case(device: &Device, t: usize, keep: f64, train_base: bool, tol: f32) {
+    use crate::norm_lora::layer_norm_lora_linear;
+    use lora_core::fused::LoraParts;
+    device.seed(12);
+    let (k, n, r) = (72, 40, 4);
+    let normal = |shape: [usize; 3], mean: f64, sd: f64| {
+        Tensor::<3>::random(shape, Distribution::Normal(mean, sd), device)
+    };
+    let x = normal([2, t, k], 0.5, 2.0);
+    let gamma = normal([1, 1, k], 1.0, 0.5).reshape([k]);
+    let beta = normal([1, 1, k], 0.0, 0.5).reshape([k]);
+    let w = normal([1, k, n], 0.0, 0.2).reshape([k, n]);
+    let bias = normal([1, 1, n], 0.0, 0.5).reshape([n]);
+    let a = normal([1, r, k], 0.0, 0.3).reshape([r, k]);
+    let b = normal([1, n, r], 0.0, 0.3).reshape([n, r]);
+    let g = normal([2, t, n], 0.0, 1.0);
+    let run = |fused: bool| {
+        let base = |t: Tensor<2>| if train_base { t.require_grad() } else { t };
+        let (xi, gi, bi) = (
+            x.clone().require_grad(),
+            gamma.clone().require_grad(),
+            beta.clone().require_grad(),
+        );
+        let (wi, ai, bbi) = (
+            base(w.clone()),
+            a.clone().require_grad(),
+            b.clone().require_grad(),
+        );
+        let biasi = match train_base {
+            true => bias.clone().require_grad(),
+            false => bias.clone(),
+        };
+        let parts = LoraParts {
+            weight: wi.clone(),
+            bias: Some(biasi.clone()),
+            a: ai.clone(),
+            b: bbi.clone(),
+            seed: (keep < 1.0).then(|| Tensor::<1>::from_floats([0.375f32, 0.8125], device)),
+            keep,
+            scale: 1.7,
+        };
+        let y = match fused {
+            true => layer_norm_lora_linear(xi.clone(), gi.clone(), bi.clone(), 1e-5, parts),
+            false => parts.forward(layer_norm(xi.clone(), gi.clone(), bi.clone(), 1e-5)),
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        let flat = |t: Option<Tensor<1>>| t.map(|t| t.reshape([-1]));
+        let grad2 = |t: &Tensor<2>| flat(t.grad(&grads).map(|t| t.reshape([-1])));
+        [
+            Some(y.reshape([-1])),
+            flat(xi.grad(&grads).map(|t| t.reshape([-1]))),
+            flat(gi.grad(&grads)),
+            flat(bi.grad(&grads)),
+            grad2(&wi),
+            flat(biasi.grad(&grads)),
+            grad2(&ai),
+            grad2(&bbi),
+        ]
+    };
+    let (two, one) = (run(false), run(true));
+    let names = ["values", "x", "gamma", "beta", "W", "bias", "A", "B"];
+    for ((name, p), q) in names.into_iter().zip(two).zip(one) {
+        let what = format!("{name}, t {t}, keep {keep}, base trained {train_base}, {device:?}");
+        match (p, q) {
+            (Some(p), Some(q)) => {
+                // Relative to the largest magnitude (sums over rows run in another order).
+                let e = max_diff(p.clone(), q) / p.abs().max().into_scalar::<f32>();
+                assert!(e < tol, "LayerNorm + LoRA: relative error {e}, {what}");
+            }
+            (None, None) => assert!(
+                !train_base && matches!(name, "W" | "bias"),
+                "no gradient: {what}"
+            ),
+            _ => panic!("a gradient on one side only: {what}"),
+        }
+    }
+}
+
+#[test]
+fn fused_layer_norm_lora_is_layer_norm_then_lora() {
+    for d in devices() {
+        for (keep, train_base) in [(1.0, false), (0.9, false), (0.9, true)] {
+            norm_lora_case(&d.clone().autodiff(), 9, keep, train_base, 1e-5);
+        }
     }
 }
