@@ -1811,8 +1811,9 @@ pub fn linear_cross_entropy(h: Tensor<2>, w: Tensor<2>, targets: Tensor<1, Int>)
     // 8 × 1024 tokens made it 25 % slower, 4 chunks 2–5 %), and on GPUs the largest chunk's logits
     // size cubecl's allocator pages (sized to the largest allocation, so the memory reserved
     // grows by that much at a time): four chunks, or the power of two that keeps a chunk's
-    // logits within 256 MiB (8 for GPT-2 in f32 at 8 × 1024 tokens: reserved 4,817 -> 4,378 MiB
-    // for LoRA, no slower), of at least 2²⁵ logits each.
+    // logits within 256 MiB (8 for GPT-2 in f32 at 8 × 1024 tokens: with the LayerNorm + LoRA
+    // op, reserved 4,817 -> 4,378 MiB for LoRA c_attn, for ~0.5 ms of GPU time a step), of at
+    // least 2²⁵ logits each.
     let n = targets.dims()[0];
     let v = w.dims()[1].max(1);
     let bytes = n * v * h.dtype().size();
