@@ -518,25 +518,20 @@ pub struct LoraOpArgs {
 impl LoraParts {
     /// `x·w + bias + scale·(drop(x)·aᵀ)·bᵀ` for x `[..., k]` -> `[..., n]` ([`lora_linear`]).
     pub fn forward<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
-        let dims = x.dims();
-        let k = dims[D - 1];
-        let rows = dims[..D - 1].iter().product::<usize>();
-        let n = self.weight.dims()[1];
         let args = self.op_args();
-        let y = Tensor::<2>::from_dispatch(<Dispatch as LoraKernels>::lora_linear(
-            x.reshape([rows, k]).into_dispatch(),
-            args.w,
-            args.bias,
-            args.a,
-            args.b,
-            args.seed,
-            args.keep,
-            args.scale,
-            args.with_bias,
-        ));
-        let mut out = dims;
-        out[D - 1] = n;
-        y.reshape(out)
+        over_rows(x, |x| {
+            Tensor::from_dispatch(<Dispatch as LoraKernels>::lora_linear(
+                x.into_dispatch(),
+                args.w,
+                args.bias,
+                args.a,
+                args.b,
+                args.seed,
+                args.keep,
+                args.scale,
+                args.with_bias,
+            ))
+        })
     }
 
     /// The op's arguments ([`LoraOpArgs`]).
@@ -562,6 +557,18 @@ impl LoraParts {
             with_bias,
         }
     }
+}
+
+/// `f` on x `[..., k]` as `[rows, k]` -> `[rows, n]`, back to `[..., n]`.
+pub fn over_rows<const D: usize>(
+    x: Tensor<D>,
+    f: impl FnOnce(Tensor<2>) -> Tensor<2>,
+) -> Tensor<D> {
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = f(x.reshape([rows, dims[D - 1]]));
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
 }
 
 /// `x·w + bias + scale·(drop(x)·aᵀ)·bᵀ` ([`LoraKernels::lora_linear`]) for x `[..., k]`, as one

@@ -20,6 +20,7 @@ use burn::backend::{Autodiff, Backend, Cube, Dispatch, Flex, NdArray, backend_ex
 use burn::tensor::Tensor;
 use lora_core::fused::{
     AdapterOps, Input, LoraKernels, LoraParts, LoraSaved, Normed, lora_backward, lora_forward,
+    over_rows,
 };
 
 use crate::fused::{Pointwise, layer_norm_grads};
@@ -173,26 +174,21 @@ pub fn layer_norm_lora_linear<const D: usize>(
     eps: f64,
     lora: LoraParts,
 ) -> Tensor<D> {
-    let dims = x.dims();
-    let k = dims[D - 1];
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let n = lora.weight.dims()[1];
     let args = lora.op_args();
-    let y = Tensor::<2>::from_dispatch(<Dispatch as NormLoraKernels>::layer_norm_lora_linear(
-        x.reshape([rows, k]).into_dispatch(),
-        gamma.into_dispatch(),
-        beta.into_dispatch(),
-        eps,
-        args.w,
-        args.bias,
-        args.a,
-        args.b,
-        args.seed,
-        args.keep,
-        args.scale,
-        args.with_bias,
-    ));
-    let mut out = dims;
-    out[D - 1] = n;
-    y.reshape(out)
+    over_rows(x, |x| {
+        Tensor::from_dispatch(<Dispatch as NormLoraKernels>::layer_norm_lora_linear(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            eps,
+            args.w,
+            args.bias,
+            args.a,
+            args.b,
+            args.seed,
+            args.keep,
+            args.scale,
+            args.with_bias,
+        ))
+    })
 }
