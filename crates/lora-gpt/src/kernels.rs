@@ -454,112 +454,158 @@ fn copy_heads_kernel<F: Float, N: Size>(
     dst[off + i * ta + j * tb + k * tc + v] = src[at];
 }
 
+/// Σ of a vector's lanes.
+#[cube]
+fn lanes_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+    let mut s = f32::new(0.0);
+    #[unroll]
+    for e in 0..N::value() {
+        s += v.extract(e);
+    }
+    s
+}
+
 /// LayerNorm per row of x `[rows, d]`, in f32: the mean, `rstd = 1/√(var + eps)` (biased var)
 /// into `mean`, `rstd` `[rows, 1]` (f32) and `y = (x − mean)·rstd·gamma + beta` (x's dtype);
-/// gamma, beta `[d]`. Two passes over the row for the variance, as PyTorch's kernel.
+/// gamma, beta `[d]`. A cube a row, each unit holding `per` vectors of `N` (columns `N·(unit +
+/// i·units) ..`) in registers: x is read once; two passes over them for the variance, as
+/// PyTorch's kernel.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn layer_norm_kernel<F: Float, G: Float>(
-    x: &Tensor<F>,
-    gamma: &Tensor<G>,
-    beta: &Tensor<G>,
-    y: &mut Tensor<F>,
+fn layer_norm_kernel<F: Float, G: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<G, N>>,
+    beta: &Tensor<Vector<G, N>>,
+    y: &mut Tensor<Vector<F, N>>,
     mean: &mut Tensor<f32>,
     rstd: &mut Tensor<f32>,
     rows: usize,
     inv_d: f32,
     eps: f32,
+    #[comptime] per: usize,
     #[define(F, G)] _dtypes: [ElemType; 2],
 ) {
     let row = cube_row();
     if row >= rows {
         terminate!();
     }
-    let d = x.shape(1);
-    let base = row * d;
+    let dv = x.shape(1) / N::value();
+    let base = row * dv;
     let unit = UNIT_POS_X as usize;
-    let mut acc = f32::new(0.0);
-    let mut c = unit;
-    while c < d {
-        acc += f32::cast_from(x[base + c]);
-        c += UNITS;
+    let units = CUBE_DIM_X as usize;
+    let mut xs = Array::<Vector<f32, N>>::new(per);
+    let mut acc = Vector::<f32, N>::new(0.0);
+    #[unroll]
+    for i in 0..per {
+        let c = unit + i * units;
+        let mut v = Vector::<f32, N>::new(0.0);
+        if c < dv {
+            v = Vector::cast_from(x[base + c]);
+        }
+        xs[i] = v;
+        acc += v;
     }
     let mut sa = Shared::<[f32]>::new_slice(UNITS);
-    sa[unit] = acc;
+    sa[unit] = lanes_sum(acc);
     reduce_sum(&mut sa, unit);
     let mu = sa[0] * inv_d;
-    let mut acc = f32::new(0.0);
-    let mut c = unit;
-    while c < d {
-        let v = f32::cast_from(x[base + c]) - mu;
-        acc += v * v;
-        c += UNITS;
+    let mut acc = Vector::<f32, N>::new(0.0);
+    #[unroll]
+    for i in 0..per {
+        if unit + i * units < dv {
+            let v = xs[i] - Vector::new(mu);
+            acc += v * v;
+        }
     }
     let mut sb = Shared::<[f32]>::new_slice(UNITS);
-    sb[unit] = acc;
+    sb[unit] = lanes_sum(acc);
     reduce_sum(&mut sb, unit);
     let r = 1.0 / f32::sqrt(sb[0] * inv_d + eps);
     if unit == 0 {
         mean[row] = mu;
         rstd[row] = r;
     }
-    let mut c = unit;
-    while c < d {
-        let v = (f32::cast_from(x[base + c]) - mu) * r;
-        y[base + c] = F::cast_from(v * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]));
-        c += UNITS;
+    #[unroll]
+    for i in 0..per {
+        let c = unit + i * units;
+        if c < dv {
+            let v = (xs[i] - Vector::new(mu)) * Vector::new(r);
+            let g = Vector::<f32, N>::cast_from(gamma[c]);
+            let b = Vector::<f32, N>::cast_from(beta[c]);
+            y[base + c] = Vector::cast_from(v * g + b);
+        }
     }
 }
 
 /// LayerNorm's input gradient per row of x `[rows, d]` from [`layer_norm_kernel`]'s mean and rstd:
 /// with `x̂ = (x − mean)·rstd` and `g = dy·gamma`, `dx = rstd·(g − mean(g) − x̂·mean(g·x̂))` (x's
-/// dtype), in f32.
+/// dtype), in f32; x̂ and g held in registers as [`layer_norm_kernel`] holds x.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn layer_norm_grad_kernel<F: Float, G: Float>(
-    x: &Tensor<F>,
-    gamma: &Tensor<G>,
+fn layer_norm_grad_kernel<F: Float, G: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<G, N>>,
     mean: &Tensor<f32>,
     rstd: &Tensor<f32>,
-    dy: &Tensor<F>,
-    dx: &mut Tensor<F>,
+    dy: &Tensor<Vector<F, N>>,
+    dx: &mut Tensor<Vector<F, N>>,
     rows: usize,
     inv_d: f32,
+    #[comptime] per: usize,
     #[define(F, G)] _dtypes: [ElemType; 2],
 ) {
     let row = cube_row();
     if row >= rows {
         terminate!();
     }
-    let d = x.shape(1);
-    let base = row * d;
+    let dv = x.shape(1) / N::value();
+    let base = row * dv;
     let unit = UNIT_POS_X as usize;
-    let mu = mean[row];
-    let r = rstd[row];
-    let mut sg = f32::new(0.0);
-    let mut sgx = f32::new(0.0);
-    let mut c = unit;
-    while c < d {
-        let xh = (f32::cast_from(x[base + c]) - mu) * r;
-        let g = f32::cast_from(dy[base + c]) * f32::cast_from(gamma[c]);
+    let units = CUBE_DIM_X as usize;
+    let mu = Vector::<f32, N>::new(mean[row]);
+    let r = Vector::<f32, N>::new(rstd[row]);
+    let mut xhs = Array::<Vector<f32, N>>::new(per);
+    let mut gs = Array::<Vector<f32, N>>::new(per);
+    let mut sg = Vector::<f32, N>::new(0.0);
+    let mut sgx = Vector::<f32, N>::new(0.0);
+    #[unroll]
+    for i in 0..per {
+        let c = unit + i * units;
+        let mut xh = Vector::<f32, N>::new(0.0);
+        let mut g = Vector::<f32, N>::new(0.0);
+        if c < dv {
+            xh = (Vector::<f32, N>::cast_from(x[base + c]) - mu) * r;
+            g = Vector::<f32, N>::cast_from(dy[base + c]) * Vector::<f32, N>::cast_from(gamma[c]);
+        }
+        xhs[i] = xh;
+        gs[i] = g;
         sg += g;
         sgx += g * xh;
-        c += UNITS;
     }
     let mut sa = Shared::<[f32]>::new_slice(UNITS);
     let mut sb = Shared::<[f32]>::new_slice(UNITS);
-    sa[unit] = sg;
-    sb[unit] = sgx;
+    sa[unit] = lanes_sum(sg);
+    sb[unit] = lanes_sum(sgx);
     reduce_sum2(&mut sa, &mut sb, unit);
-    let mg = sa[0] * inv_d;
-    let mgx = sb[0] * inv_d;
-    let mut c = unit;
-    while c < d {
-        let xh = (f32::cast_from(x[base + c]) - mu) * r;
-        let g = f32::cast_from(dy[base + c]) * f32::cast_from(gamma[c]);
-        dx[base + c] = F::cast_from(r * (g - mg - xh * mgx));
-        c += UNITS;
+    let mg = Vector::<f32, N>::new(sa[0] * inv_d);
+    let mgx = Vector::<f32, N>::new(sb[0] * inv_d);
+    #[unroll]
+    for i in 0..per {
+        let c = unit + i * units;
+        if c < dv {
+            dx[base + c] = Vector::cast_from(r * (gs[i] - mg - xhs[i] * mgx));
+        }
     }
+}
+
+/// The LayerNorm kernels' layout for rows of `d` over `tensors`: the vector width `N`, the units
+/// of a cube (about four vectors a unit, 32 to [`UNITS`], a power of two for the tree
+/// reductions) and the vectors each unit holds.
+fn norm_layout(d: usize, tensors: &[&CubeTensor]) -> (usize, usize, usize) {
+    let n = vector_width_at(&[d], 4, 4, tensors);
+    let dv = d / n;
+    let units = dv.div_ceil(4).next_power_of_two().clamp(32, UNITS);
+    (n, units, dv.div_ceil(units))
 }
 
 /// Units per row of the attention softmax kernels at `t` columns: four columns a unit, from 32 to
@@ -925,12 +971,14 @@ fn launch_layer_norm(
         dtype_to_storage_type(x.dtype),
         dtype_to_storage_type(gamma.dtype),
     ];
-    // Safety: rows `< rows`, columns `< d` (gamma and beta `[d]`).
+    let (n, units, per) = norm_layout(d, &[&x, &gamma, &beta, &y]);
+    // Safety: rows `< rows`, vectors `< d / n` (gamma and beta `[d]`).
     unsafe {
         layer_norm_kernel::launch_unchecked(
             &client,
             row_cubes(rows),
-            CubeDim::new_1d(UNITS as u32),
+            CubeDim::new_1d(units as u32),
+            n,
             x.into_tensor_arg(),
             gamma.into_tensor_arg(),
             beta.into_tensor_arg(),
@@ -940,6 +988,7 @@ fn launch_layer_norm(
             rows,
             1.0 / d as f32,
             eps as f32,
+            per,
             dtypes,
         );
     }
@@ -965,12 +1014,14 @@ fn launch_layer_norm_grad(
         dtype_to_storage_type(dtype),
         dtype_to_storage_type(gamma.dtype),
     ];
-    // Safety: rows `< rows`, columns `< d` (gamma `[d]`).
+    let (n, units, per) = norm_layout(d, &[&x, &gamma, &dy, &dx]);
+    // Safety: rows `< rows`, vectors `< d / n` (gamma `[d]`).
     unsafe {
         layer_norm_grad_kernel::launch_unchecked(
             &client,
             row_cubes(rows),
-            CubeDim::new_1d(UNITS as u32),
+            CubeDim::new_1d(units as u32),
+            n,
             x.into_tensor_arg(),
             gamma.into_tensor_arg(),
             mean.into_tensor_arg(),
@@ -979,6 +1030,7 @@ fn launch_layer_norm_grad(
             dx.clone().into_tensor_arg(),
             rows,
             1.0 / d as f32,
+            per,
             dtypes,
         );
     }
