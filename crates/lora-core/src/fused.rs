@@ -59,13 +59,23 @@ pub trait AdapterOps: Matmul {
         seed: FloatTensor<Self>,
         keep: f64,
     ) -> FloatTensor<Self> {
-        let y = norm.output();
-        let y = match keep < 1.0 {
-            true => hashed_mul::<Self>(y, seed, keep),
-            false => y,
-        };
-        Self::mm_tn(g, y)
+        normed_tn_composed::<Self>(g, norm, seed, keep)
     }
+}
+
+/// [`AdapterOps::normed_tn`] in Burn's ops: the norm's output, its dropout, the product.
+fn normed_tn_composed<B: Matmul>(
+    g: FloatTensor<B>,
+    norm: Normed<B>,
+    seed: FloatTensor<B>,
+    keep: f64,
+) -> FloatTensor<B> {
+    let y = norm.output();
+    let y = match keep < 1.0 {
+        true => hashed_mul::<B>(y, seed, keep),
+        false => y,
+    };
+    B::mm_tn(g, y)
 }
 
 /// A LayerNorm's output `(x − mean)·rstd·gamma + beta` (computed in f32, rounded to x's dtype)
@@ -183,12 +193,7 @@ impl AdapterOps for Cube {
                 g, x, mean, rstd, gamma, beta, seed, keep,
             );
         }
-        let y = norm.output();
-        let y = match keep < 1.0 {
-            true => hashed_mul::<Self>(y, seed, keep),
-            false => y,
-        };
-        Self::mm_tn(g, y)
+        normed_tn_composed::<Self>(g, norm, seed, keep)
     }
 
     /// One kernel ([`crate::kernels`]) up to rank [`MAX_RANK`].
