@@ -6,7 +6,7 @@ use crate::fused::{
 };
 use crate::mingpt::cross_entropy_ignore;
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor, TensorData};
 
 fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     (a - b).abs().max().into_scalar::<f32>()
@@ -420,7 +420,7 @@ fn fused_ops_on_wgpu() {
     // through the norm's kernel and the adapter's down kernel.
     for t in [9, 300] {
         for (keep, train_base) in [(1.0, false), (0.9, false), (0.9, true)] {
-            norm_lora_case(&d, t, keep, train_base, 1e-4);
+            norm_lora_case(&d, DType::F32, t, keep, train_base, 1e-4);
         }
     }
 }
@@ -573,7 +573,6 @@ fn f16_wgpu(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Device)> 
 /// rounding of the f32 op's.
 #[test]
 fn linear_cross_entropy_in_f16_on_wgpu() {
-    use burn::tensor::DType;
     let Some((_one, device)) = f16_wgpu("linear_cross_entropy_in_f16_on_wgpu") else {
         return;
     };
@@ -615,7 +614,6 @@ fn attention_in_f16_on_wgpu() {
 
 /// [`attention_in_f16_on_wgpu`] with heads of `d`.
 fn attention_f16_case(device: &Device, d: usize) {
-    use burn::tensor::DType;
     device.seed(8);
     let (b, h, t) = (2, 4, 96);
     let qkv = Tensor::<3>::random([b, t, 3 * h * d], Distribution::Normal(0.0, 1.0), device);
@@ -656,7 +654,6 @@ fn attention_f16_case(device: &Device, d: usize) {
 /// values and the x gradient within f16 rounding of the f32 op's.
 #[test]
 fn layer_norm_in_f16_on_wgpu() {
-    use burn::tensor::DType;
     let Some((_one, device)) = f16_wgpu("layer_norm_in_f16_on_wgpu") else {
         return;
     };
@@ -679,6 +676,11 @@ fn layer_norm_in_f16_on_wgpu() {
     assert!(max_diff(y32, y16) < 2e-2, "layer norm values");
     let scale = g32.clone().abs().max().into_scalar::<f32>();
     assert!(max_diff(g32, g16) < 1e-2 * scale, "x grads");
+    // LayerNorm + LoRA in f16 (gamma and beta f32): the one-pass kernel of A's gradient with
+    // f16 rows and f32 norm parameters, against the two ops in f16.
+    for (keep, train_base) in [(1.0, false), (0.9, false), (0.9, true)] {
+        norm_lora_case(&device, DType::F16, 300, keep, train_base, 1e-2);
+    }
 }
 
 /// Hashed dropout's mask: the kept fraction is `keep`, and masks of nearby rows, nearby columns
@@ -717,8 +719,9 @@ fn hashed_dropout_mask_is_bernoulli() {
 /// LayerNorm + LoRA as one op (`norm_lora`) against the two ops it replaces (the fused
 /// LayerNorm, then `lora_core`'s LoRA op): values and the gradients of x, gamma, beta, A, B, and
 /// of W and the bias where `train_base`; `keep` < 1: the dropout drawn again in the backward pass;
-/// `t` tokens a sequence (2 sequences: from 512 rows A's gradient is one kernel on GPUs).
-fn norm_lora_case(device: &Device, t: usize, keep: f64, train_base: bool, tol: f32) {
+/// `t` tokens a sequence (2 sequences: from 512 rows A's gradient is one kernel on GPUs); x and
+/// the linear in `dt` (gamma and beta f32, as in half-precision training).
+fn norm_lora_case(device: &Device, dt: DType, t: usize, keep: f64, train_base: bool, tol: f32) {
     use crate::norm_lora::layer_norm_lora_linear;
     use lora_core::fused::LoraParts;
     device.seed(12);
@@ -726,14 +729,14 @@ fn norm_lora_case(device: &Device, t: usize, keep: f64, train_base: bool, tol: f
     let normal = |shape: [usize; 3], mean: f64, sd: f64| {
         Tensor::<3>::random(shape, Distribution::Normal(mean, sd), device)
     };
-    let x = normal([2, t, k], 0.5, 2.0);
+    let x = normal([2, t, k], 0.5, 2.0).cast(dt);
     let gamma = normal([1, 1, k], 1.0, 0.5).reshape([k]);
     let beta = normal([1, 1, k], 0.0, 0.5).reshape([k]);
-    let w = normal([1, k, n], 0.0, 0.2).reshape([k, n]);
-    let bias = normal([1, 1, n], 0.0, 0.5).reshape([n]);
-    let a = normal([1, r, k], 0.0, 0.3).reshape([r, k]);
-    let b = normal([1, n, r], 0.0, 0.3).reshape([n, r]);
-    let g = normal([2, t, n], 0.0, 1.0);
+    let w = normal([1, k, n], 0.0, 0.2).reshape([k, n]).cast(dt);
+    let bias = normal([1, 1, n], 0.0, 0.5).reshape([n]).cast(dt);
+    let a = normal([1, r, k], 0.0, 0.3).reshape([r, k]).cast(dt);
+    let b = normal([1, n, r], 0.0, 0.3).reshape([n, r]).cast(dt);
+    let g = normal([2, t, n], 0.0, 1.0).cast(dt);
     let run = |fused: bool| {
         let base = |t: Tensor<2>| if train_base { t.require_grad() } else { t };
         let (xi, gi, bi) = (
@@ -764,10 +767,10 @@ fn norm_lora_case(device: &Device, t: usize, keep: f64, train_base: bool, tol: f
             false => parts.forward(layer_norm(xi.clone(), gi.clone(), bi.clone(), 1e-5)),
         };
         let grads = (y.clone() * g.clone()).sum().backward();
-        let flat = |t: Option<Tensor<1>>| t.map(|t| t.reshape([-1]));
+        let flat = |t: Option<Tensor<1>>| t.map(|t| t.reshape([-1]).cast(DType::F32));
         let grad2 = |t: &Tensor<2>| flat(t.grad(&grads).map(|t| t.reshape([-1])));
         [
-            Some(y.reshape([-1])),
+            flat(Some(y.reshape([-1]))),
             flat(xi.grad(&grads).map(|t| t.reshape([-1]))),
             flat(gi.grad(&grads)),
             flat(bi.grad(&grads)),
@@ -780,7 +783,8 @@ fn norm_lora_case(device: &Device, t: usize, keep: f64, train_base: bool, tol: f
     let (two, one) = (run(false), run(true));
     let names = ["values", "x", "gamma", "beta", "W", "bias", "A", "B"];
     for ((name, p), q) in names.into_iter().zip(two).zip(one) {
-        let what = format!("{name}, t {t}, keep {keep}, base trained {train_base}, {device:?}");
+        let what =
+            format!("{name}, {dt:?}, t {t}, keep {keep}, trained base {train_base}, {device:?}");
         match (p, q) {
             (Some(p), Some(q)) => {
                 // Relative to the largest magnitude (sums over rows run in another order).
@@ -800,7 +804,7 @@ fn norm_lora_case(device: &Device, t: usize, keep: f64, train_base: bool, tol: f
 fn fused_layer_norm_lora_is_layer_norm_then_lora() {
     for d in devices() {
         for (keep, train_base) in [(1.0, false), (0.9, false), (0.9, true)] {
-            norm_lora_case(&d.clone().autodiff(), 9, keep, train_base, 1e-5);
+            norm_lora_case(&d.clone().autodiff(), DType::F32, 9, keep, train_base, 1e-5);
         }
     }
 }
