@@ -358,11 +358,16 @@ fn down_units(kv: usize) -> usize {
     kv.div_ceil(4).next_power_of_two().clamp(32, 64)
 }
 
-/// Rows a [`lora_down_kernel`] cube takes for rows of `kv` vectors (fewer at ranks above 8): 4 for
-/// wide rows, where a's traffic dominates; 2 for narrow ones, where 4 left too few units running
-/// (GPT-2's `[8192, 768]` f16 input: 32 µs against 28 with one row a cube, H100).
-fn down_rows(kv: usize) -> usize {
-    if kv >= 192 { 4 } else { 2 }
+/// Rows a [`lora_down_kernel`] cube takes for rows of `kv` vectors of `elem_bytes` elements (fewer
+/// at ranks above 8). In f16, 4 for wide rows, where a's traffic dominates; 2 for narrow ones,
+/// where 4 left too few units running (GPT-2's `[8192, 768]` f16 input: 32 µs against 28 with one
+/// row a cube, H100). In f32, 2 (GPT-2's `[8192, 768]` input 52 → 46 µs, the `[8192, 2304]`
+/// output gradient 39 → 32 µs against 4 rows; 48 and 32 µs with one; H100, 2026-11-24).
+fn down_rows(kv: usize, elem_bytes: usize) -> usize {
+    match elem_bytes >= 4 || kv < 192 {
+        true => 2,
+        false => 4,
+    }
 }
 
 /// Vectors of columns a [`lora_up_kernel`] unit writes at rank r and width `v`: its `bt`
@@ -400,7 +405,7 @@ fn launch_down(
         8,
     );
     // `rows_per · r` f32 sums a unit, at most 32.
-    let rows_per = (MAX_RANK / r.max(1)).clamp(1, down_rows(k / v));
+    let rows_per = (MAX_RANK / r.max(1)).clamp(1, down_rows(k / v, x.dtype.size()));
     // Without `write_xd` the kernel never touches xd: a one-vector stand-in.
     let xd_shape = if write_xd { [rows, k] } else { [1, v] };
     let xd = empty_device_dtype(client.clone(), device, Shape::new(xd_shape), x.dtype);
