@@ -466,13 +466,16 @@ pub fn product<const D: usize>(
 /// The product as an op of its own on cubecl devices, so that fusion hands it real tensors.
 #[backend_extension(Cube, Fusion)]
 pub trait GemmKernels: Backend {
-    /// `[.., m, k] · [.., k, n] -> [.., m, n]`: [`gemm_kernel`] where it applies, else Burn's matmul.
+    /// `[.., m, k] · [.., k, n] -> [.., m, n]`: [`gemm_kernel`] (f32) or
+    /// [`crate::coopmat::try_coopmat`] (f16) where they apply, else Burn's matmul.
     #[fusion(meta = |lhs, rhs| product_spec(lhs, rhs))]
     fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl GemmKernels for CubeBackend {
     fn gemm(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
-        try_gemm(&lhs, &rhs).unwrap_or_else(|| CubeBackend::float_matmul(lhs, rhs))
+        try_gemm(&lhs, &rhs)
+            .or_else(|| crate::coopmat::try_coopmat(&lhs, &rhs))
+            .unwrap_or_else(|| CubeBackend::float_matmul(lhs, rhs))
     }
 }

@@ -7,6 +7,7 @@
 //! - [`utils`]: model-wide helpers: freeze all but LoRA (`mark_only_lora_as_trainable`),
 //!   the trainable-parameter report, global gradient-norm clipping.
 
+pub mod coopmat;
 pub mod dropout;
 pub mod fused;
 pub mod gemm;

@@ -41,12 +41,16 @@ pub trait Matmul: Backend {
 }
 
 impl Matmul for Cube {
-    /// f32 products as [`crate::gemm`]'s kernel where it applies; the rest is Burn's matmul.
+    /// f32 products that suit [`crate::gemm`]'s kernel and f16 ones that suit
+    /// [`crate::coopmat`]'s as [`GemmKernels::gemm`] (which still falls back to Burn's matmul where
+    /// the kernel cannot run); the rest is Burn's matmul.
     fn mm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        if lhs.dtype() == DType::F32
-            && rhs.dtype() == DType::F32
-            && crate::gemm::suits(&lhs.shape(), &rhs.shape())
-        {
+        let ours = match (lhs.dtype(), rhs.dtype()) {
+            (DType::F32, DType::F32) => crate::gemm::suits(&lhs.shape(), &rhs.shape()),
+            (DType::F16, DType::F16) => crate::coopmat::suits(&lhs.shape(), &rhs.shape()),
+            _ => false,
+        };
+        if ours {
             return <Self as GemmKernels>::gemm(lhs, rhs);
         }
         Self::float_matmul(lhs, rhs)

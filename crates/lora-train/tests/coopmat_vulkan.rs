@@ -1,0 +1,88 @@
+//! f16 products through `lora_core::gemm::product` on `Device::vulkan` (built with `--features
+//! vulkan`): where the device has workgroup-scope cooperative matrices, they run
+//! `lora_core::coopmat`'s kernel. Checked against f32 products on flex from the same
+//! f16-rounded values: ragged edges, transposed operands, a strided view with an offset, a batch
+//! of one; and batched products, which must fall back to Burn's matmul. Run on a GPU: `cargo test --release -p lora-train --features vulkan --test
+//! coopmat_vulkan` (set `EXPECT_COOPMAT=1` to fail where the kernel did not run).
+#![cfg(feature = "vulkan")]
+
+use burn::tensor::{DType, Device, DeviceKind, Tensor, TensorData};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| half::f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+        .collect()
+}
+
+fn tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product();
+    Tensor::from_data(TensorData::new(values(n, seed), shape), device)
+}
+
+/// `a · b` on vulkan in f16 against flex in f32; `prep` turns the stored operands into the
+/// product's (transposes, slices).
+fn case<const D: usize>(
+    a_shape: [usize; D],
+    b_shape: [usize; D],
+    prep: impl Fn(Tensor<D>, Tensor<D>) -> (Tensor<D>, Tensor<D>),
+) {
+    let (gpu, cpu) = (Device::vulkan(DeviceKind::DefaultDevice), Device::flex());
+    let (a, b) = prep(tensor(a_shape, 1, &gpu), tensor(b_shape, 2, &gpu));
+    let got = lora_core::gemm::product(a.cast(DType::F16), b.cast(DType::F16))
+        .cast(DType::F32)
+        .into_data();
+    let (a, b) = prep(tensor(a_shape, 1, &cpu), tensor(b_shape, 2, &cpu));
+    let want = a.matmul(b).into_data();
+    assert_eq!(got.shape(), want.shape());
+    let (got, want) = (
+        got.try_to_vec::<f32>().unwrap(),
+        want.try_to_vec::<f32>().unwrap(),
+    );
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0f32, f32::max);
+    // f32 sums rounded once to f16: a relative error of 2⁻¹¹, plus the sums' order.
+    assert!(
+        err < 2e-3,
+        "{a_shape:?} · {b_shape:?}: max relative error {err}"
+    );
+}
+
+#[test]
+fn f16_products_on_vulkan() {
+    let before = lora_core::coopmat::launches();
+    // Ragged in m, n and k (tiles of 128 × 128, steps of 64). The kernel takes k > n only.
+    case([300, 200], [200, 136], |a, b| (a, b));
+    // Column-major operands: transposed views of stored matrices.
+    case([200, 304], [136, 200], |a, b| {
+        (a.transpose(), b.transpose())
+    });
+    // A strided view with an offset (columns 128..256 of rows 384 wide), as attention's heads.
+    case([100, 384], [128, 80], |a, b| {
+        (a.slice([0..100, 128..256]), b)
+    });
+    // A batch of one.
+    case([1, 256, 96], [1, 96, 72], |a, b| (a, b));
+    let ran = lora_core::coopmat::launches() - before;
+    // Batches (Burn's matmul), the right operand transposed per batch, and a broadcast one.
+    case([2, 3, 130, 64], [2, 3, 96, 64], |a, b| {
+        (a, b.swap_dims(2, 3))
+    });
+    case([4, 256, 96], [1, 96, 72], |a, b| (a, b));
+    println!("coopmat launches: {ran}");
+    assert_eq!(
+        lora_core::coopmat::launches() - before,
+        ran,
+        "batched products fall back"
+    );
+    if std::env::var("EXPECT_COOPMAT").is_ok() {
+        assert_eq!(
+            ran, 4,
+            "every unbatched case runs the workgroup-scope kernel"
+        );
+    }
+}
