@@ -1,9 +1,10 @@
 //! f16 products through `lora_core::gemm::product` on `Device::vulkan` (built with `--features
 //! vulkan`): where the device has workgroup-scope cooperative matrices, they run
 //! `lora_core::coopmat`'s kernel. Checked against f32 products on flex from the same
-//! f16-rounded values: ragged edges, transposed operands, a strided view with an offset, a batch
-//! of one; and batched products, which must fall back to Burn's matmul. Run on a GPU: `cargo test --release -p lora-train --features vulkan --test
-//! coopmat_vulkan` (set `EXPECT_COOPMAT=1` to fail where the kernel did not run).
+//! f16-rounded values: ragged edges, transposed operands, a strided view with an offset, batches
+//! stacked as blocks of rows and a broadcast operand; and the products that must stay Burn's. Run
+//! on a GPU: `cargo test --release -p lora-train --features vulkan --test coopmat_vulkan` (set
+//! `EXPECT_COOPMAT=1` to fail where the kernel did not run).
 #![cfg(feature = "vulkan")]
 
 use burn::tensor::{DType, Device, DeviceKind, Tensor, TensorData};
@@ -22,17 +23,21 @@ fn tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tens
 }
 
 /// `a · b` on vulkan in f16 against flex in f32; `prep` turns the stored operands into the
-/// product's (transposes, slices).
+/// product's (transposes, slices). `ours`: whether the workgroup-scope kernel must run it (checked
+/// with `EXPECT_COOPMAT` set) or Burn's matmul (always checked).
 fn case<const D: usize>(
     a_shape: [usize; D],
     b_shape: [usize; D],
+    ours: bool,
     prep: impl Fn(Tensor<D>, Tensor<D>) -> (Tensor<D>, Tensor<D>),
 ) {
     let (gpu, cpu) = (Device::vulkan(DeviceKind::DefaultDevice), Device::flex());
+    let before = lora_core::coopmat::launches();
     let (a, b) = prep(tensor(a_shape, 1, &gpu), tensor(b_shape, 2, &gpu));
     let got = lora_core::gemm::product(a.cast(DType::F16), b.cast(DType::F16))
         .cast(DType::F32)
         .into_data();
+    let ran = lora_core::coopmat::launches() - before;
     let (a, b) = prep(tensor(a_shape, 1, &cpu), tensor(b_shape, 2, &cpu));
     let want = a.matmul(b).into_data();
     assert_eq!(got.shape(), want.shape());
@@ -50,39 +55,51 @@ fn case<const D: usize>(
         err < 2e-3,
         "{a_shape:?} · {b_shape:?}: max relative error {err}"
     );
+    println!("{a_shape:?} · {b_shape:?}: coopmat launches {ran}, max relative error {err}");
+    if !ours {
+        assert_eq!(
+            ran, 0,
+            "{a_shape:?} · {b_shape:?} falls back to Burn's matmul"
+        );
+    } else if std::env::var("EXPECT_COOPMAT").is_ok() {
+        assert_eq!(
+            ran, 1,
+            "{a_shape:?} · {b_shape:?} runs the workgroup-scope kernel"
+        );
+    }
 }
 
 #[test]
 fn f16_products_on_vulkan() {
-    let before = lora_core::coopmat::launches();
     // Ragged in m, n and k (tiles of 128 × 128, steps of 64). The kernel takes k > n only.
-    case([300, 200], [200, 136], |a, b| (a, b));
+    case([300, 200], [200, 136], true, |a, b| (a, b));
     // Column-major operands: transposed views of stored matrices.
-    case([200, 304], [136, 200], |a, b| {
+    case([200, 304], [136, 200], true, |a, b| {
         (a.transpose(), b.transpose())
     });
     // A strided view with an offset (columns 128..256 of rows 384 wide), as attention's heads.
-    case([100, 384], [128, 80], |a, b| {
+    case([100, 384], [128, 80], true, |a, b| {
         (a.slice([0..100, 128..256]), b)
     });
-    // A batch of one.
-    case([1, 256, 96], [1, 96, 72], |a, b| (a, b));
-    let ran = lora_core::coopmat::launches() - before;
-    // Batches (Burn's matmul), the right operand transposed per batch, and a broadcast one.
-    case([2, 3, 130, 64], [2, 3, 96, 64], |a, b| {
+    // A batch of one; k ≤ n (Burn's).
+    case([1, 256, 96], [1, 96, 72], true, |a, b| (a, b));
+    case([256, 96], [96, 128], false, |a, b| (a, b));
+    // Batches stacked as blocks of rows: both row-major (k ragged: b's tile reads into the next
+    // matrix, times a's zeros), b transposed per matrix, a broadcast b (a weight), a transposed
+    // a with k a multiple of 64.
+    case([2, 3, 128, 200], [2, 3, 200, 72], true, |a, b| (a, b));
+    case([2, 3, 128, 96], [2, 3, 72, 96], true, |a, b| {
         (a, b.swap_dims(2, 3))
     });
-    case([4, 256, 96], [1, 96, 72], |a, b| (a, b));
-    println!("coopmat launches: {ran}");
-    assert_eq!(
-        lora_core::coopmat::launches() - before,
-        ran,
-        "batched products fall back"
-    );
-    if std::env::var("EXPECT_COOPMAT").is_ok() {
-        assert_eq!(
-            ran, 4,
-            "every unbatched case runs the workgroup-scope kernel"
-        );
-    }
+    case([4, 256, 96], [1, 96, 72], true, |a, b| (a, b));
+    case([2, 192, 128], [2, 192, 80], true, |a, b| {
+        (a.swap_dims(1, 2), b)
+    });
+    // Burn's: both tiles could read past k into the next matrix (a transposed, k = 200); m not a
+    // multiple of 128 in a batch; batch dims that neither match nor broadcast.
+    case([2, 200, 128], [2, 200, 80], false, |a, b| {
+        (a.swap_dims(1, 2), b)
+    });
+    case([2, 3, 130, 96], [2, 3, 96, 72], false, |a, b| (a, b));
+    case([2, 1, 128, 96], [1, 3, 96, 72], false, |a, b| (a, b));
 }
