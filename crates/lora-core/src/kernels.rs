@@ -82,7 +82,13 @@ pub fn row_key(seed: &Tensor<f32>, row: usize) -> u32 {
 /// top 24 bits (`shift` 8, `threshold = keep·2²⁴`, [`crate::dropout::keep_threshold24`]);
 /// lora-gpt's attention kernels all 32 (`shift` 0, `threshold = keep·2³²`).
 #[cube]
-fn keep_factor(key: u32, col: usize, threshold: u32, inv_keep: f32, #[comptime] shift: u32) -> f32 {
+pub fn keep_factor(
+    key: u32,
+    col: usize,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] shift: u32,
+) -> f32 {
     select(
         (mix32(u32::cast_from(col) ^ key) >> shift) < threshold,
         inv_keep,

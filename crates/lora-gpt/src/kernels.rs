@@ -1294,7 +1294,10 @@ impl RowKernels for CubeBackend {
         keep: f64,
     ) -> (CubeTensor, CubeTensor) {
         let drop = (keep < 1.0).then_some((seed, keep));
-        crate::flash::flash_forward(q.clone(), k.clone(), v.clone(), drop.clone(), scale)
+        crate::flash_cm::flash_forward_cm(&q, &k, &v, drop.clone(), scale)
+            .or_else(|| {
+                crate::flash::flash_forward(q.clone(), k.clone(), v.clone(), drop.clone(), scale)
+            })
             .unwrap_or_else(|| crate::flash::materialised(q, k, v, bias, drop, scale))
     }
 

@@ -2,6 +2,7 @@
 
 pub mod export;
 mod flash;
+pub mod flash_cm;
 pub mod fused;
 pub mod gpt2;
 mod host;

@@ -103,3 +103,89 @@ fn f16_products_on_vulkan() {
     case([2, 3, 130, 96], [2, 3, 96, 72], false, |a, b| (a, b));
     case([2, 1, 128, 96], [1, 3, 96, 72], false, |a, b| (a, b));
 }
+
+/// GPT-2's causal attention in f16 on vulkan against the same in f32 on vulkan (`lora_gpt`'s
+/// f32 kernels), from the same f16-rounded `qkv [b, t, 3·h·64]`: the forward on strided heads
+/// (inference), and forward and backward on an autodiff device (the heads copied), with and
+/// without hashed dropout. In f16 the forward is `lora_gpt::flash_cm`'s workgroup-scope kernel
+/// where the device has it (checked with `EXPECT_COOPMAT` set); the backward recomputes the
+/// probabilities from its log-sum-exp.
+fn attention_case(b: usize, h: usize, t: usize, drop: bool) {
+    use lora_gpt::fused::{AttentionDropout, causal_attention};
+    let gpu = Device::vulkan(DeviceKind::DefaultDevice);
+    let seed = Tensor::<1>::from_data(TensorData::new(vec![0.25f32, 0.625], [2]), &gpu);
+    let qkv = tensor([b, t, 3 * h * 64], 3, &gpu);
+    let w = tensor([b, h, t, 64], 4, &gpu);
+    let bias = Tensor::<2>::zeros([t, t], &gpu)
+        .mask_fill(
+            Tensor::<2, burn::tensor::Bool>::tril_mask([t, t], 0, &gpu),
+            f32::NEG_INFINITY,
+        )
+        .reshape([1, 1, t, t]);
+    let run = |dtype: DType, device: &Device| {
+        let to = |x: &Tensor<3>| Tensor::<3>::from_data(x.to_data(), device).cast(dtype);
+        let keep =
+            drop.then(|| AttentionDropout::Hashed(Tensor::from_data(seed.to_data(), device), 0.9));
+        let bias = Tensor::<4>::from_data(bias.to_data(), device).cast(dtype);
+        let qkv = to(&qkv).require_grad();
+        let y = causal_attention(qkv.clone(), bias, keep, h, 0.125);
+        let wd = Tensor::<4>::from_data(w.to_data(), device).cast(dtype);
+        let grads = (y.clone() * wd).sum().backward();
+        let g = qkv.grad(&grads).expect("a gradient").cast(DType::F32);
+        // Read back here: fused ops run when their results are read.
+        (y.cast(DType::F32).into_data(), g.into_data())
+    };
+    let ad = gpu.clone().autodiff();
+    let before = lora_gpt::flash_cm::launches();
+    let (y16, g16) = run(DType::F16, &ad);
+    let ran = lora_gpt::flash_cm::launches() - before;
+    let (y32, g32) = run(DType::F32, &ad);
+    let diff = |a: &TensorData, b: &TensorData| {
+        let (a, b) = (
+            a.try_to_vec::<f32>().unwrap(),
+            b.try_to_vec::<f32>().unwrap(),
+        );
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        (d, b.iter().map(|y| y.abs()).fold(0f32, f32::max))
+    };
+    let what = format!("attention [{b}, {h}, {t}], dropout {drop}");
+    // Averages of f16 values in [-1, 1] with f16 probabilities: errors of a few 2⁻¹¹.
+    let (dy, _) = diff(&y16, &y32);
+    let (dg, scale) = diff(&g16, &g32);
+    let dg = dg / scale;
+    println!("{what}: forward launches {ran}, output {dy}, gradient {dg} (relative)");
+    assert!(dy < 4e-3, "{what}: output {dy}");
+    assert!(dg < 1e-2, "{what}: gradient {dg} relative to its largest");
+    // Inference: the heads as strided views of qkv.
+    let before = lora_gpt::flash_cm::launches();
+    let (yi, _) = {
+        let qkv = Tensor::<3>::from_data(qkv.to_data(), &gpu).cast(DType::F16);
+        let keep = drop.then(|| AttentionDropout::Hashed(seed.clone(), 0.9));
+        let bias = bias.clone().cast(DType::F16);
+        let y = causal_attention(qkv, bias, keep, h, 0.125).cast(DType::F32);
+        (y.into_data(), ())
+    };
+    let ran_views = lora_gpt::flash_cm::launches() - before;
+    let (di, _) = diff(&yi, &y32);
+    println!("{what}: inference launches {ran_views}, output {di}");
+    assert!(di < 4e-3, "{what}: inference output {di}");
+    if std::env::var("EXPECT_COOPMAT").is_ok() {
+        assert_eq!(
+            (ran, ran_views),
+            (1, 1),
+            "{what} runs the workgroup-scope forward"
+        );
+    }
+}
+
+#[test]
+fn f16_attention_on_vulkan() {
+    // Ragged (200: the last query and key blocks part-filled), and GPT-2's head count.
+    attention_case(2, 3, 200, false);
+    attention_case(2, 3, 200, true);
+    attention_case(1, 12, 256, true);
+}
