@@ -132,8 +132,15 @@ fn coopmat_kernel(
 }
 
 /// Whether the device runs [`coopmat_kernel`]: f16 × f16 → f32 workgroup-scope matrices of 256
-/// units with tensor addressing.
+/// units with tensor addressing for its tiles ([`offers`]).
 pub fn available(t: &CubeTensor) -> bool {
+    offers(t, UNITS, [BM, BN, BK])
+}
+
+/// Whether `t`'s device offers f16 × f16 → f32 workgroup-scope cooperative matrices of `units`
+/// units with tensor addressing for products of `[m, n, k]` tiles (each a multiple of the
+/// driver's granularity, none above its maximum).
+pub fn offers(t: &CubeTensor, units: u32, [m, n, k]: [usize; 3]) -> bool {
     let features = &t.client.properties().features.matmul;
     let f16 = ElemType::Float(FloatKind::F16);
     features.cmma_tensor_addressing
@@ -141,13 +148,13 @@ pub fn available(t: &CubeTensor) -> bool {
             c.a_type == f16
                 && c.b_type == f16
                 && c.cd_type == ElemType::Float(FloatKind::F32)
-                && c.units_per_block == Some(UNITS)
-                && (BM as u32).is_multiple_of(c.m_granularity)
-                && (BN as u32).is_multiple_of(c.n_granularity)
-                && (BK as u32).is_multiple_of(c.k_granularity)
-                && c.m_max as usize >= BM
-                && c.n_max as usize >= BN
-                && c.k_max as usize >= BK
+                && c.units_per_block == Some(units)
+                && (m as u32).is_multiple_of(c.m_granularity)
+                && (n as u32).is_multiple_of(c.n_granularity)
+                && (k as u32).is_multiple_of(c.k_granularity)
+                && c.m_max as usize >= m
+                && c.n_max as usize >= n
+                && c.k_max as usize >= k
         })
 }
 

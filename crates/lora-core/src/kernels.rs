@@ -370,10 +370,7 @@ fn down_units(kv: usize) -> usize {
 /// row a cube, H100). In f32, 2 (GPT-2's `[8192, 768]` input 52 → 46 µs, the `[8192, 2304]`
 /// output gradient 39 → 32 µs against 4 rows; 48 and 32 µs with one; H100, 2026-11-24).
 fn down_rows(kv: usize, elem_bytes: usize) -> usize {
-    match elem_bytes >= 4 || kv < 192 {
-        true => 2,
-        false => 4,
-    }
+    if elem_bytes >= 4 || kv < 192 { 2 } else { 4 }
 }
 
 /// Vectors of columns a [`lora_up_kernel`] unit writes at rank r and width `v`: its `bt`

@@ -578,7 +578,7 @@ pub(crate) fn flash_forward(
     drop: Option<(CubeTensor, f64)>,
     scale: f64,
 ) -> Option<(CubeTensor, CubeTensor)> {
-    let [b, h, t, d] = q.meta.shape.dims::<4>();
+    let [b, h, t, _] = q.meta.shape.dims::<4>();
     assert!(
         k.dtype == q.dtype && v.dtype == q.dtype,
         "flash attention: q, k, v in one dtype"
@@ -588,14 +588,8 @@ pub(crate) fn flash_forward(
     }
     let [q, k, v] = [q, k, v].map(vector_rows);
     let drop = crate::kernels::DropArgs::new(drop, &q);
-    let (client, device) = (q.client.clone(), q.device.clone());
-    let o = empty_device_contiguous_dtype(
-        client.clone(),
-        device.clone(),
-        Shape::new([b, t, h, d]),
-        q.dtype,
-    );
-    let lse = empty_device_dtype(client.clone(), device, Shape::new([b, h, t, 1]), DType::F32);
+    let client = q.client.clone();
+    let (o, lse) = forward_outputs(&q);
     let dtype = dtype_to_storage_type(q.dtype);
     // Safety: rows are clamped into `..t` for the loads, stores check `row < t`; vector offsets
     // are multiples of 4 elements (checked above), every head `< b·h`.
@@ -620,6 +614,21 @@ pub(crate) fn flash_forward(
         );
     }
     Some((o, lse))
+}
+
+/// The outputs of a forward kernel for q `[batch, head, seq, d]`: o `[batch, seq, head, d]`
+/// (contiguous, q's dtype) and the log-sum-exp `[batch, head, seq, 1]` (f32).
+pub(crate) fn forward_outputs(q: &CubeTensor) -> (CubeTensor, CubeTensor) {
+    let [b, h, t, d] = q.meta.shape.dims::<4>();
+    let (client, device) = (q.client.clone(), q.device.clone());
+    let o = empty_device_contiguous_dtype(
+        client.clone(),
+        device.clone(),
+        Shape::new([b, t, h, d]),
+        q.dtype,
+    );
+    let lse = empty_device_dtype(client, device, Shape::new([b, h, t, 1]), DType::F32);
+    (o, lse)
 }
 
 /// The same attention without the kernel (Burn's matmuls and the softmax row kernel), where

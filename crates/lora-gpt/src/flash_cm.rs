@@ -12,14 +12,14 @@
 //! are the output's rows rescaled (through shared memory). ~500 µs a layer in the training step
 //! (with dropout), 417–448 µs for an inference forward where the f32-FMA kernel took 712–725.
 
+use crate::flash::forward_outputs;
 use crate::kernels::{DropArgs, SHIFT32};
-use burn::tensor::{DType, Shape};
-use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
+use burn::tensor::DType;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cmma::{self, Cube as WorkGroup};
-use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use half::f16;
+use lora_core::coopmat::offers;
 use lora_core::kernels::{keep_factor, row_key};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -264,27 +264,15 @@ fn head_view(x: &Tensor<f16>, bi: usize, hi: usize) -> (TensorView<f16>, u32, u3
     (view, base / rs, base % rs)
 }
 
-/// Whether the device runs [`flash_cm_kernel`]: f16 × f16 → f32 workgroup-scope matrices of 256
-/// units with tensor addressing, and the shared memory.
+/// Whether the device runs [`flash_cm_kernel`]: workgroup-scope matrices of 256 units for its
+/// two products (`[BQ, BKV, HEAD]` and `[BQ, HEAD, BKV]`, [`lora_core::coopmat::offers`]) and the
+/// shared memory (the f32 tile, the flag, the driver's reserve).
 fn available(t: &CubeTensor) -> bool {
-    let props = t.client.properties();
-    let features = &props.features.matmul;
-    let f16 = ElemType::Float(FloatKind::F16);
-    let shared = BQ * SS * 4 + 4 + props.hardware.cube_mma_reserved_shared_memory;
-    features.cmma_tensor_addressing
-        && shared <= props.hardware.max_shared_memory_size
-        && features.cube_mma.iter().any(|c| {
-            c.a_type == f16
-                && c.b_type == f16
-                && c.cd_type == ElemType::Float(FloatKind::F32)
-                && c.units_per_block == Some(UNITS)
-                && (BQ as u32).is_multiple_of(c.m_granularity)
-                && [BKV, HEAD].iter().all(|&d| {
-                    (d as u32).is_multiple_of(c.n_granularity)
-                        && (d as u32).is_multiple_of(c.k_granularity)
-                })
-                && c.m_max.min(c.n_max).min(c.k_max) as usize >= BQ.max(BKV).max(HEAD)
-        })
+    let hardware = &t.client.properties().hardware;
+    let shared = BQ * SS * 4 + 4 + hardware.cube_mma_reserved_shared_memory;
+    shared <= hardware.max_shared_memory_size
+        && offers(t, UNITS, [BQ, BKV, HEAD])
+        && offers(t, UNITS, [BQ, HEAD, BKV])
 }
 
 /// Whether x `[batch, head, seq, 64]` reads as [`flash_cm_kernel`] reads it: unit column
@@ -321,14 +309,8 @@ pub(crate) fn flash_forward_cm(
         return None;
     }
     let drop = DropArgs::new(drop, q);
-    let (client, device) = (q.client.clone(), q.device.clone());
-    let o = empty_device_contiguous_dtype(
-        client.clone(),
-        device.clone(),
-        Shape::new([b, t, h, HEAD]),
-        DType::F16,
-    );
-    let lse = empty_device_dtype(client.clone(), device, Shape::new([b, h, t, 1]), DType::F32);
+    let client = q.client.clone();
+    let (o, lse) = forward_outputs(q);
     let blocks = t.div_ceil(BQ);
     // Safety: loads are tensor-addressed and clamped to each buffer's rows; the units' shared
     // accesses stay in their row of a tile; stores check `row < t`.
