@@ -558,10 +558,11 @@ pub(crate) fn flash_takes(d: usize, dtype: DType) -> bool {
     d == HEAD && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
-/// Whether [`flash_backward`] runs for heads of `d` in `dtype`: f32. In f16 the materialised
-/// backward pass's products run on tensor cores, faster than these f32 kernels.
+/// Whether the one-pass backward runs for heads of `d` in `dtype`: f32 ([`flash_backward`]) and
+/// f16 (`flash_cm`'s kernels where the device has workgroup-scope matrices, else these f32
+/// kernels).
 pub(crate) fn flash_backward_takes(d: usize, dtype: DType) -> bool {
-    d == HEAD && dtype == DType::F32
+    d == HEAD && matches!(dtype, DType::F32 | DType::F16)
 }
 
 /// Cubes along y at most.
@@ -700,13 +701,7 @@ pub(crate) fn flash_backward(
     let (client, device) = (q.client.clone(), q.device.clone());
     let dtype = dtype_to_storage_type(q.dtype);
     let blocks = t.div_ceil(BR);
-    let rows = b * h * t;
-    let dots = empty_device_dtype(
-        client.clone(),
-        device.clone(),
-        Shape::new([b, h, t, 1]),
-        DType::F32,
-    );
+    let dots = row_dots(&dy, o);
     let ds = empty_device_dtype(
         client.clone(),
         device.clone(),
@@ -724,17 +719,6 @@ pub(crate) fn flash_backward(
     // stores check `row < t` (dqkv, dots) or stay in the tile (ds); vector offsets are multiples
     // of 4 elements (checked above), every head `< b·h`.
     unsafe {
-        row_dots_kernel::launch_unchecked(
-            &client,
-            CubeCount::Static(rows.div_ceil(UNITS) as u32, 1, 1),
-            CubeDim::new_1d(UNITS as u32),
-            LANES,
-            dy.clone().into_tensor_arg(),
-            o.into_tensor_arg(),
-            dots.clone().into_tensor_arg(),
-            rows,
-            dtype,
-        );
         flash_backward_kv_kernel::launch_unchecked(
             &client,
             grid.clone(),
@@ -770,6 +754,37 @@ pub(crate) fn flash_backward(
         );
     }
     Some(dqkv)
+}
+
+/// `Σ_d dy·o` of each query (FlashAttention's `D`) of dy and o `[batch, head, seq, d]` (one
+/// dtype, any strides, rows contiguous; d = 64): `[batch, head, seq, 1]` in f32
+/// ([`row_dots_kernel`]).
+pub(crate) fn row_dots(dy: &CubeTensor, o: CubeTensor) -> CubeTensor {
+    let [b, h, t, _] = dy.meta.shape.dims::<4>();
+    let [dy, o] = [dy.clone(), o].map(vector_rows);
+    let rows = b * h * t;
+    let dots = empty_device_dtype(
+        dy.client.clone(),
+        dy.device.clone(),
+        Shape::new([b, h, t, 1]),
+        DType::F32,
+    );
+    let dtype = dtype_to_storage_type(dy.dtype);
+    // Safety: one unit a row, `r < rows` checked; vector offsets are multiples of 4 elements.
+    unsafe {
+        row_dots_kernel::launch_unchecked(
+            &dy.client,
+            CubeCount::Static(rows.div_ceil(UNITS) as u32, 1, 1),
+            CubeDim::new_1d(UNITS as u32),
+            LANES,
+            dy.clone().into_tensor_arg(),
+            o.into_tensor_arg(),
+            dots.clone().into_tensor_arg(),
+            rows,
+            dtype,
+        );
+    }
+    dots
 }
 
 /// The same gradient without the kernels (Burn's matmuls and the softmax-gradient row kernel),

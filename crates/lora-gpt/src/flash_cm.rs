@@ -11,10 +11,20 @@
 //! probabilities use is raised only when a block passes it by more than [`LAZY`], and only then
 //! are the output's rows rescaled (through shared memory). ~500 µs a layer in the training step
 //! (with dropout), 417–448 µs for an inference forward where the f32-FMA kernel took 712–725.
+//!
+//! The backward pass ([`flash_backward_cm`]) is FlashAttention-2's: [`flash_cm_kv_kernel`] holds
+//! 128 keys' kᵀ and vᵀ as B matrices and walks the queries 64 at a time, q and dy staged in
+//! shared memory by the units (fetched a step ahead), four workgroup-scope products a step (the
+//! scores, dp, and dv, dk from the f16 tile loaded transposed); [`flash_cm_q_kernel`] multiplies
+//! the stored softmax gradient by k. ~470 + 140 µs a layer in the training step, where the
+//! materialised pass (query blocks, Burn's and our products, the softmax-gradient kernel) took
+//! ~1.3 ms.
 
 use crate::flash::forward_outputs;
 use crate::kernels::{DropArgs, SHIFT32};
-use burn::tensor::DType;
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cmma::{self, Cube as WorkGroup};
 use cubecl::prelude::*;
@@ -334,4 +344,505 @@ pub(crate) fn flash_forward_cm(
     }
     LAUNCHES.fetch_add(1, Ordering::Relaxed);
     Some((o, lse))
+}
+
+/// Queries of a backward step, keys of a backward cube, elements of a vector.
+const BQB: usize = 64;
+const BKB: usize = 128;
+const VEC: usize = 8;
+/// Row strides (f16) of the q and dy tiles and of the score tile in shared memory.
+const HS: usize = 72;
+const TS: usize = 136;
+/// The score tile's shared memory: `[64, TS]` for scores, `[128, HS]` for the output gradients.
+const TILE: usize = 9216;
+/// Columns of a unit in the backward pass's score tile: every fourth of its row of 128 keys.
+const BCOLS: usize = 32;
+
+/// Launches of [`flash_cm_kv_kernel`] in this process ([`backward_launches`]).
+static BACKWARD_LAUNCHES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many attention backward passes ran on [`flash_cm_kv_kernel`] in this process.
+pub fn backward_launches() -> usize {
+    BACKWARD_LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// Tiles of the softmax gradient before query block `i` of a head: query block i (64 queries)
+/// has `i / 2 + 1` key blocks (128 keys) up to the diagonal.
+#[cube]
+fn tiles_before(i: usize) -> usize {
+    // Σ_{i' < i} ⌊i'/2⌋ is a² − a for i = 2a and a² for i = 2a + 1.
+    let a = i / 2;
+    a * a - a + a * (i % 2) + i
+}
+
+/// Rows `r0 .. r0 + 64` of head `(bi, hi)` of x `[batch, head, seq, 64]` (rows past t re-read the
+/// last), two vectors a unit, into `regs`: issued here, waited for in [`put_rows`].
+#[cube]
+fn fetch_rows<N: Size>(
+    x: &Tensor<Vector<f16, N>>,
+    bi: usize,
+    hi: usize,
+    r0: usize,
+    t: usize,
+    regs: &mut Array<Vector<f16, N>>,
+) {
+    let u = UNIT_POS_X as usize;
+    let base = (bi * x.stride(0) + hi * x.stride(1)) / VEC;
+    let rs = x.stride(2) / VEC;
+    #[unroll]
+    for i in 0..2usize {
+        let row = (r0 + u / 8 + 32 * i).min(t - 1);
+        regs[i] = x[base + row * rs + u % 8];
+    }
+}
+
+/// [`fetch_rows`]' vectors into the tile `sh` (`[64, HS]`).
+#[cube]
+fn put_rows<N: Size>(regs: &Array<Vector<f16, N>>, sh: &mut Shared<[f16]>) {
+    let u = UNIT_POS_X as usize;
+    #[unroll]
+    for i in 0..2usize {
+        let at = (u / 8 + 32 * i) * HS + (u % 8) * VEC;
+        #[unroll]
+        for e in 0..VEC {
+            sh[at + e] = regs[i].extract(e);
+        }
+    }
+}
+
+/// Causal attention's backward pass in f16 for one head's 128 keys (FlashAttention-2's outer
+/// loop over keys), as [`crate::flash`]'s f32 kernels compute it: the gradients of k and v, and
+/// the softmax gradient ds per tile for [`flash_cm_q_kernel`].
+///
+/// k, v as B matrices held through the loop; for each block of 64 queries from the diagonal on,
+/// q and dy are staged in shared memory (fetched a step ahead), `s = q·kᵀ` and `dp = dy·vᵀ` are
+/// workgroup-scope products stored as f16 tiles, the units turn them into `pd = p·m` and `ds =
+/// p·(dp·m − dots)` (p from the log-sum-exp, m the hashed dropout), and `dv += pdᵀ·dy`, `dk +=
+/// dsᵀ·q` load the tile transposed. q, dy `[batch, head, seq, 64]` (vectors of 8); k, v as
+/// [`reads`] takes them; lse, dots `[batch, head, seq, 1]` (f32); ds `[batch·head·tiles, 64,
+/// 128]` (f16, vectors of 8, [`tiles_before`]); dqkv `[batch, seq, 3·head·64]` (k's and v's
+/// columns written). Cube `(x, y)`: key block x (the longest first) of head y; unit u takes row
+/// `u / 4` of the score tile at the columns `u % 4 + 4·j`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments, clippy::needless_borrow)]
+fn flash_cm_kv_kernel<N: Size>(
+    q: &Tensor<Vector<f16, N>>,
+    dy: &Tensor<Vector<f16, N>>,
+    k: &Tensor<f16>,
+    v: &Tensor<f16>,
+    lse: &Tensor<f32>,
+    dots: &Tensor<f32>,
+    seed: &Tensor<f32>,
+    ds: &mut Tensor<Vector<f16, N>>,
+    dqkv: &mut Tensor<Vector<f16, N>>,
+    scale: f32,
+    threshold: u32,
+    inv_keep: f32,
+    #[comptime] drop: bool,
+) {
+    let heads = k.shape(1);
+    let t = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let (bi, hi) = (bh / heads, bh % heads);
+    let jb = CUBE_POS_X as usize;
+    let k0 = jb * BKB;
+    let qblocks = t.div_ceil(BQB);
+    let head_tiles = tiles_before(qblocks);
+    let u = UNIT_POS_X as usize;
+    let (r, c0) = (u / 4, u % 4);
+
+    let mut sq = Shared::<[f16]>::new_slice(comptime!(BQB * HS));
+    let mut sy = Shared::<[f16]>::new_slice(comptime!(BQB * HS));
+    let mut st = Shared::<[f16]>::new_slice(TILE);
+
+    let (kv, kr, kc) = head_view(k, bi, hi);
+    let (vv, vr, vc) = head_view(v, bi, hi);
+    let mut kt = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::B,
+            BQB,
+            BKB,
+            HEAD,
+            cmma::MatrixLayout::Undefined,
+        )
+    };
+    let mut vt = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::B,
+            BQB,
+            BKB,
+            HEAD,
+            cmma::MatrixLayout::Undefined,
+        )
+    };
+    let kw = kv.slice(seq![kr + k0 as u32, kc], seq![BKB as u32, HEAD as u32]);
+    cmma::load_tensor(&mut kt, &kw.permuted(seq![1, 0]));
+    let vw = vv.slice(seq![vr + k0 as u32, vc], seq![BKB as u32, HEAD as u32]);
+    cmma::load_tensor(&mut vt, &vw.permuted(seq![1, 0]));
+    // The step's A operand (q, then dy) and the scores' accumulator, `[64, 128]`.
+    let mut xa = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::A,
+            BQB,
+            BKB,
+            HEAD,
+            cmma::MatrixLayout::RowMajor,
+        )
+    };
+    let mut acc = cmma::Matrix::<f32, WorkGroup>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        BQB,
+        BKB,
+        HEAD,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    );
+    // The tile transposed (pdᵀ, then dsᵀ) and the B operand (dy, then q) of the gradients,
+    // `[128, 64]` over the 64 queries.
+    let mut ta = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::A,
+            BKB,
+            HEAD,
+            BQB,
+            cmma::MatrixLayout::ColMajor,
+        )
+    };
+    let mut xb = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::B,
+            BKB,
+            HEAD,
+            BQB,
+            cmma::MatrixLayout::RowMajor,
+        )
+    };
+    let dk = cmma::Matrix::<f32, WorkGroup>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        BKB,
+        HEAD,
+        BQB,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    );
+    let dv = cmma::Matrix::<f32, WorkGroup>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        BKB,
+        HEAD,
+        BQB,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    );
+
+    let mut rq = Array::<Vector<f16, N>>::new(2usize);
+    let mut ry = Array::<Vector<f16, N>>::new(2usize);
+    let mut p = Array::<f32>::new(BCOLS);
+    let i0 = k0 / BQB;
+    fetch_rows::<N>(q, bi, hi, i0 * BQB, t, &mut rq);
+    fetch_rows::<N>(dy, bi, hi, i0 * BQB, t, &mut ry);
+    for i in i0..qblocks {
+        let q0 = i * BQB;
+        put_rows::<N>(&rq, &mut sq);
+        put_rows::<N>(&ry, &mut sy);
+        sync_cube();
+        if i + 1 < qblocks {
+            fetch_rows::<N>(q, bi, hi, q0 + BQB, t, &mut rq);
+            fetch_rows::<N>(dy, bi, hi, q0 + BQB, t, &mut ry);
+        }
+        // s = q·kᵀ, as f16 into the tile.
+        cmma::load(&mut xa, &sq, HS as u32);
+        cmma::fill(&mut acc, 0.0);
+        cmma::execute::<f16, f16, f32, f32, WorkGroup>(&xa, &kt, &acc, &acc);
+        let s16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
+        cmma::store(&mut st, &s16, TS as u32, cmma::MatrixLayout::RowMajor);
+        sync_cube();
+        // p from the log-sum-exp (0 above the diagonal and past the sequence), pd = p·m.
+        let row = q0 + r;
+        let at = bh * t + row.min(t - 1);
+        let (l, dd) = (lse[at], dots[at]);
+        let mut key = 0u32;
+        if comptime![drop] {
+            key = row_key(seed, bh * t + row);
+        }
+        #[unroll]
+        for j in 0..BCOLS {
+            let c = c0 + 4 * j;
+            let col = k0 + c;
+            let e = f32::exp(f32::cast_from(st[r * TS + c]) * scale - l);
+            let pj = select(col <= row && row < t, e, 0.0);
+            p[j] = pj;
+            let mut pd = pj;
+            if comptime![drop] {
+                pd *= keep_factor(key, col, threshold, inv_keep, SHIFT32);
+            }
+            st[r * TS + c] = f16::cast_from(pd);
+        }
+        sync_cube();
+        // dv += pdᵀ·dy.
+        cmma::load(&mut ta, &st, TS as u32);
+        cmma::load(&mut xb, &sy, HS as u32);
+        cmma::execute::<f16, f16, f32, f32, WorkGroup>(&ta, &xb, &dv, &dv);
+        // dp = dy·vᵀ, as f16 into the tile once pdᵀ is loaded.
+        cmma::load(&mut xa, &sy, HS as u32);
+        cmma::fill(&mut acc, 0.0);
+        cmma::execute::<f16, f16, f32, f32, WorkGroup>(&xa, &vt, &acc, &acc);
+        let dp16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
+        sync_cube();
+        cmma::store(&mut st, &dp16, TS as u32, cmma::MatrixLayout::RowMajor);
+        sync_cube();
+        // ds = p·(dp·m − dots).
+        #[unroll]
+        for j in 0..BCOLS {
+            let c = c0 + 4 * j;
+            let mut g = f32::cast_from(st[r * TS + c]);
+            if comptime![drop] {
+                g *= keep_factor(key, k0 + c, threshold, inv_keep, SHIFT32);
+            }
+            st[r * TS + c] = f16::cast_from(select(p[j] > 0.0, p[j] * (g - dd), 0.0));
+        }
+        sync_cube();
+        // dk += dsᵀ·q; ds to its tile for q's gradient.
+        cmma::load(&mut ta, &st, TS as u32);
+        cmma::load(&mut xb, &sq, HS as u32);
+        cmma::execute::<f16, f16, f32, f32, WorkGroup>(&ta, &xb, &dk, &dk);
+        let tile = (bh * head_tiles + tiles_before(i) + jb) * (BQB * BKB / VEC);
+        #[unroll]
+        for w in 0..4usize {
+            let (tr, tv) = (u / 16 + 16 * w, u % 16);
+            let mut x = Vector::<f16, N>::empty();
+            #[unroll]
+            for e in 0..VEC {
+                x.insert(e, st[tr * TS + tv * VEC + e]);
+            }
+            ds[tile + tr * (BKB / VEC) + tv] = x;
+        }
+        sync_cube();
+    }
+    // dk·scale and dv into their columns of dqkv, through the tile as `[128, HS]`.
+    let dk16 = cmma::cast::<f32, f16, WorkGroup>(&dk);
+    cmma::store(&mut st, &dk16, HS as u32, cmma::MatrixLayout::RowMajor);
+    sync_cube();
+    put_grad::<N>(&st, dqkv, bi, hi, heads, t, k0, 1, scale, 4usize);
+    sync_cube();
+    let dv16 = cmma::cast::<f32, f16, WorkGroup>(&dv);
+    cmma::store(&mut st, &dv16, HS as u32, cmma::MatrixLayout::RowMajor);
+    sync_cube();
+    put_grad::<N>(&st, dqkv, bi, hi, heads, t, k0, 2, 1.0, 4usize);
+}
+
+/// The first `32·passes` rows of the tile `sh` (`[.., HS]`) times `scale` as rows `r0 ..` of part
+/// `part` (0 q, 1 k, 2 v) of head hi's columns of dqkv `[batch, seq, 3·head·64]`, rows past t
+/// left out.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn put_grad<N: Size>(
+    sh: &Shared<[f16]>,
+    dqkv: &mut Tensor<Vector<f16, N>>,
+    bi: usize,
+    hi: usize,
+    heads: usize,
+    t: usize,
+    r0: usize,
+    part: usize,
+    scale: f32,
+    #[comptime] passes: usize,
+) {
+    let u = UNIT_POS_X as usize;
+    #[unroll]
+    for w in 0..passes {
+        let (tr, tv) = (u / 8 + 32 * w, u % 8);
+        let row = r0 + tr;
+        if row < t {
+            let mut x = Vector::<f16, N>::empty();
+            #[unroll]
+            for e in 0..VEC {
+                x.insert(
+                    e,
+                    f16::cast_from(f32::cast_from(sh[tr * HS + tv * VEC + e]) * scale),
+                );
+            }
+            dqkv[((bi * t + row) * 3 * heads + part * heads + hi) * (HEAD / VEC) + tv] = x;
+        }
+    }
+}
+
+/// q's gradient from [`flash_cm_kv_kernel`]'s ds: `dq = Σ_key ds·k·scale` over the key blocks up
+/// to the diagonal, one workgroup-scope product `[64, 64] += [64, 128] · [128, 64]` a block (ds
+/// and k loaded by clamped tensor loads). k as [`reads`] takes it; ds as there (scalars); dqkv
+/// as there (q's columns written). Cube `(x, y)`: query block `blocks − 1 − x` (the longest
+/// first) of head y.
+#[cube(launch_unchecked)]
+#[allow(clippy::needless_borrow)]
+fn flash_cm_q_kernel<N: Size>(
+    k: &Tensor<f16>,
+    ds: &Tensor<f16>,
+    dqkv: &mut Tensor<Vector<f16, N>>,
+    scale: f32,
+) {
+    let heads = k.shape(1);
+    let t = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let (bi, hi) = (bh / heads, bh % heads);
+    let qblocks = t.div_ceil(BQB);
+    let i = qblocks - 1 - CUBE_POS_X as usize;
+    let (kv, kr, kc) = head_view(k, bi, hi);
+    let rows = u32::cast_from(ds.buffer_len() / BKB);
+    let dsl = ds.slice(0, ds.buffer_len());
+    let dview = TensorView::new(&dsl, seq![rows, BKB as u32]).finish();
+    let first = (bh * tiles_before(qblocks) + tiles_before(i)) * BQB;
+
+    let mut sh = Shared::<[f16]>::new_slice(TILE);
+    let mut a = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::A,
+            BQB,
+            HEAD,
+            BKB,
+            cmma::MatrixLayout::Undefined,
+        )
+    };
+    let mut b = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::B,
+            BQB,
+            HEAD,
+            BKB,
+            cmma::MatrixLayout::Undefined,
+        )
+    };
+    let acc = cmma::Matrix::<f32, WorkGroup>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        BQB,
+        HEAD,
+        BKB,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    );
+    for jb in 0..i / 2 + 1 {
+        let at = u32::cast_from(first + jb * BQB);
+        cmma::load_tensor(
+            &mut a,
+            &dview.slice(seq![at, 0u32], seq![BQB as u32, BKB as u32]),
+        );
+        let kw = kv.slice(
+            seq![kr + u32::cast_from(jb * BKB), kc],
+            seq![BKB as u32, HEAD as u32],
+        );
+        cmma::load_tensor(&mut b, &kw);
+        cmma::execute::<f16, f16, f32, f32, WorkGroup>(&a, &b, &acc, &acc);
+    }
+    let o16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
+    cmma::store(&mut sh, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
+    sync_cube();
+    put_grad::<N>(&sh, dqkv, bi, hi, heads, t, i * BQB, 0, scale, 2usize);
+}
+
+/// Whether the device runs the backward kernels: workgroup-scope matrices of 256 units for their
+/// products ([`lora_core::coopmat::offers`]) and the shared memory (the q, dy and score tiles).
+fn backward_available(t: &CubeTensor) -> bool {
+    let hardware = &t.client.properties().hardware;
+    let shared = (2 * BQB * HS + TILE) * 2 + hardware.cube_mma_reserved_shared_memory;
+    shared <= hardware.max_shared_memory_size
+        && offers(t, UNITS, [BQB, BKB, HEAD])
+        && offers(t, UNITS, [BKB, HEAD, BQB])
+        && offers(t, UNITS, [BQB, HEAD, BKB])
+}
+
+/// Whether x `[batch, head, seq, 64]` reads as rows of vectors of 8: unit column stride, each
+/// head's start and the row stride multiples of 8 elements, an aligned start.
+fn reads_vectors(x: &CubeTensor) -> bool {
+    let [b, h, _, d] = x.meta.shape.dims::<4>();
+    let s = x.meta.strides();
+    d == HEAD
+        && s[3] == 1
+        && s[2].is_multiple_of(VEC)
+        && x.handle.offset_start.is_none_or(|o| o.is_multiple_of(16))
+        && (0..b).all(|bi| (0..h).all(|hi| (bi * s[0] + hi * s[1]).is_multiple_of(VEC)))
+}
+
+/// The gradient w.r.t. `qkv [batch, seq, 3·head·64]` (f16) of [`flash_forward_cm`]'s attention,
+/// as [`crate::flash::flash_backward`] returns it, from q, k, v, the output o and its gradient dy
+/// `[batch, head, seq, 64]` and the log-sum-exp: the row dots, [`flash_cm_kv_kernel`] and
+/// [`flash_cm_q_kernel`]. `None` where [`flash_forward_cm`] would be.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_backward_cm(
+    q: &CubeTensor,
+    k: &CubeTensor,
+    v: &CubeTensor,
+    o: &CubeTensor,
+    lse: &CubeTensor,
+    dy: &CubeTensor,
+    drop: Option<(CubeTensor, f64)>,
+    scale: f64,
+) -> Option<CubeTensor> {
+    let [b, h, t, d] = q.meta.shape.dims::<4>();
+    let f16_like = |x: &CubeTensor| x.dtype == DType::F16 && x.meta.shape == q.meta.shape;
+    if ![q, k, v, o, dy].iter().all(|x| f16_like(x))
+        || ![k, v].iter().all(|x| reads(x))
+        || t == 0
+        || b * h > 65_535
+        || !backward_available(q)
+    {
+        return None;
+    }
+    let vectors = |x: &CubeTensor| match reads_vectors(x) {
+        true => x.clone(),
+        false => into_contiguous(x.clone()),
+    };
+    let (qv, yv) = (vectors(q), vectors(dy));
+    let lse = into_contiguous(lse.clone());
+    let dots = crate::flash::row_dots(&yv, o.clone());
+    let drop = DropArgs::new(drop, q);
+    let (client, device) = (q.client.clone(), q.device.clone());
+    let (qblocks, kblocks) = (t.div_ceil(BQB), t.div_ceil(BKB));
+    // Tiles of a head: query block i has i / 2 + 1 key blocks.
+    let tiles = (0..qblocks).map(|i| i / 2 + 1).sum::<usize>();
+    let ds = empty_device_dtype(
+        client.clone(),
+        device.clone(),
+        Shape::new([b * h * tiles, BQB, BKB]),
+        DType::F16,
+    );
+    let dqkv = empty_device_contiguous_dtype(
+        client.clone(),
+        device,
+        Shape::new([b, t, 3 * h * d]),
+        DType::F16,
+    );
+    // Safety: q and dy rows are clamped into `..t` for the units' vector loads (offsets
+    // multiples of 8 elements, checked above); k, v, ds loads are tensor-addressed and clamped
+    // to their buffers; stores check `row < t` (dqkv) or stay in the tile (ds).
+    unsafe {
+        flash_cm_kv_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(kblocks as u32, (b * h) as u32, 1),
+            CubeDim::new_1d(UNITS),
+            VEC,
+            qv.into_tensor_arg(),
+            yv.into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            lse.into_tensor_arg(),
+            dots.into_tensor_arg(),
+            drop.seed.into_tensor_arg(),
+            ds.clone().into_tensor_arg(),
+            dqkv.clone().into_tensor_arg(),
+            scale as f32,
+            drop.threshold,
+            drop.inv_keep,
+            drop.drop,
+        );
+        flash_cm_q_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(qblocks as u32, (b * h) as u32, 1),
+            CubeDim::new_1d(UNITS),
+            VEC,
+            k.clone().into_tensor_arg(),
+            ds.into_tensor_arg(),
+            dqkv.clone().into_tensor_arg(),
+            scale as f32,
+        );
+    }
+    BACKWARD_LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    Some(dqkv)
 }

@@ -1315,6 +1315,11 @@ impl RowKernels for CubeBackend {
         keep: f64,
     ) -> CubeTensor {
         let drop = (keep < 1.0).then_some((seed, keep));
+        if let Some(d) =
+            crate::flash_cm::flash_backward_cm(&q, &k, &v, &o, &lse, &dy, drop.clone(), scale)
+        {
+            return d;
+        }
         let (q2, k2, v2, lse2, dy2) = (q.clone(), k.clone(), v.clone(), lse.clone(), dy.clone());
         crate::flash::flash_backward(q, k, v, o, lse, dy, drop.clone(), scale).unwrap_or_else(
             || crate::flash::materialised_backward(q2, k2, v2, lse2, dy2, bias, drop, scale),

@@ -107,9 +107,9 @@ fn f16_products_on_vulkan() {
 /// GPT-2's causal attention in f16 on vulkan against the same in f32 on vulkan (`lora_gpt`'s
 /// f32 kernels), from the same f16-rounded `qkv [b, t, 3·h·64]`: the forward on strided heads
 /// (inference), and forward and backward on an autodiff device (the heads copied), with and
-/// without hashed dropout. In f16 the forward is `lora_gpt::flash_cm`'s workgroup-scope kernel
-/// where the device has it (checked with `EXPECT_COOPMAT` set); the backward recomputes the
-/// probabilities from its log-sum-exp.
+/// without hashed dropout. In f16 the forward and backward are `lora_gpt::flash_cm`'s
+/// workgroup-scope kernels where the device has them (checked with `EXPECT_COOPMAT` set); the
+/// backward recomputes the probabilities from the forward's log-sum-exp.
 fn attention_case(b: usize, h: usize, t: usize, drop: bool) {
     use lora_gpt::fused::{AttentionDropout, causal_attention};
     let gpu = Device::vulkan(DeviceKind::DefaultDevice);
@@ -137,8 +137,10 @@ fn attention_case(b: usize, h: usize, t: usize, drop: bool) {
     };
     let ad = gpu.clone().autodiff();
     let before = lora_gpt::flash_cm::launches();
+    let back = lora_gpt::flash_cm::backward_launches();
     let (y16, g16) = run(DType::F16, &ad);
     let ran = lora_gpt::flash_cm::launches() - before;
+    let ran_back = lora_gpt::flash_cm::backward_launches() - back;
     let (y32, g32) = run(DType::F32, &ad);
     let diff = |a: &TensorData, b: &TensorData| {
         let (a, b) = (
@@ -157,7 +159,9 @@ fn attention_case(b: usize, h: usize, t: usize, drop: bool) {
     let (dy, _) = diff(&y16, &y32);
     let (dg, scale) = diff(&g16, &g32);
     let dg = dg / scale;
-    println!("{what}: forward launches {ran}, output {dy}, gradient {dg} (relative)");
+    println!(
+        "{what}: forward launches {ran}, backward {ran_back}, output {dy}, gradient {dg} (relative)"
+    );
     assert!(dy < 4e-3, "{what}: output {dy}");
     assert!(dg < 1e-2, "{what}: gradient {dg} relative to its largest");
     // Inference: the heads as strided views of qkv.
@@ -175,9 +179,9 @@ fn attention_case(b: usize, h: usize, t: usize, drop: bool) {
     assert!(di < 4e-3, "{what}: inference output {di}");
     if std::env::var("EXPECT_COOPMAT").is_ok() {
         assert_eq!(
-            (ran, ran_views),
-            (1, 1),
-            "{what} runs the workgroup-scope forward"
+            (ran, ran_back, ran_views),
+            (1, 1, 1),
+            "{what} runs the workgroup-scope forward and backward"
         );
     }
 }
