@@ -4,21 +4,22 @@
 //! [`crate::flash`]'s forward kernel multiplies with f32 FMAs: 641 µs a layer of GPT-2 small at
 //! 8 × 1024 in f16 on an H100, against 102 µs for cuDNN's. Here a cube of 256 units takes 128
 //! queries of one head and walks the keys up to the diagonal 64 at a time; `q·kᵀ` and `p·v` are
-//! one workgroup-scope matrix product each, q, k and v loaded from global memory by clamped
-//! tensor loads. The online softmax runs on the units in between: the scores go through shared
-//! memory (f32), two units take a row (every other column), the probabilities go back in place
-//! and become an f16 A matrix, and `p·v` accumulates in an f32 accumulator. The row max the
+//! one workgroup-scope matrix product each. q is loaded once by a clamped tensor load; each
+//! step's k and v are staged in shared memory by the units (vector loads, fetched a step ahead),
+//! which ran faster than a tensor load a step (the forward 503 → 340 µs a layer in the training
+//! step). The online softmax runs on the units in between: the scores go through an f16 tile in
+//! shared memory, two units take a row (every other column), the probabilities go back in place
+//! and are loaded as the A matrix, and `p·v` accumulates in an f32 accumulator. The row max the
 //! probabilities use is raised only when a block passes it by more than [`LAZY`], and only then
-//! are the output's rows rescaled (through shared memory). ~500 µs a layer in the training step
-//! (with dropout), 417–448 µs for an inference forward where the f32-FMA kernel took 712–725.
+//! are the output's rows rescaled (through the tile).
 //!
 //! The backward pass ([`flash_backward_cm`]) is FlashAttention-2's: [`flash_cm_kv_kernel`] holds
 //! 128 keys' kᵀ and vᵀ as B matrices and walks the queries 64 at a time, q and dy staged in
 //! shared memory by the units (fetched a step ahead), four workgroup-scope products a step (the
 //! scores, dp, and dv, dk from the f16 tile loaded transposed); [`flash_cm_q_kernel`] multiplies
-//! the stored softmax gradient by k. ~470 + 140 µs a layer in the training step, where the
-//! materialised pass (query blocks, Burn's and our products, the softmax-gradient kernel) took
-//! ~1.3 ms.
+//! the stored softmax gradient by k, both staged the same way. ~470 + 115 µs a layer in the
+//! training step, where the materialised pass (query blocks, Burn's and our products, the
+//! softmax-gradient kernel) took ~1.3 ms.
 
 use crate::flash::forward_outputs;
 use crate::kernels::{DropArgs, SHIFT32};
@@ -40,9 +41,6 @@ const HEAD: usize = 64;
 const UNITS: u32 = 256;
 /// Columns of a unit: every other one of its row of 64 keys (or of the output's 64).
 const COLS: usize = 32;
-/// Row stride of the f32 tile in shared memory (scores, probabilities, the output's rows):
-/// padded so that the units' accesses spread over the banks.
-const SS: usize = 68;
 /// A masked score: finite, so that `exp(MASKED − max)` is 0 and never NaN.
 const MASKED: f32 = -3.0e38;
 /// How far a block's max may pass the max the probabilities use before it is raised (and the
@@ -58,19 +56,19 @@ pub fn launches() -> usize {
 }
 
 /// Causal attention of one head's 128 queries in f16, as [`crate::flash`]'s forward kernel
-/// computes it (the same output, log-sum-exp and hashed dropout).
+/// computes it (the same output, log-sum-exp and hashed dropout; the scores rounded to f16).
 ///
-/// q, k, v `[batch, head, seq, 64]` (as [`reads`] takes them: each head's rows one 64-column
-/// block of the buffer seen as rows of the row stride); o `[batch, seq, head, 64]`
-/// contiguous; lse `[batch, head, seq, 1]` (f32). Cube `(x, y)`: query block `blocks − 1 − x`
-/// (the longest first) of head `y`. Unit u takes row `u / 2` of each tile at the columns
-/// `u % 2 + 2·j`.
+/// q `[batch, head, seq, 64]` as [`reads`] takes it (each head's rows one 64-column block of the
+/// buffer seen as rows of the row stride); k, v `[batch, head, seq, 64]` (vectors of 8,
+/// [`reads_vectors`]); o `[batch, seq, head, 64]` contiguous; lse `[batch, head, seq, 1]` (f32).
+/// Cube `(x, y)`: query block `blocks − 1 − x` (the longest first) of head `y`. Unit u takes row
+/// `u / 2` of the tile at the columns `u % 2 + 2·j`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, clippy::needless_borrow)]
-fn flash_cm_kernel(
+fn flash_cm_kernel<N: Size>(
     q: &Tensor<f16>,
-    k: &Tensor<f16>,
-    v: &Tensor<f16>,
+    k: &Tensor<Vector<f16, N>>,
+    v: &Tensor<Vector<f16, N>>,
     seed: &Tensor<f32>,
     o: &mut Tensor<f16>,
     lse: &mut Tensor<f32>,
@@ -90,12 +88,11 @@ fn flash_cm_kernel(
     let (r, c0) = (u / 2, u % 2);
     let row = q0 as usize + r;
 
-    // Each operand's buffer as rows of its row stride; the head's first row and column there.
     let (qv, qr, qc) = head_view(q, bi, hi);
-    let (kv, kr, kc) = head_view(k, bi, hi);
-    let (vv, vr, vc) = head_view(v, bi, hi);
-
-    let mut ss = Shared::<[f32]>::new_slice(comptime!(BQ * SS));
+    // The scores, then the probabilities (f16, `[128, HS]`); the step's k and v (`[64, HS]`).
+    let mut st = Shared::<[f16]>::new_slice(TILE);
+    let mut sk = Shared::<[f16]>::new_slice(comptime!(BKV * HS));
+    let mut sv = Shared::<[f16]>::new_slice(comptime!(BKV * HS));
     let mut raised = Shared::<[u32]>::new_slice(1usize);
 
     let mut qa = unsafe {
@@ -107,13 +104,23 @@ fn flash_cm_kernel(
             cmma::MatrixLayout::Undefined,
         )
     };
+    // k's rows as the columns of b: kᵀ, column-major in sk.
     let mut kb = unsafe {
         cmma::Matrix::<f16, WorkGroup>::uninitialized(
             cmma::MatrixIdent::B,
             BQ,
             BKV,
             HEAD,
-            cmma::MatrixLayout::Undefined,
+            cmma::MatrixLayout::ColMajor,
+        )
+    };
+    let mut pa = unsafe {
+        cmma::Matrix::<f16, WorkGroup>::uninitialized(
+            cmma::MatrixIdent::A,
+            BQ,
+            HEAD,
+            BKV,
+            cmma::MatrixLayout::RowMajor,
         )
     };
     let mut vb = unsafe {
@@ -122,7 +129,7 @@ fn flash_cm_kernel(
             BQ,
             HEAD,
             BKV,
-            cmma::MatrixLayout::Undefined,
+            cmma::MatrixLayout::RowMajor,
         )
     };
     let mut acc = cmma::Matrix::<f32, WorkGroup>::from_value(
@@ -133,13 +140,22 @@ fn flash_cm_kernel(
         cmma::MatrixLayout::Undefined,
         0.0,
     );
-    let mut acc_o = cmma::Matrix::<f32, WorkGroup>::from_value(
+    let acc_o = cmma::Matrix::<f32, WorkGroup>::from_value(
         cmma::MatrixIdent::Accumulator,
         BQ,
         HEAD,
         BKV,
         cmma::MatrixLayout::Undefined,
         0.0,
+    );
+    // The output's rows rescaled, as f16 through the tile.
+    let mut r16 = cmma::Matrix::<f16, WorkGroup>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        BQ,
+        HEAD,
+        BKV,
+        cmma::MatrixLayout::Undefined,
+        f16::new(0.0),
     );
     cmma::load_tensor(
         &mut qa,
@@ -155,24 +171,36 @@ fn flash_cm_kernel(
     let mut m = f32::new(MASKED);
     let mut l = f32::new(0.0);
     let mut x = Array::<f32>::new(COLS);
-    for kbi in 0..(q0 + BQ as u32).div_ceil(BKV as u32) {
-        let k0 = kbi * BKV as u32;
+    let mut rk = Array::<Vector<f16, N>>::new(2usize);
+    let mut rv = Array::<Vector<f16, N>>::new(2usize);
+    let steps = (q0 as usize + BQ).div_ceil(BKV);
+    fetch_rows::<N>(k, bi, hi, 0, t, &mut rk, 2usize);
+    fetch_rows::<N>(v, bi, hi, 0, t, &mut rv, 2usize);
+    for kbi in 0..steps {
+        let k0 = kbi * BKV;
+        put_rows::<N>(&rk, &mut sk, 2usize);
+        put_rows::<N>(&rv, &mut sv, 2usize);
         if u == 0 {
             raised[0] = 0;
         }
-        // Scores: q · kᵀ, k's rows as the columns of b.
-        let kt = kv.slice(seq![kr + k0, kc], seq![BKV as u32, HEAD as u32]);
-        cmma::load_tensor(&mut kb, &kt.permuted(seq![1, 0]));
+        sync_cube();
+        if kbi + 1 < steps {
+            fetch_rows::<N>(k, bi, hi, k0 + BKV, t, &mut rk, 2usize);
+            fetch_rows::<N>(v, bi, hi, k0 + BKV, t, &mut rv, 2usize);
+        }
+        // Scores: q · kᵀ, as f16 into the tile.
+        cmma::load(&mut kb, &sk, HS as u32);
         cmma::fill(&mut acc, 0.0);
         cmma::execute::<f16, f16, f32, f32, WorkGroup>(&qa, &kb, &acc, &acc);
-        cmma::store(&mut ss, &acc, SS as u32, cmma::MatrixLayout::RowMajor);
+        let s16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
+        cmma::store(&mut st, &s16, HS as u32, cmma::MatrixLayout::RowMajor);
         sync_cube();
         // The online softmax of the unit's half row (every other column).
         let mut mx = f32::new(MASKED);
         #[unroll]
         for j in 0..COLS {
-            let col = k0 as usize + c0 + 2 * j;
-            let s = ss[r * SS + c0 + 2 * j] * scale;
+            let col = k0 + c0 + 2 * j;
+            let s = f32::cast_from(st[r * HS + c0 + 2 * j]) * scale;
             let s = select(col <= row && col < t, s, f32::new(MASKED));
             x[j] = s;
             mx = f32::max(mx, s);
@@ -192,69 +220,50 @@ fn flash_cm_kernel(
             let mut p = f32::exp(x[j] - m);
             sum += p;
             if comptime![drop] {
-                let col = k0 as usize + c0 + 2 * j;
+                let col = k0 + c0 + 2 * j;
                 p *= keep_factor(key, col, threshold, inv_keep, SHIFT32);
             }
-            ss[r * SS + c0 + 2 * j] = p;
+            st[r * HS + c0 + 2 * j] = f16::cast_from(p);
         }
         sum += plane_shuffle_xor(sum, 1);
         l = l * alpha + sum;
         sync_cube();
-        let vt = vv.slice(seq![vr + k0, vc], seq![BKV as u32, HEAD as u32]);
-        cmma::load_tensor(&mut vb, &vt);
-        // The probabilities as an f16 A matrix; a raised max rescales the output's rows through
-        // shared memory (rare after the first block); then o += p · v in the accumulator.
-        cmma::load_with_layout(&mut acc, &ss, SS as u32, cmma::MatrixLayout::RowMajor);
-        let pa = to_a(&acc);
+        cmma::load(&mut pa, &st, HS as u32);
+        cmma::load(&mut vb, &sv, HS as u32);
+        // A raised max rescales the output's rows through the tile (rare after the first
+        // block); then o += p · v in the accumulator.
         if raised[0] == 1 {
             sync_cube();
-            cmma::store(&mut ss, &acc_o, SS as u32, cmma::MatrixLayout::RowMajor);
+            let o16 = cmma::cast::<f32, f16, WorkGroup>(&acc_o);
+            cmma::store(&mut st, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
             sync_cube();
             #[unroll]
             for j in 0..COLS {
-                ss[r * SS + c0 + 2 * j] *= alpha;
+                let at = r * HS + c0 + 2 * j;
+                st[at] = f16::cast_from(f32::cast_from(st[at]) * alpha);
             }
             sync_cube();
-            cmma::load_with_layout(&mut acc_o, &ss, SS as u32, cmma::MatrixLayout::RowMajor);
+            cmma::load_with_layout(&mut r16, &st, HS as u32, cmma::MatrixLayout::RowMajor);
+            let rescaled = cmma::cast::<f16, f32, WorkGroup>(&r16);
+            cmma::execute::<f16, f16, f32, f32, WorkGroup>(&pa, &vb, &rescaled, &acc_o);
+        } else {
+            cmma::execute::<f16, f16, f32, f32, WorkGroup>(&pa, &vb, &acc_o, &acc_o);
         }
-        cmma::execute::<f16, f16, f32, f32, WorkGroup>(&pa, &vb, &acc_o, &acc_o);
         sync_cube();
     }
-    cmma::store(&mut ss, &acc_o, SS as u32, cmma::MatrixLayout::RowMajor);
+    let o16 = cmma::cast::<f32, f16, WorkGroup>(&acc_o);
+    cmma::store(&mut st, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
     sync_cube();
     if row < t {
         let base = ((bi * t + row) * heads + hi) * HEAD + c0;
         let inv = 1.0 / l;
         #[unroll]
         for j in 0..COLS {
-            o[base + 2 * j] = f16::cast_from(ss[r * SS + c0 + 2 * j] * inv);
+            o[base + 2 * j] = f16::cast_from(f32::cast_from(st[r * HS + c0 + 2 * j]) * inv);
         }
         if c0 == 0 {
             lse[bh * t + row] = m + f32::ln(l);
         }
-    }
-}
-
-/// An f32 accumulator as an f16 A matrix (`cmma::cast_with_ident`, whose expand takes the
-/// matrix by value where the frontend lends it).
-#[allow(unused_variables)]
-fn to_a(acc: &cmma::Matrix<f32, WorkGroup>) -> cmma::Matrix<f16, WorkGroup> {
-    cubecl::unexpanded!()
-}
-
-mod to_a {
-    use super::*;
-    use cubecl::cmma::MatrixExpand;
-
-    pub fn expand(
-        scope: &Scope,
-        acc: &MatrixExpand<f32, WorkGroup>,
-    ) -> MatrixExpand<f16, WorkGroup> {
-        cmma::cast_with_ident::expand::<f32, f16, WorkGroup>(
-            scope,
-            acc.clone(),
-            cmma::MatrixIdent::A,
-        )
     }
 }
 
@@ -276,10 +285,10 @@ fn head_view(x: &Tensor<f16>, bi: usize, hi: usize) -> (TensorView<f16>, u32, u3
 
 /// Whether the device runs [`flash_cm_kernel`]: workgroup-scope matrices of 256 units for its
 /// two products (`[BQ, BKV, HEAD]` and `[BQ, HEAD, BKV]`, [`lora_core::coopmat::offers`]) and the
-/// shared memory (the f32 tile, the flag, the driver's reserve).
+/// shared memory (the f16 tiles, the flag, the driver's reserve).
 fn available(t: &CubeTensor) -> bool {
     let hardware = &t.client.properties().hardware;
-    let shared = BQ * SS * 4 + 4 + hardware.cube_mma_reserved_shared_memory;
+    let shared = (TILE + 2 * BKV * HS) * 2 + 4 + hardware.cube_mma_reserved_shared_memory;
     shared <= hardware.max_shared_memory_size
         && offers(t, UNITS, [BQ, BKV, HEAD])
         && offers(t, UNITS, [BQ, HEAD, BKV])
@@ -314,24 +323,27 @@ pub(crate) fn flash_forward_cm(
     let [b, h, t, _] = q.meta.shape.dims::<4>();
     let fits = [q, k, v]
         .iter()
-        .all(|x| x.dtype == DType::F16 && x.meta.shape == q.meta.shape && reads(x));
-    if !fits || t == 0 || b * h > 65_535 || !available(q) {
+        .all(|x| x.dtype == DType::F16 && x.meta.shape == q.meta.shape);
+    if !fits || !reads(q) || t == 0 || b * h > 65_535 || !available(q) {
         return None;
     }
+    let (k, v) = (vector_rows(k), vector_rows(v));
     let drop = DropArgs::new(drop, q);
     let client = q.client.clone();
     let (o, lse) = forward_outputs(q);
     let blocks = t.div_ceil(BQ);
-    // Safety: loads are tensor-addressed and clamped to each buffer's rows; the units' shared
-    // accesses stay in their row of a tile; stores check `row < t`.
+    // Safety: q's load is tensor-addressed and clamped to its buffer's rows; k and v rows are
+    // clamped into `..t` for the units' vector loads (offsets multiples of 8 elements); the
+    // units' shared accesses stay in their row of a tile; stores check `row < t`.
     unsafe {
         flash_cm_kernel::launch_unchecked(
             &client,
             CubeCount::Static(blocks as u32, (b * h) as u32, 1),
             CubeDim::new_1d(UNITS),
+            VEC,
             q.clone().into_tensor_arg(),
-            k.clone().into_tensor_arg(),
-            v.clone().into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
             drop.seed.into_tensor_arg(),
             o.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
@@ -375,9 +387,11 @@ fn tiles_before(i: usize) -> usize {
     a * a - a + a * (i % 2) + i
 }
 
-/// Rows `r0 .. r0 + 64` of head `(bi, hi)` of x `[batch, head, seq, 64]` (rows past t re-read the
-/// last), two vectors a unit, into `regs`: issued here, waited for in [`put_rows`].
+/// Rows `r0 .. r0 + 32·passes` of head `(bi, hi)` of x `[batch, head, seq, 64]` (rows past t
+/// re-read the last), `passes` vectors a unit, into `regs`: issued here, waited for in
+/// [`put_rows`].
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn fetch_rows<N: Size>(
     x: &Tensor<Vector<f16, N>>,
     bi: usize,
@@ -385,23 +399,28 @@ fn fetch_rows<N: Size>(
     r0: usize,
     t: usize,
     regs: &mut Array<Vector<f16, N>>,
+    #[comptime] passes: usize,
 ) {
     let u = UNIT_POS_X as usize;
     let base = (bi * x.stride(0) + hi * x.stride(1)) / VEC;
     let rs = x.stride(2) / VEC;
     #[unroll]
-    for i in 0..2usize {
+    for i in 0..passes {
         let row = (r0 + u / 8 + 32 * i).min(t - 1);
         regs[i] = x[base + row * rs + u % 8];
     }
 }
 
-/// [`fetch_rows`]' vectors into the tile `sh` (`[64, HS]`).
+/// [`fetch_rows`]' vectors into the tile `sh` (`[32·passes, HS]`).
 #[cube]
-fn put_rows<N: Size>(regs: &Array<Vector<f16, N>>, sh: &mut Shared<[f16]>) {
+fn put_rows<N: Size>(
+    regs: &Array<Vector<f16, N>>,
+    sh: &mut Shared<[f16]>,
+    #[comptime] passes: usize,
+) {
     let u = UNIT_POS_X as usize;
     #[unroll]
-    for i in 0..2usize {
+    for i in 0..passes {
         let at = (u / 8 + 32 * i) * HS + (u % 8) * VEC;
         #[unroll]
         for e in 0..VEC {
@@ -538,16 +557,16 @@ fn flash_cm_kv_kernel<N: Size>(
     let mut ry = Array::<Vector<f16, N>>::new(2usize);
     let mut p = Array::<f32>::new(BCOLS);
     let i0 = k0 / BQB;
-    fetch_rows::<N>(q, bi, hi, i0 * BQB, t, &mut rq);
-    fetch_rows::<N>(dy, bi, hi, i0 * BQB, t, &mut ry);
+    fetch_rows::<N>(q, bi, hi, i0 * BQB, t, &mut rq, 2usize);
+    fetch_rows::<N>(dy, bi, hi, i0 * BQB, t, &mut ry, 2usize);
     for i in i0..qblocks {
         let q0 = i * BQB;
-        put_rows::<N>(&rq, &mut sq);
-        put_rows::<N>(&ry, &mut sy);
+        put_rows::<N>(&rq, &mut sq, 2usize);
+        put_rows::<N>(&ry, &mut sy, 2usize);
         sync_cube();
         if i + 1 < qblocks {
-            fetch_rows::<N>(q, bi, hi, q0 + BQB, t, &mut rq);
-            fetch_rows::<N>(dy, bi, hi, q0 + BQB, t, &mut ry);
+            fetch_rows::<N>(q, bi, hi, q0 + BQB, t, &mut rq, 2usize);
+            fetch_rows::<N>(dy, bi, hi, q0 + BQB, t, &mut ry, 2usize);
         }
         // s = q·kᵀ, as f16 into the tile.
         cmma::load(&mut xa, &sq, HS as u32);
@@ -667,15 +686,14 @@ fn put_grad<N: Size>(
 }
 
 /// q's gradient from [`flash_cm_kv_kernel`]'s ds: `dq = Σ_key ds·k·scale` over the key blocks up
-/// to the diagonal, one workgroup-scope product `[64, 64] += [64, 128] · [128, 64]` a block (ds
-/// and k loaded by clamped tensor loads). k as [`reads`] takes it; ds as there (scalars); dqkv
-/// as there (q's columns written). Cube `(x, y)`: query block `blocks − 1 − x` (the longest
-/// first) of head y.
+/// to the diagonal, one workgroup-scope product `[64, 64] += [64, 128] · [128, 64]` a block, the
+/// ds tile and k's rows staged in shared memory by the units (fetched a block ahead). k `[batch,
+/// head, seq, 64]` and ds as there (vectors of 8); dqkv as there (q's columns written). Cube `(x,
+/// y)`: query block `blocks − 1 − x` (the longest first) of head y.
 #[cube(launch_unchecked)]
-#[allow(clippy::needless_borrow)]
 fn flash_cm_q_kernel<N: Size>(
-    k: &Tensor<f16>,
-    ds: &Tensor<f16>,
+    k: &Tensor<Vector<f16, N>>,
+    ds: &Tensor<Vector<f16, N>>,
     dqkv: &mut Tensor<Vector<f16, N>>,
     scale: f32,
 ) {
@@ -685,20 +703,20 @@ fn flash_cm_q_kernel<N: Size>(
     let (bi, hi) = (bh / heads, bh % heads);
     let qblocks = t.div_ceil(BQB);
     let i = qblocks - 1 - CUBE_POS_X as usize;
-    let (kv, kr, kc) = head_view(k, bi, hi);
-    let rows = u32::cast_from(ds.buffer_len() / BKB);
-    let dsl = ds.slice(0, ds.buffer_len());
-    let dview = TensorView::new(&dsl, seq![rows, BKB as u32]).finish();
-    let first = (bh * tiles_before(qblocks) + tiles_before(i)) * BQB;
+    let u = UNIT_POS_X as usize;
+    let first = (bh * tiles_before(qblocks) + tiles_before(i)) * (BQB * BKB / VEC);
+    let last = i / 2;
 
-    let mut sh = Shared::<[f16]>::new_slice(TILE);
+    // The ds tile (`[64, TS]`) and k's rows (`[128, HS]`).
+    let mut sd = Shared::<[f16]>::new_slice(comptime!(BQB * TS));
+    let mut sk = Shared::<[f16]>::new_slice(TILE);
     let mut a = unsafe {
         cmma::Matrix::<f16, WorkGroup>::uninitialized(
             cmma::MatrixIdent::A,
             BQB,
             HEAD,
             BKB,
-            cmma::MatrixLayout::Undefined,
+            cmma::MatrixLayout::RowMajor,
         )
     };
     let mut b = unsafe {
@@ -707,7 +725,7 @@ fn flash_cm_q_kernel<N: Size>(
             BQB,
             HEAD,
             BKB,
-            cmma::MatrixLayout::Undefined,
+            cmma::MatrixLayout::RowMajor,
         )
     };
     let acc = cmma::Matrix::<f32, WorkGroup>::from_value(
@@ -718,23 +736,41 @@ fn flash_cm_q_kernel<N: Size>(
         cmma::MatrixLayout::Undefined,
         0.0,
     );
-    for jb in 0..i / 2 + 1 {
-        let at = u32::cast_from(first + jb * BQB);
-        cmma::load_tensor(
-            &mut a,
-            &dview.slice(seq![at, 0u32], seq![BQB as u32, BKB as u32]),
-        );
-        let kw = kv.slice(
-            seq![kr + u32::cast_from(jb * BKB), kc],
-            seq![BKB as u32, HEAD as u32],
-        );
-        cmma::load_tensor(&mut b, &kw);
+    let mut rd = Array::<Vector<f16, N>>::new(4usize);
+    let mut rk = Array::<Vector<f16, N>>::new(4usize);
+    #[unroll]
+    for w in 0..4usize {
+        rd[w] = ds[first + (u / 16 + 16 * w) * (BKB / VEC) + u % 16];
+    }
+    fetch_rows::<N>(k, bi, hi, 0, t, &mut rk, 4usize);
+    for jb in 0..last + 1 {
+        #[unroll]
+        for w in 0..4usize {
+            let at = (u / 16 + 16 * w) * TS + (u % 16) * VEC;
+            #[unroll]
+            for e in 0..VEC {
+                sd[at + e] = rd[w].extract(e);
+            }
+        }
+        put_rows::<N>(&rk, &mut sk, 4usize);
+        sync_cube();
+        if jb < last {
+            let next = first + (jb + 1) * (BQB * BKB / VEC);
+            #[unroll]
+            for w in 0..4usize {
+                rd[w] = ds[next + (u / 16 + 16 * w) * (BKB / VEC) + u % 16];
+            }
+            fetch_rows::<N>(k, bi, hi, (jb + 1) * BKB, t, &mut rk, 4usize);
+        }
+        cmma::load(&mut a, &sd, TS as u32);
+        cmma::load(&mut b, &sk, HS as u32);
         cmma::execute::<f16, f16, f32, f32, WorkGroup>(&a, &b, &acc, &acc);
+        sync_cube();
     }
     let o16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
-    cmma::store(&mut sh, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut sk, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
     sync_cube();
-    put_grad::<N>(&sh, dqkv, bi, hi, heads, t, i * BQB, 0, scale, 2usize);
+    put_grad::<N>(&sk, dqkv, bi, hi, heads, t, i * BQB, 0, scale, 2usize);
 }
 
 /// Whether the device runs the backward kernels: workgroup-scope matrices of 256 units for their
@@ -746,6 +782,14 @@ fn backward_available(t: &CubeTensor) -> bool {
         && offers(t, UNITS, [BQB, BKB, HEAD])
         && offers(t, UNITS, [BKB, HEAD, BQB])
         && offers(t, UNITS, [BQB, HEAD, BKB])
+}
+
+/// x itself where it reads as rows of vectors of 8 ([`reads_vectors`]), else a contiguous copy.
+fn vector_rows(x: &CubeTensor) -> CubeTensor {
+    match reads_vectors(x) {
+        true => x.clone(),
+        false => into_contiguous(x.clone()),
+    }
 }
 
 /// Whether x `[batch, head, seq, 64]` reads as rows of vectors of 8: unit column stride, each
@@ -785,11 +829,7 @@ pub(crate) fn flash_backward_cm(
     {
         return None;
     }
-    let vectors = |x: &CubeTensor| match reads_vectors(x) {
-        true => x.clone(),
-        false => into_contiguous(x.clone()),
-    };
-    let (qv, yv) = (vectors(q), vectors(dy));
+    let (qv, yv, kv) = (vector_rows(q), vector_rows(dy), vector_rows(k));
     let lse = into_contiguous(lse.clone());
     let dots = crate::flash::row_dots(&yv, o.clone());
     let drop = DropArgs::new(drop, q);
@@ -837,7 +877,7 @@ pub(crate) fn flash_backward_cm(
             CubeCount::Static(qblocks as u32, (b * h) as u32, 1),
             CubeDim::new_1d(UNITS),
             VEC,
-            k.clone().into_tensor_arg(),
+            kv.into_tensor_arg(),
             ds.into_tensor_arg(),
             dqkv.clone().into_tensor_arg(),
             scale as f32,
