@@ -17,7 +17,7 @@
 use burn::tensor::{DType, Shape};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::cmma::{self, Cube as WorkGroup};
+use cubecl::cmma::{self, Cube as WorkGroup, MatrixIdent, MatrixLayout};
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use half::f16;
@@ -83,32 +83,9 @@ fn coopmat_kernel(
         .with_strides(seq![rhs_stride, 1u32])
         .finish();
     let ov = TensorView::new(&os, seq![m * mats, n]).finish();
-    let mut a = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::A,
-            BM,
-            BN,
-            BK,
-            cmma::MatrixLayout::Undefined,
-        )
-    };
-    let mut b = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::B,
-            BM,
-            BN,
-            BK,
-            cmma::MatrixLayout::Undefined,
-        )
-    };
-    let acc = cmma::Matrix::<f32, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        BM,
-        BN,
-        BK,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    );
+    let mut a = operand(MatrixIdent::A, BM, BN, BK, MatrixLayout::Undefined);
+    let mut b = operand(MatrixIdent::B, BM, BN, BK, MatrixLayout::Undefined);
+    let acc = accumulator(BM, BN, BK);
     for k0 in range_stepped(0u32, k, BK as u32) {
         if lhs_col {
             let v = lv.slice(seq![zl * lrows + k0, m0], seq![BK as u32, BM as u32]);
@@ -129,6 +106,36 @@ fn coopmat_kernel(
     let o: cmma::Matrix<f16, WorkGroup> = cmma::cast::<f32, f16, WorkGroup>(&acc);
     let mut tile = ov.slice(seq![z * m + m0, n0], seq![BM as u32, BN as u32]);
     cmma::store_tensor(&mut tile, &o);
+}
+
+/// An uninitialised f16 operand (`ident` A or B) of a workgroup-scope product of `[m, n, k]`
+/// tiles, loaded with `layout` (`Undefined` for tensor loads).
+#[cube]
+pub fn operand(
+    #[comptime] ident: MatrixIdent,
+    #[comptime] m: usize,
+    #[comptime] n: usize,
+    #[comptime] k: usize,
+    #[comptime] layout: MatrixLayout,
+) -> cmma::Matrix<f16, WorkGroup> {
+    unsafe { cmma::Matrix::<f16, WorkGroup>::uninitialized(ident, m, n, k, layout) }
+}
+
+/// A zeroed f32 accumulator of a workgroup-scope product of `[m, n, k]` tiles.
+#[cube]
+pub fn accumulator(
+    #[comptime] m: usize,
+    #[comptime] n: usize,
+    #[comptime] k: usize,
+) -> cmma::Matrix<f32, WorkGroup> {
+    cmma::Matrix::<f32, WorkGroup>::from_value(
+        MatrixIdent::Accumulator,
+        m,
+        n,
+        k,
+        MatrixLayout::Undefined,
+        0.0,
+    )
 }
 
 /// Whether the device runs [`coopmat_kernel`]: f16 × f16 → f32 workgroup-scope matrices of 256

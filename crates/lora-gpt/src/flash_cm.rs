@@ -27,10 +27,10 @@ use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::cmma::{self, Cube as WorkGroup};
+use cubecl::cmma::{self, Cube as WorkGroup, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
 use half::f16;
-use lora_core::coopmat::offers;
+use lora_core::coopmat::{accumulator, offers, operand};
 use lora_core::kernels::{keep_factor, row_key};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -95,66 +95,20 @@ fn flash_cm_kernel<N: Size>(
     let mut sv = Shared::<[f16]>::new_slice(comptime!(BKV * HS));
     let mut raised = Shared::<[u32]>::new_slice(1usize);
 
-    let mut qa = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::A,
-            BQ,
-            BKV,
-            HEAD,
-            cmma::MatrixLayout::Undefined,
-        )
-    };
+    let mut qa = operand(MatrixIdent::A, BQ, BKV, HEAD, MatrixLayout::Undefined);
     // k's rows as the columns of b: kᵀ, column-major in sk.
-    let mut kb = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::B,
-            BQ,
-            BKV,
-            HEAD,
-            cmma::MatrixLayout::ColMajor,
-        )
-    };
-    let mut pa = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::A,
-            BQ,
-            HEAD,
-            BKV,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let mut vb = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::B,
-            BQ,
-            HEAD,
-            BKV,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let mut acc = cmma::Matrix::<f32, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        BQ,
-        BKV,
-        HEAD,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    );
-    let acc_o = cmma::Matrix::<f32, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        BQ,
-        HEAD,
-        BKV,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    );
+    let mut kb = operand(MatrixIdent::B, BQ, BKV, HEAD, MatrixLayout::ColMajor);
+    let mut pa = operand(MatrixIdent::A, BQ, HEAD, BKV, MatrixLayout::RowMajor);
+    let mut vb = operand(MatrixIdent::B, BQ, HEAD, BKV, MatrixLayout::RowMajor);
+    let mut acc = accumulator(BQ, BKV, HEAD);
+    let acc_o = accumulator(BQ, HEAD, BKV);
     // The output's rows rescaled, as f16 through the tile.
     let mut r16 = cmma::Matrix::<f16, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
+        MatrixIdent::Accumulator,
         BQ,
         HEAD,
         BKV,
-        cmma::MatrixLayout::Undefined,
+        MatrixLayout::Undefined,
         f16::new(0.0),
     );
     cmma::load_tensor(
@@ -193,7 +147,7 @@ fn flash_cm_kernel<N: Size>(
         cmma::fill(&mut acc, 0.0);
         cmma::execute::<f16, f16, f32, f32, WorkGroup>(&qa, &kb, &acc, &acc);
         let s16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
-        cmma::store(&mut st, &s16, HS as u32, cmma::MatrixLayout::RowMajor);
+        cmma::store(&mut st, &s16, HS as u32, MatrixLayout::RowMajor);
         sync_cube();
         // The online softmax of the unit's half row (every other column).
         let mut mx = f32::new(MASKED);
@@ -235,7 +189,7 @@ fn flash_cm_kernel<N: Size>(
         if raised[0] == 1 {
             sync_cube();
             let o16 = cmma::cast::<f32, f16, WorkGroup>(&acc_o);
-            cmma::store(&mut st, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
+            cmma::store(&mut st, &o16, HS as u32, MatrixLayout::RowMajor);
             sync_cube();
             #[unroll]
             for j in 0..COLS {
@@ -243,7 +197,7 @@ fn flash_cm_kernel<N: Size>(
                 st[at] = f16::cast_from(f32::cast_from(st[at]) * alpha);
             }
             sync_cube();
-            cmma::load_with_layout(&mut r16, &st, HS as u32, cmma::MatrixLayout::RowMajor);
+            cmma::load_with_layout(&mut r16, &st, HS as u32, MatrixLayout::RowMajor);
             let rescaled = cmma::cast::<f16, f32, WorkGroup>(&r16);
             cmma::execute::<f16, f16, f32, f32, WorkGroup>(&pa, &vb, &rescaled, &acc_o);
         } else {
@@ -252,7 +206,7 @@ fn flash_cm_kernel<N: Size>(
         sync_cube();
     }
     let o16 = cmma::cast::<f32, f16, WorkGroup>(&acc_o);
-    cmma::store(&mut st, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut st, &o16, HS as u32, MatrixLayout::RowMajor);
     sync_cube();
     if row < t {
         let base = ((bi * t + row) * heads + hi) * HEAD + c0;
@@ -476,82 +430,21 @@ fn flash_cm_kv_kernel<N: Size>(
 
     let (kv, kr, kc) = head_view(k, bi, hi);
     let (vv, vr, vc) = head_view(v, bi, hi);
-    let mut kt = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::B,
-            BQB,
-            BKB,
-            HEAD,
-            cmma::MatrixLayout::Undefined,
-        )
-    };
-    let mut vt = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::B,
-            BQB,
-            BKB,
-            HEAD,
-            cmma::MatrixLayout::Undefined,
-        )
-    };
+    let mut kt = operand(MatrixIdent::B, BQB, BKB, HEAD, MatrixLayout::Undefined);
+    let mut vt = operand(MatrixIdent::B, BQB, BKB, HEAD, MatrixLayout::Undefined);
     let kw = kv.slice(seq![kr + k0 as u32, kc], seq![BKB as u32, HEAD as u32]);
     cmma::load_tensor(&mut kt, &kw.permuted(seq![1, 0]));
     let vw = vv.slice(seq![vr + k0 as u32, vc], seq![BKB as u32, HEAD as u32]);
     cmma::load_tensor(&mut vt, &vw.permuted(seq![1, 0]));
     // The step's A operand (q, then dy) and the scores' accumulator, `[64, 128]`.
-    let mut xa = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::A,
-            BQB,
-            BKB,
-            HEAD,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let mut acc = cmma::Matrix::<f32, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        BQB,
-        BKB,
-        HEAD,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    );
+    let mut xa = operand(MatrixIdent::A, BQB, BKB, HEAD, MatrixLayout::RowMajor);
+    let mut acc = accumulator(BQB, BKB, HEAD);
     // The tile transposed (pdᵀ, then dsᵀ) and the B operand (dy, then q) of the gradients,
     // `[128, 64]` over the 64 queries.
-    let mut ta = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::A,
-            BKB,
-            HEAD,
-            BQB,
-            cmma::MatrixLayout::ColMajor,
-        )
-    };
-    let mut xb = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::B,
-            BKB,
-            HEAD,
-            BQB,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let dk = cmma::Matrix::<f32, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        BKB,
-        HEAD,
-        BQB,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    );
-    let dv = cmma::Matrix::<f32, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        BKB,
-        HEAD,
-        BQB,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    );
+    let mut ta = operand(MatrixIdent::A, BKB, HEAD, BQB, MatrixLayout::ColMajor);
+    let mut xb = operand(MatrixIdent::B, BKB, HEAD, BQB, MatrixLayout::RowMajor);
+    let dk = accumulator(BKB, HEAD, BQB);
+    let dv = accumulator(BKB, HEAD, BQB);
 
     let mut rq = Array::<Vector<f16, N>>::new(2usize);
     let mut ry = Array::<Vector<f16, N>>::new(2usize);
@@ -573,7 +466,7 @@ fn flash_cm_kv_kernel<N: Size>(
         cmma::fill(&mut acc, 0.0);
         cmma::execute::<f16, f16, f32, f32, WorkGroup>(&xa, &kt, &acc, &acc);
         let s16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
-        cmma::store(&mut st, &s16, TS as u32, cmma::MatrixLayout::RowMajor);
+        cmma::store(&mut st, &s16, TS as u32, MatrixLayout::RowMajor);
         sync_cube();
         // p from the log-sum-exp (0 above the diagonal and past the sequence), pd = p·m.
         let row = q0 + r;
@@ -607,7 +500,7 @@ fn flash_cm_kv_kernel<N: Size>(
         cmma::execute::<f16, f16, f32, f32, WorkGroup>(&xa, &vt, &acc, &acc);
         let dp16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
         sync_cube();
-        cmma::store(&mut st, &dp16, TS as u32, cmma::MatrixLayout::RowMajor);
+        cmma::store(&mut st, &dp16, TS as u32, MatrixLayout::RowMajor);
         sync_cube();
         // ds = p·(dp·m − dots).
         #[unroll]
@@ -639,12 +532,12 @@ fn flash_cm_kv_kernel<N: Size>(
     }
     // dk·scale and dv into their columns of dqkv, through the tile as `[128, HS]`.
     let dk16 = cmma::cast::<f32, f16, WorkGroup>(&dk);
-    cmma::store(&mut st, &dk16, HS as u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut st, &dk16, HS as u32, MatrixLayout::RowMajor);
     sync_cube();
     put_grad::<N>(&st, dqkv, bi, hi, heads, t, k0, 1, scale, 4usize);
     sync_cube();
     let dv16 = cmma::cast::<f32, f16, WorkGroup>(&dv);
-    cmma::store(&mut st, &dv16, HS as u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut st, &dv16, HS as u32, MatrixLayout::RowMajor);
     sync_cube();
     put_grad::<N>(&st, dqkv, bi, hi, heads, t, k0, 2, 1.0, 4usize);
 }
@@ -710,32 +603,9 @@ fn flash_cm_q_kernel<N: Size>(
     // The ds tile (`[64, TS]`) and k's rows (`[128, HS]`).
     let mut sd = Shared::<[f16]>::new_slice(comptime!(BQB * TS));
     let mut sk = Shared::<[f16]>::new_slice(TILE);
-    let mut a = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::A,
-            BQB,
-            HEAD,
-            BKB,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let mut b = unsafe {
-        cmma::Matrix::<f16, WorkGroup>::uninitialized(
-            cmma::MatrixIdent::B,
-            BQB,
-            HEAD,
-            BKB,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let acc = cmma::Matrix::<f32, WorkGroup>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        BQB,
-        HEAD,
-        BKB,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    );
+    let mut a = operand(MatrixIdent::A, BQB, HEAD, BKB, MatrixLayout::RowMajor);
+    let mut b = operand(MatrixIdent::B, BQB, HEAD, BKB, MatrixLayout::RowMajor);
+    let acc = accumulator(BQB, HEAD, BKB);
     let mut rd = Array::<Vector<f16, N>>::new(4usize);
     let mut rk = Array::<Vector<f16, N>>::new(4usize);
     #[unroll]
@@ -768,7 +638,7 @@ fn flash_cm_q_kernel<N: Size>(
         sync_cube();
     }
     let o16 = cmma::cast::<f32, f16, WorkGroup>(&acc);
-    cmma::store(&mut sk, &o16, HS as u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut sk, &o16, HS as u32, MatrixLayout::RowMajor);
     sync_cube();
     put_grad::<N>(&sk, dqkv, bi, hi, heads, t, i * BQB, 0, scale, 2usize);
 }
