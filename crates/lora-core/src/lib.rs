@@ -23,8 +23,8 @@ pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
 };
 pub use utils::{
-    ParamReport, cast_to, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable,
-    param_report, params_by_path, path_param_ids,
+    LossScaler, ParamReport, cast_to, clip_grad_norm, load_params_by_path,
+    mark_only_lora_as_trainable, param_report, params_by_path, path_param_ids,
 };
 
 #[cfg(test)]

@@ -411,6 +411,53 @@ fn only_lora_params_change_in_a_step() {
     }
 }
 
+/// The loss scaler: finite gradients come back divided by the scale (equal to the unscaled
+/// pass's) with the loss read alongside; a non-finite one skips the step and halves the scale;
+/// the scale doubles after `interval` good steps.
+#[test]
+fn loss_scaler_unscales_skips_and_grows() {
+    let d = Device::flex().autodiff();
+    d.seed(6);
+    let m = tiny(&d);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 6], [2, 2]), &d);
+    let loss = m.loss(ids.clone());
+    let plain = GradientsParams::from_grads(loss.backward(), &m);
+    let want = vals(plain.get::<2>(m.fc1.lora_a.as_ref().unwrap().id).unwrap());
+    let mut scaler = LossScaler::new(1024.0, 2);
+    let loss = m.loss(ids.clone());
+    let mut grads = GradientsParams::from_grads(loss.clone().mul_scalar(1024.0).backward(), &m);
+    let (read, take) = scaler.unscale(&m, &mut grads, loss.clone().inner().reshape([1]));
+    assert!(take, "finite gradients take the step");
+    assert!(
+        (read - vals(loss.inner())[0] as f64).abs() < 1e-6,
+        "the loss read back"
+    );
+    let got = vals(grads.get::<2>(m.fc1.lora_a.as_ref().unwrap().id).unwrap());
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs().max(1e-3),
+            "unscaled {g} vs {w}"
+        );
+    }
+    assert_eq!(scaler.scale(), 1024.0);
+    // An overflowed gradient: the step skipped, the scale halved.
+    let loss = m.loss(ids.clone());
+    let mut grads = GradientsParams::from_grads(loss.clone().mul_scalar(1024.0).backward(), &m);
+    let id = m.fc1.lora_b.as_ref().unwrap().id;
+    let g = grads.remove::<2>(id).unwrap();
+    grads.register::<2>(id, g.clone().div_scalar(0.0));
+    let (_, take) = scaler.unscale(&m, &mut grads, loss.inner().reshape([1]));
+    assert!(!take, "a non-finite gradient skips the step");
+    assert_eq!(scaler.scale(), 512.0);
+    // Two good steps in a row double it.
+    for _ in 0..2 {
+        let loss = m.loss(ids.clone());
+        let mut grads = GradientsParams::from_grads(loss.clone().backward(), &m);
+        assert!(scaler.unscale(&m, &mut grads, loss.inner().reshape([1])).1);
+    }
+    assert_eq!(scaler.scale(), 1024.0);
+}
+
 #[test]
 fn clip_grad_norm_is_global() {
     let d = Device::flex().autodiff();

@@ -163,6 +163,72 @@ impl ModuleVisitor for Scale<'_> {
     }
 }
 
+/// Dynamic loss scaling for half-precision training (PyTorch's `GradScaler`): the loss is
+/// multiplied by [`LossScaler::scale`] before the backward pass so that small gradients do not
+/// flush to zero in f16, and [`LossScaler::unscale`] divides the gradients by it before clipping
+/// and the optimizer step. A step whose gradients are not finite is skipped and the scale halved;
+/// after `interval` good steps in a row it doubles (PyTorch: from 2¹⁶, every 2,000 steps).
+#[derive(Debug, Clone)]
+pub struct LossScaler {
+    scale: f64,
+    good: usize,
+    interval: usize,
+}
+
+impl LossScaler {
+    /// A scaler starting at `scale`, doubling it after `interval` good steps.
+    pub fn new(scale: f64, interval: usize) -> Self {
+        Self {
+            scale,
+            good: 0,
+            interval: interval.max(1),
+        }
+    }
+
+    /// PyTorch's `GradScaler` defaults for f16: from 2¹⁶, doubling every 2,000 good steps.
+    pub fn f16() -> Self {
+        Self::new(65_536.0, 2_000)
+    }
+
+    /// The factor to multiply the loss by before the backward pass.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Divide `grads` by the scale in place where they are all finite (true: take the step);
+    /// else leave them, halve the scale and return false (skip the step). `loss` `[1]` (the
+    /// step's) is read back with the check, in one device read: returns it and the decision.
+    pub fn unscale<M: Module>(
+        &mut self,
+        model: &M,
+        grads: &mut GradientsParams,
+        loss: Tensor<1>,
+    ) -> (f64, bool) {
+        let mut sq = SquaredNorm { grads, total: None };
+        model.visit(&mut sq);
+        let Some(total) = sq.total else {
+            return (loss.into_scalar::<f32>() as f64, true);
+        };
+        let device = total.device();
+        let read = Tensor::cat(vec![loss, total.reshape([1])], 0).into_data();
+        let values = read.try_to_vec::<f32>().expect("f32 values");
+        let (loss, total) = (values[0] as f64, values[1]);
+        if !total.is_finite() {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good = 0;
+            return (loss, false);
+        }
+        let coef = Tensor::<1>::from_floats([(1.0 / self.scale) as f32], &device);
+        model.visit(&mut Scale { grads, coef });
+        self.good += 1;
+        if self.good == self.interval {
+            self.scale *= 2.0;
+            self.good = 0;
+        }
+        (loss, true)
+    }
+}
+
 /// Clip the total L2 norm of all gradients to `max_norm` (PyTorch's `clip_grad_norm_`:
 /// coefficient `max_norm / (norm + 1e-6)`, applied only when below 1).
 ///

@@ -2,12 +2,12 @@
 //! and `data` (dataset loading). Each prints a table and writes `target/bench/<suite>.json`.
 
 use crate::Backend;
-use crate::finetune::Compute;
+use crate::finetune::{Compute, Precision};
 use crate::fsutil::write_json_atomic;
 use anyhow::Context;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor};
-use lora_core::{LoraMerge, Scaling};
+use lora_core::{LoraMerge, LossScaler, Scaling};
 use lora_gpt::{Gpt, GptConfig, LoraTargets};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -530,10 +530,18 @@ fn finetune_variant(
     // the first variant's step 2 still autotuned: 623 ms timed vs 398 ms warm); the CPU has no
     // autotuning.
     let warm_up = if backend.is_gpu() { 3 } else { 1 };
+    // f16 steps pay the loss scaling that `lora-train finetune` does (the finiteness check and
+    // the unscaling).
+    let mut scaler = (shape.compute.precision == Precision::F16).then(LossScaler::f16);
     let mut step = |model: Gpt| -> anyhow::Result<Gpt> {
-        let (loss, grads) =
-            crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1);
-        let model = optim.step(1e-4, model, grads);
+        let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
+        let (loss, mut grads) =
+            crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1, scale);
+        let (loss, take) = crate::finetune::settle_step(&model, loss, &mut grads, scaler.as_mut());
+        let model = match take {
+            true => optim.step(1e-4, model, grads),
+            false => model,
+        };
         // Read a weight back and wait for every queued kernel before the clock stops.
         let _ = model.ln_f.gamma.val().into_data();
         device.sync().context("device sync")?;

@@ -12,11 +12,11 @@ use crate::fsutil::{remove_stale_temps, write_atomic, write_dir_atomic, write_js
 use anyhow::{Context, bail, ensure};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use lora_core::utils::{ValuesByPath, fnv1a};
 use lora_core::{
-    ParamReport, Scaling, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable,
-    param_report, params_by_path, path_param_ids,
+    LossScaler, ParamReport, Scaling, clip_grad_norm, load_params_by_path,
+    mark_only_lora_as_trainable, param_report, params_by_path, path_param_ids,
 };
 use lora_data::{TokenSequences, Tokenizer};
 use lora_gpt::export::{self, AdapterSpec};
@@ -327,22 +327,47 @@ fn batch(
     )
 }
 
-/// Gradients of the mean loss over `micro` micro-batches (inputs, targets), accumulated as one
-/// step of `n` micro-batches; returns the loss (mean over the micro-batches) and the gradients.
+/// Gradients of the mean loss over `micro` micro-batches (inputs, targets) times `scale` (a
+/// [`LossScaler`]'s, else 1), accumulated as one step of `n` micro-batches; returns the loss
+/// (mean over the micro-batches, unscaled) as a `[1]` tensor, not read back, and the gradients.
 pub fn accumulate_grads(
     model: &Gpt,
     micro: Vec<(IdsTensor, IdsTensor)>,
     n: usize,
-) -> (f64, GradientsParams) {
+    scale: f64,
+) -> (Tensor<1>, GradientsParams) {
     let mut accum = GradientsAccumulator::<Gpt>::new();
-    let mut total = 0.0;
+    let mut total: Option<Tensor<1>> = None;
     for (x, y) in micro {
         let loss = model.loss(x, y).div_scalar(n as f64);
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        total += loss.into_scalar::<f32>() as f64;
+        let scaled = match scale == 1.0 {
+            true => loss.clone(),
+            false => loss.clone().mul_scalar(scale),
+        };
+        let grads = GradientsParams::from_grads(scaled.backward(), model);
+        let loss = loss.inner().reshape([1]);
+        total = Some(match total {
+            Some(t) => t + loss,
+            None => loss,
+        });
         accum.accumulate(model, grads);
     }
+    let total = total.expect("accumulate_grads: at least one micro-batch");
     (total, accum.grads())
+}
+
+/// The step's loss (read back) and whether to take the step: with a [`LossScaler`], the
+/// gradients unscaled in place where finite (one device read for the loss and the check).
+pub fn settle_step(
+    model: &Gpt,
+    loss: Tensor<1>,
+    grads: &mut GradientsParams,
+    scaler: Option<&mut LossScaler>,
+) -> (f64, bool) {
+    match scaler {
+        Some(s) => s.unscale(model, grads, loss),
+        None => (loss.into_scalar::<f32>() as f64, true),
+    }
 }
 
 /// `[batch, seq]` token ids.
@@ -689,6 +714,9 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
     let mut last_train = None;
     let mut last_val = None;
     let mut optim_bytes = None;
+    // f16 gradients underflow without loss scaling (as with `torch.autocast(float16)`, which
+    // needs PyTorch's `GradScaler`); a resumed run starts the scale afresh.
+    let mut scaler = (cfg.compute.precision == Precision::F16).then(LossScaler::f16);
     for step in start..total_steps {
         let lr = lr_at(cfg, step, total_steps);
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
@@ -701,7 +729,9 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             let (x, y, _) = batch(&seqs, &idx, &device);
             (x, y)
         });
-        let (step_loss, mut grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum);
+        let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
+        let (loss, mut grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum, scale);
+        let (step_loss, take) = settle_step(&model, loss, &mut grads, scaler.as_mut());
         let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
         tokens_since += step_tokens;
         tokens_total += step_tokens;
@@ -713,10 +743,18 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             };
             bail!("loss is {step_loss} at step {}: stopped; {kept}", step + 1);
         }
-        if cfg.clip > 0.0 {
-            clip_grad_norm(&model, &mut grads, cfg.clip);
+        if take {
+            if cfg.clip > 0.0 {
+                clip_grad_norm(&model, &mut grads, cfg.clip);
+            }
+            model = optim.step(lr, model, grads);
+        } else if let Some(s) = &scaler {
+            println!(
+                "step {}: f16 gradients overflowed at loss scale {scale}: step skipped, scale now {}",
+                step + 1,
+                s.scale()
+            );
         }
-        model = optim.step(lr, model, grads);
         loss_acc += step_loss;
         loss_n += 1;
         let done = step + 1;
