@@ -1162,7 +1162,8 @@ pub trait RowKernels: Backend {
     /// The backward pass of [`flash_attention`](Self::flash_attention): the gradient w.r.t. the
     /// heads side by side, `[batch, seq, 3·head·d]` (q's heads, then k's, then v's), from q, k,
     /// v, the output o and its gradient dy `[batch, head, seq, d]` (any strides, d contiguous) and
-    /// the log-sum-exp: three kernels ([`crate::flash`]) for heads of 64, else the scores, the
+    /// the log-sum-exp: for heads of 64, `crate::flash_cm`'s kernels in f16 where the device has
+    /// workgroup-scope matrices, else [`crate::flash`]'s three; else the scores, the
     /// softmax-gradient kernel and matmuls.
     #[fusion(meta = |q, _k, _v, _o, _lse, _dy, _bias, _seed, _scale, _keep| merged_spec(q))]
     #[allow(clippy::too_many_arguments)]
