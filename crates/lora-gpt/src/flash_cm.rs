@@ -237,15 +237,20 @@ fn head_view(x: &Tensor<f16>, bi: usize, hi: usize) -> (TensorView<f16>, u32, u3
     (view, base / rs, base % rs)
 }
 
-/// Whether the device runs [`flash_cm_kernel`]: workgroup-scope matrices of 256 units for its
-/// two products (`[BQ, BKV, HEAD]` and `[BQ, HEAD, BKV]`, [`lora_core::coopmat::offers`]) and the
-/// shared memory (the f16 tiles, the flag, the driver's reserve).
-fn available(t: &CubeTensor) -> bool {
+/// Whether `t`'s device runs a kernel of 256 units with `shared` bytes of shared memory (plus
+/// the driver's reserve for workgroup-scope matrices) and workgroup-scope products of `tiles`
+/// ([`lora_core::coopmat::offers`]).
+fn runs(t: &CubeTensor, shared: usize, tiles: &[[usize; 3]]) -> bool {
     let hardware = &t.client.properties().hardware;
-    let shared = (TILE + 2 * BKV * HS) * 2 + 4 + hardware.cube_mma_reserved_shared_memory;
-    shared <= hardware.max_shared_memory_size
-        && offers(t, UNITS, [BQ, BKV, HEAD])
-        && offers(t, UNITS, [BQ, HEAD, BKV])
+    shared + hardware.cube_mma_reserved_shared_memory <= hardware.max_shared_memory_size
+        && tiles.iter().all(|&tile| offers(t, UNITS, tile))
+}
+
+/// Whether the device runs [`flash_cm_kernel`]: its two products and its shared memory (the
+/// f16 tiles and the flag).
+fn available(t: &CubeTensor) -> bool {
+    let shared = (TILE + 2 * BKV * HS) * 2 + 4;
+    runs(t, shared, &[[BQ, BKV, HEAD], [BQ, HEAD, BKV]])
 }
 
 /// Whether x `[batch, head, seq, 64]` reads as [`flash_cm_kernel`] reads it: unit column
@@ -643,15 +648,15 @@ fn flash_cm_q_kernel<N: Size>(
     put_grad::<N>(&sk, dqkv, bi, hi, heads, t, i * BQB, 0, scale, 2usize);
 }
 
-/// Whether the device runs the backward kernels: workgroup-scope matrices of 256 units for their
-/// products ([`lora_core::coopmat::offers`]) and the shared memory (the q, dy and score tiles).
+/// Whether the device runs the backward kernels: their three products and the larger shared
+/// memory of the two (the kv kernel's q, dy and score tiles).
 fn backward_available(t: &CubeTensor) -> bool {
-    let hardware = &t.client.properties().hardware;
-    let shared = (2 * BQB * HS + TILE) * 2 + hardware.cube_mma_reserved_shared_memory;
-    shared <= hardware.max_shared_memory_size
-        && offers(t, UNITS, [BQB, BKB, HEAD])
-        && offers(t, UNITS, [BKB, HEAD, BQB])
-        && offers(t, UNITS, [BQB, HEAD, BKB])
+    let shared = (2 * BQB * HS + TILE) * 2;
+    runs(
+        t,
+        shared,
+        &[[BQB, BKB, HEAD], [BKB, HEAD, BQB], [BQB, HEAD, BKB]],
+    )
 }
 
 /// x itself where it reads as rows of vectors of 8 ([`reads_vectors`]), else a contiguous copy.
