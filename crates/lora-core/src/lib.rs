@@ -23,7 +23,7 @@ pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
 };
 pub use utils::{
-    LossScaler, ParamReport, cast_to, clip_grad_norm, load_params_by_path,
+    LossScaler, ParamReport, Unscaled, cast_to, clip_grad_norm, load_params_by_path,
     mark_only_lora_as_trainable, param_report, params_by_path, path_param_ids,
 };
 

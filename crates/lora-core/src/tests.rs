@@ -412,50 +412,61 @@ fn only_lora_params_change_in_a_step() {
 }
 
 /// The loss scaler: finite gradients come back divided by the scale (equal to the unscaled
-/// pass's) with the loss read alongside; a non-finite one skips the step and halves the scale;
-/// the scale doubles after `interval` good steps.
+/// pass's); a non-finite one zeroes the step's gradients and, read with the next step's loss,
+/// halves the scale; the scale doubles after `interval` good steps.
 #[test]
-fn loss_scaler_unscales_skips_and_grows() {
+fn loss_scaler_unscales_skips_zeroes_and_grows() {
     let d = Device::flex().autodiff();
     d.seed(6);
     let m = tiny(&d);
     let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 6], [2, 2]), &d);
-    let loss = m.loss(ids.clone());
-    let plain = GradientsParams::from_grads(loss.backward(), &m);
-    let want = vals(plain.get::<2>(m.fc1.lora_a.as_ref().unwrap().id).unwrap());
+    let lora_a = m.fc1.lora_a.as_ref().unwrap().id;
+    let plain = GradientsParams::from_grads(m.loss(ids.clone()).backward(), &m);
+    let want = vals(plain.get::<2>(lora_a).unwrap());
     let mut scaler = LossScaler::new(1024.0, 2);
-    let loss = m.loss(ids.clone());
-    let mut grads = GradientsParams::from_grads(loss.clone().mul_scalar(1024.0).backward(), &m);
-    let (read, take) = scaler.unscale(&m, &mut grads, loss.clone().inner().reshape([1]));
-    assert!(take, "finite gradients take the step");
-    assert!(
-        (read - vals(loss.inner())[0] as f64).abs() < 1e-6,
-        "the loss read back"
-    );
-    let got = vals(grads.get::<2>(m.fc1.lora_a.as_ref().unwrap().id).unwrap());
-    for (g, w) in got.iter().zip(&want) {
+    // One step at the scaler's scale (`poison`: a gradient made infinite); the loss read back.
+    let step = |scaler: &mut LossScaler, poison: bool| {
+        let scale = scaler.scale();
+        let loss = m.loss(ids.clone());
+        let mut grads = GradientsParams::from_grads(loss.clone().mul_scalar(scale).backward(), &m);
+        if poison {
+            let id = m.fc1.lora_b.as_ref().unwrap().id;
+            let g = grads.remove::<2>(id).unwrap();
+            grads.register::<2>(id, g.div_scalar(0.0));
+        }
+        let expect = vals(loss.clone().inner())[0] as f64;
+        let got = scaler.unscale(&m, &mut grads, loss.inner().reshape([1]), scale);
+        assert!((got.loss - expect).abs() < 1e-6, "the loss read back");
+        (grads, (got.take, got.late_overflow))
+    };
+    // The first step at a scale is checked at once; its gradients unscaled.
+    let (grads, got) = step(&mut scaler, false);
+    assert_eq!(got, (true, None));
+    let unscaled = vals(grads.get::<2>(lora_a).unwrap());
+    for (g, w) in unscaled.iter().zip(&want) {
         assert!(
             (g - w).abs() <= 1e-5 * w.abs().max(1e-3),
             "unscaled {g} vs {w}"
         );
     }
-    assert_eq!(scaler.scale(), 1024.0);
-    // An overflowed gradient: the step skipped, the scale halved.
-    let loss = m.loss(ids.clone());
-    let mut grads = GradientsParams::from_grads(loss.clone().mul_scalar(1024.0).backward(), &m);
-    let id = m.fc1.lora_b.as_ref().unwrap().id;
-    let g = grads.remove::<2>(id).unwrap();
-    grads.register::<2>(id, g.clone().div_scalar(0.0));
-    let (_, take) = scaler.unscale(&m, &mut grads, loss.inner().reshape([1]));
-    assert!(!take, "a non-finite gradient skips the step");
-    assert_eq!(scaler.scale(), 512.0);
-    // Two good steps in a row double it.
-    for _ in 0..2 {
-        let loss = m.loss(ids.clone());
-        let mut grads = GradientsParams::from_grads(loss.clone().backward(), &m);
-        assert!(scaler.unscale(&m, &mut grads, loss.inner().reshape([1])).1);
+    // An overflow at a scale that passed: taken with zeroed gradients, found a step late.
+    let (grads, got) = step(&mut scaler, true);
+    assert_eq!(got, (true, None));
+    for id in [lora_a, m.fc1.lora_b.as_ref().unwrap().id] {
+        assert!(vals(grads.get::<2>(id).unwrap()).iter().all(|&v| v == 0.0));
     }
     assert_eq!(scaler.scale(), 1024.0);
+    assert_eq!(step(&mut scaler, false).1, (true, Some(1024.0)));
+    assert_eq!(scaler.scale(), 512.0);
+    // An overflow at a new scale: skipped at once, the scale halved.
+    assert_eq!(step(&mut scaler, true).1, (false, None));
+    assert_eq!(scaler.scale(), 256.0);
+    // Two good steps in a row double it (the second is read with the third's loss).
+    step(&mut scaler, false);
+    step(&mut scaler, false);
+    assert_eq!(scaler.scale(), 256.0);
+    step(&mut scaler, false);
+    assert_eq!(scaler.scale(), 512.0);
 }
 
 #[test]

@@ -595,14 +595,36 @@ impl Gpt {
     /// `[batch, seq, vocab]` logits: the head and the loss run as one op over at most four chunks
     /// of rows ([`fused::linear_cross_entropy`]), which is what training and validation need.
     pub fn loss(&self, idx: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
+        self.scaled_loss(idx, targets, 1.0)
+    }
+
+    /// `scale` times [`loss`](Self::loss), the loss a loss scaler differentiates: the fused head
+    /// takes the scale into the gradients it computes in the forward pass
+    /// ([`fused::scaled_linear_cross_entropy`]; in f16, scaling its result instead flushes most
+    /// of the logits' gradient to zero).
+    pub fn scaled_loss(
+        &self,
+        idx: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        scale: f64,
+    ) -> Tensor<1> {
         let x = self.hidden(idx);
         let [b, t, d] = x.dims();
         match self.head_params(x.dtype()) {
             // The op has no bias term: a biased head takes the logits route.
-            (w, Some(bias)) => cross_entropy_ignore(linear(x, w, Some(bias)), targets),
-            (w, None) => {
-                fused::linear_cross_entropy(x.reshape([b * t, d]), w, targets.reshape([b * t]))
+            (w, Some(bias)) => {
+                let loss = cross_entropy_ignore(linear(x, w, Some(bias)), targets);
+                match scale == 1.0 {
+                    true => loss,
+                    false => loss.mul_scalar(scale),
+                }
             }
+            (w, None) => fused::scaled_linear_cross_entropy(
+                x.reshape([b * t, d]),
+                w,
+                targets.reshape([b * t]),
+                scale,
+            ),
         }
     }
 

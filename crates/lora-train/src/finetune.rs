@@ -15,7 +15,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::tensor::{Device, Tensor};
 use lora_core::utils::{ValuesByPath, fnv1a};
 use lora_core::{
-    LossScaler, ParamReport, Scaling, clip_grad_norm, load_params_by_path,
+    LossScaler, ParamReport, Scaling, Unscaled, clip_grad_norm, load_params_by_path,
     mark_only_lora_as_trainable, param_report, params_by_path, path_param_ids,
 };
 use lora_data::{TokenSequences, Tokenizer};
@@ -339,13 +339,13 @@ pub fn accumulate_grads(
     let mut accum = GradientsAccumulator::<Gpt>::new();
     let mut total: Option<Tensor<1>> = None;
     for (x, y) in micro {
-        let loss = model.loss(x, y).div_scalar(n as f64);
-        let scaled = match scale == 1.0 {
-            true => loss.clone(),
-            false => loss.clone().mul_scalar(scale),
+        let scaled = model.scaled_loss(x, y, scale / n as f64);
+        let loss = scaled.clone().inner().reshape([1]);
+        let loss = match scale == 1.0 {
+            true => loss,
+            false => loss.div_scalar(scale),
         };
         let grads = GradientsParams::from_grads(scaled.backward(), model);
-        let loss = loss.inner().reshape([1]);
         total = Some(match total {
             Some(t) => t + loss,
             None => loss,
@@ -356,17 +356,23 @@ pub fn accumulate_grads(
     (total, accum.grads())
 }
 
-/// The step's loss (read back) and whether to take the step: with a [`LossScaler`], the
-/// gradients unscaled in place where finite (one device read for the loss and the check).
+/// The step's loss, read back, and `grads` (of the loss times `scale`) ready for the optimizer:
+/// with a [`LossScaler`], unscaled on the device ([`LossScaler::unscale`]: whether to take the
+/// step, and any overflow of the step before found late).
 pub fn settle_step(
     model: &Gpt,
     loss: Tensor<1>,
     grads: &mut GradientsParams,
+    scale: f64,
     scaler: Option<&mut LossScaler>,
-) -> (f64, bool) {
+) -> Unscaled {
     match scaler {
-        Some(s) => s.unscale(model, grads, loss),
-        None => (loss.into_scalar::<f32>() as f64, true),
+        Some(s) => s.unscale(model, grads, loss, scale),
+        None => Unscaled {
+            loss: loss.into_scalar::<f32>() as f64,
+            take: true,
+            late_overflow: None,
+        },
     }
 }
 
@@ -731,7 +737,8 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
         });
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
         let (loss, mut grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum, scale);
-        let (step_loss, take) = settle_step(&model, loss, &mut grads, scaler.as_mut());
+        let settled = settle_step(&model, loss, &mut grads, scale, scaler.as_mut());
+        let step_loss = settled.loss;
         let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
         tokens_since += step_tokens;
         tokens_total += step_tokens;
@@ -743,16 +750,21 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             };
             bail!("loss is {step_loss} at step {}: stopped; {kept}", step + 1);
         }
-        if take {
+        let now = scaler.as_ref().map_or(1.0, LossScaler::scale);
+        if let Some(at) = settled.late_overflow {
+            println!(
+                "step {step}: f16 gradients overflowed at loss scale {at}: it ran as a zero-gradient step; scale now {now}"
+            );
+        }
+        if settled.take {
             if cfg.clip > 0.0 {
                 clip_grad_norm(&model, &mut grads, cfg.clip);
             }
             model = optim.step(lr, model, grads);
-        } else if let Some(s) = &scaler {
+        } else {
             println!(
-                "step {}: f16 gradients overflowed at loss scale {scale}: step skipped, scale now {}",
-                step + 1,
-                s.scale()
+                "step {}: f16 gradients overflowed at loss scale {scale}: step skipped, scale now {now}",
+                step + 1
             );
         }
         loss_acc += step_loss;
