@@ -7,6 +7,7 @@
 //! - [`utils`]: model-wide helpers: freeze all but LoRA (`mark_only_lora_as_trainable`),
 //!   the trainable-parameter report, global gradient-norm clipping.
 
+pub mod adamw;
 pub mod coopmat;
 pub mod dropout;
 pub mod fused;
@@ -17,6 +18,7 @@ pub mod layers;
 pub mod matmul;
 pub mod utils;
 
+pub use adamw::FusedAdamW;
 pub use dropout::{dropout, dropout_folded, dropout_mask};
 pub use inject::{InjectConfig, InjectError, Target, inject};
 pub use layers::{

@@ -967,3 +967,52 @@ fn gemm_matches_flex() {
     let w = Tensor::<4>::random([2, 1, 32, 48], normal, &flex);
     check(q.clone(), w, "q · w, w's second batch dim broadcast");
 }
+
+/// [`crate::FusedAdamW`] takes Burn's AdamW steps (one kernel a parameter on wgpu, Burn's ops on
+/// the host backends), and its state loads into Burn's AdamW (a checkpoint of either resumes
+/// with the other).
+#[test]
+fn fused_adamw_matches_burns() {
+    use burn::optim::ModuleOptimizer;
+    let burns = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01);
+    let fused = crate::FusedAdamW {
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.01,
+    };
+    for base in backends() {
+        let d = base.clone().autodiff();
+        d.seed(9);
+        let m0 = tiny(&d);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 6], [2, 2]), &d);
+        let run = |mut m: Tiny, mut optim: ModuleOptimizer, steps: usize| {
+            for _ in 0..steps {
+                let grads = GradientsParams::from_grads(m.loss(ids.clone()).backward(), &m);
+                m = optim.step(1e-2, m, grads);
+            }
+            (m, optim)
+        };
+        let (want, _) = run(m0.clone(), burns.init(), 6);
+        let (got, _) = run(m0.clone(), fused.init(), 6);
+        let (half, optim) = run(m0.clone(), fused.init(), 3);
+        let (resumed, _) = run(half, burns.init().load_record(optim.to_record()), 3);
+        let want = crate::params_by_path(&want, |_, _| true);
+        for other in [got, resumed] {
+            for ((path, _, w), (_, _, g)) in
+                want.iter().zip(crate::params_by_path(&other, |_, _| true))
+            {
+                let diff = w
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{base:?} {path}: {diff}");
+            }
+        }
+    }
+}

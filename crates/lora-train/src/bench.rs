@@ -497,7 +497,6 @@ fn finetune_variant(
     shape: FinetuneShape,
     targets: Option<&str>,
 ) -> anyhow::Result<Row> {
-    use burn::optim::AdamWConfig;
     let device = shape.compute.device(backend)?;
     device.seed(0);
     let mut cfg = GptConfig::from_model_type("gpt2", 50257, 1024)
@@ -518,7 +517,14 @@ fn finetune_variant(
         ));
     }
     model = shape.compute.apply(model);
-    let mut optim = AdamWConfig::new().init();
+    // Burn's AdamW defaults, its update one kernel a parameter on GPUs.
+    let mut optim = lora_core::FusedAdamW {
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-5,
+        weight_decay: 1e-4,
+    }
+    .init();
     let ids: Tensor<2, Int> = Tensor::<2>::random(
         [shape.batch, shape.seq],
         Distribution::Uniform(0.0, 50257.0),

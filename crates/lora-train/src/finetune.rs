@@ -11,11 +11,11 @@ use crate::data::{self, DataOptions};
 use crate::fsutil::{remove_stale_temps, write_atomic, write_dir_atomic, write_json_atomic};
 use anyhow::{Context, bail, ensure};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use lora_core::utils::{ValuesByPath, fnv1a};
 use lora_core::{
-    LossScaler, ParamReport, Scaling, Unscaled, clip_grad_norm, load_params_by_path,
+    FusedAdamW, LossScaler, ParamReport, Scaling, Unscaled, clip_grad_norm, load_params_by_path,
     mark_only_lora_as_trainable, param_report, params_by_path, path_param_ids,
 };
 use lora_data::{TokenSequences, Tokenizer};
@@ -634,12 +634,13 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
     model = cfg.compute.apply(path_param_ids(model.train()));
     let params = param_report(&model);
     println!("{params}");
-    let mut optim: ModuleOptimizer = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(cfg.weight_decay as f32)
-        .init();
+    let mut optim: ModuleOptimizer = FusedAdamW {
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: cfg.weight_decay as f32,
+    }
+    .init();
 
     // Resume: the newest checkpoint that reads back whole (a corrupt one is skipped, with a
     // warning, for the one before it).
