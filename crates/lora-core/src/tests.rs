@@ -416,7 +416,13 @@ fn only_lora_params_change_in_a_step() {
 /// halves the scale; the scale doubles after `interval` good steps.
 #[test]
 fn loss_scaler_unscales_skips_zeroes_and_grows() {
-    let d = Device::flex().autodiff();
+    for base in backends() {
+        loss_scaler_case(base.autodiff());
+    }
+}
+
+/// [`loss_scaler_unscales_skips_zeroes_and_grows`] on `d` (autodiff).
+fn loss_scaler_case(d: Device) {
     d.seed(6);
     let m = tiny(&d);
     let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 6], [2, 2]), &d);

@@ -2,7 +2,7 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{Bool, DType, Tensor};
 
 /// Whether a parameter path (`["h", "0", "attn", "c_attn", "lora_a"]`) is a LoRA factor.
 /// Also true for the factors [`inject`](crate::inject) attaches (`["fc1", "weight", "lora", "a"]`).
@@ -240,9 +240,11 @@ impl LossScaler {
             out.loss = loss.into_scalar::<f32>() as f64;
             return out;
         };
-        let flag = total.is_finite().float();
-        let coef = flag.clone().mul_scalar(1.0 / scale);
-        model.visit(&mut Unscale { grads, coef });
+        let finite = total.is_finite();
+        let flag = finite.clone().float();
+        let coef = Tensor::<1>::from_floats([(1.0 / scale) as f32], &flag.device());
+        let bad = finite.bool_not();
+        model.visit(&mut Unscale { grads, coef, bad });
         // Neither the loss nor the last step's flag waits for this backward pass.
         out.loss = match self.pending.take() {
             Some((last, at)) => {
@@ -287,18 +289,20 @@ impl LossScaler {
     }
 }
 
-/// Each gradient times `coef` (`[1]`), its non-finite elements 0 (where `coef` is 0 they would
-/// be NaN).
+/// Each gradient times `coef` (`[1]`), or all zeros where `bad` (`[1]`: some gradient is not
+/// finite; times `coef` it could be NaN): one element-wise kernel a gradient.
 struct Unscale<'a> {
     grads: &'a mut GradientsParams,
     coef: Tensor<1>,
+    bad: Tensor<1, Bool>,
 }
 
 impl ModuleVisitor for Unscale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
-            let bad = g.clone().is_finite().bool_not();
+            let shape = g.shape();
             let coef = self.coef.clone().reshape([1; D]);
+            let bad = self.bad.clone().reshape([1; D]).expand(shape);
             self.grads
                 .register::<D>(param.id, (g * coef).mask_fill(bad, 0.0));
         }
