@@ -149,16 +149,24 @@ impl ModuleVisitor for SquaredNorm<'_> {
     }
 }
 
+/// Each gradient times `coef` (`[1]`), or all zeros where `zero` (`[1]`) is true (times `coef`
+/// a non-finite gradient could be NaN): one element-wise op a gradient.
 struct Scale<'a> {
     grads: &'a mut GradientsParams,
     coef: Tensor<1>,
+    zero: Option<Tensor<1, Bool>>,
 }
 
 impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
-            let coef = self.coef.clone().reshape([1; D]);
-            self.grads.register::<D>(param.id, g * coef);
+            let shape = g.shape();
+            let scaled = g * self.coef.clone().reshape([1; D]);
+            let scaled = match &self.zero {
+                Some(zero) => scaled.mask_fill(zero.clone().reshape([1; D]).expand(shape), 0.0),
+                None => scaled,
+            };
+            self.grads.register::<D>(param.id, scaled);
         }
     }
 }
@@ -219,16 +227,17 @@ impl LossScaler {
         self.scale
     }
 
-    /// Divide `grads` (of `loss` `[1]` times `scale`) by `scale` on the device, or zero them
-    /// where any is not finite, and read `loss` back (with the flag of the step before, if it is
+    /// Divide `grads` (of `loss` `[1]` times [`LossScaler::scale`]) by the scale on the device,
+    /// or zero them where any is not finite, and read `loss` back (with the flag of the step before, if it is
     /// pending; with this step's own, waiting for it, at a scale no step has passed yet).
     pub fn unscale<M: Module>(
         &mut self,
         model: &M,
         grads: &mut GradientsParams,
         loss: Tensor<1>,
-        scale: f64,
     ) -> Unscaled {
+        // The scale this step's loss was multiplied by (reading the last step's flag may change it).
+        let scale = self.scale;
         let mut sq = SquaredNorm { grads, total: None };
         model.visit(&mut sq);
         let mut out = Unscaled {
@@ -243,8 +252,8 @@ impl LossScaler {
         let finite = total.is_finite();
         let flag = finite.clone().float();
         let coef = Tensor::<1>::from_floats([(1.0 / scale) as f32], &flag.device());
-        let bad = finite.bool_not();
-        model.visit(&mut Unscale { grads, coef, bad });
+        let zero = Some(finite.bool_not());
+        model.visit(&mut Scale { grads, coef, zero });
         // Neither the loss nor the last step's flag waits for this backward pass.
         out.loss = match self.pending.take() {
             Some((last, at)) => {
@@ -289,26 +298,6 @@ impl LossScaler {
     }
 }
 
-/// Each gradient times `coef` (`[1]`), or all zeros where `bad` (`[1]`: some gradient is not
-/// finite; times `coef` it could be NaN): one element-wise kernel a gradient.
-struct Unscale<'a> {
-    grads: &'a mut GradientsParams,
-    coef: Tensor<1>,
-    bad: Tensor<1, Bool>,
-}
-
-impl ModuleVisitor for Unscale<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.remove::<D>(param.id) {
-            let shape = g.shape();
-            let coef = self.coef.clone().reshape([1; D]);
-            let bad = self.bad.clone().reshape([1; D]).expand(shape);
-            self.grads
-                .register::<D>(param.id, (g * coef).mask_fill(bad, 0.0));
-        }
-    }
-}
-
 /// Clip the total L2 norm of all gradients to `max_norm` (PyTorch's `clip_grad_norm_`:
 /// coefficient `max_norm / (norm + 1e-6)`, applied only when below 1).
 ///
@@ -328,7 +317,11 @@ pub fn clip_grad_norm<M: Module>(
         .recip()
         .mul_scalar(max_norm)
         .clamp_max(1.0);
-    model.visit(&mut Scale { grads, coef });
+    model.visit(&mut Scale {
+        grads,
+        coef,
+        zero: None,
+    });
     Some(norm)
 }
 

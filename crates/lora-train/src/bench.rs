@@ -543,8 +543,7 @@ fn finetune_variant(
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
         let (loss, mut grads) =
             crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1, scale);
-        let settled =
-            crate::finetune::settle_step(&model, loss, &mut grads, scale, scaler.as_mut());
+        let settled = crate::finetune::settle_step(&model, loss, &mut grads, scaler.as_mut());
         let loss = settled.loss;
         let model = match settled.take {
             true => optim.step(1e-4, model, grads),

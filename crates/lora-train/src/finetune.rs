@@ -356,18 +356,17 @@ pub fn accumulate_grads(
     (total, accum.grads())
 }
 
-/// The step's loss, read back, and `grads` (of the loss times `scale`) ready for the optimizer:
-/// with a [`LossScaler`], unscaled on the device ([`LossScaler::unscale`]: whether to take the
+/// The step's loss, read back, and `grads` (of the loss times the scaler's scale) ready for the
+/// optimizer: with a [`LossScaler`], unscaled on the device ([`LossScaler::unscale`]: whether to take the
 /// step, and any overflow of the step before found late).
 pub fn settle_step(
     model: &Gpt,
     loss: Tensor<1>,
     grads: &mut GradientsParams,
-    scale: f64,
     scaler: Option<&mut LossScaler>,
 ) -> Unscaled {
     match scaler {
-        Some(s) => s.unscale(model, grads, loss, scale),
+        Some(s) => s.unscale(model, grads, loss),
         None => Unscaled {
             loss: loss.into_scalar::<f32>() as f64,
             take: true,
@@ -738,7 +737,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
         });
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
         let (loss, mut grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum, scale);
-        let settled = settle_step(&model, loss, &mut grads, scale, scaler.as_mut());
+        let settled = settle_step(&model, loss, &mut grads, scaler.as_mut());
         let step_loss = settled.loss;
         let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
         tokens_since += step_tokens;
