@@ -1022,3 +1022,26 @@ fn fused_adamw_matches_burns() {
         }
     }
 }
+
+/// CPU backends state no binding limit; a cubecl device does (its autodiff device too), and
+/// [`check_buffers`] names the first buffer above it.
+#[test]
+fn binding_limit_names_the_first_buffer_above_it() {
+    assert_eq!(max_binding_bytes(&Device::flex()), None);
+    assert!(check_buffers(&[("any".into(), u64::MAX)], &Device::flex()).is_ok());
+    let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    let limit = max_binding_bytes(&gpu).expect("a cubecl device states its limit");
+    assert_eq!(max_binding_bytes(&gpu.clone().autodiff()), Some(limit));
+    assert!(check_buffers(&[("at the limit".into(), limit)], &gpu).is_ok());
+    let buffers = [
+        ("small".to_string(), 1),
+        ("`big` [2]".to_string(), limit + 1),
+        ("bigger".to_string(), u64::MAX),
+    ];
+    let e = check_buffers(&buffers, &gpu).unwrap_err();
+    assert_eq!(
+        (e.what.as_str(), e.bytes, e.limit),
+        ("`big` [2]", limit + 1, limit)
+    );
+    assert!(e.to_string().starts_with("`big` [2] takes "), "{e}");
+}

@@ -1,8 +1,9 @@
 //! Model-wide LoRA helpers that work on any Burn [`Module`].
 
+use burn::backend::DispatchDevice;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, Device, Tensor};
 
 /// Whether a parameter path (`["h", "0", "attn", "c_attn", "lora_a"]`) is a LoRA factor.
 /// Also true for the factors [`inject`](crate::inject) attaches (`["fc1", "weight", "lora", "a"]`).
@@ -89,6 +90,51 @@ impl std::fmt::Display for ParamReport {
             self.trainable_percent(),
             self.lora
         )
+    }
+}
+
+/// The largest buffer one kernel may bind on `device`, bytes: a cubecl device's storage-binding
+/// limit (128 MiB on Mesa's llvmpipe; a Vulkan GPU's whole memory), `None` on the CPU backends,
+/// which have none.
+pub fn max_binding_bytes(device: &Device) -> Option<u64> {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Cube(cube) => Some(cube.client().properties().memory.max_page_size),
+        #[allow(unreachable_patterns)] // a build with the cubecl backend only
+        _ => None,
+    }
+}
+
+/// A buffer above its device's binding limit ([`max_binding_bytes`]): kernels cannot bind it, and
+/// the driver would reject the first launch that tries.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "{what} takes {:.1} MiB, above the {:.1} MiB this device binds per buffer",
+    *bytes as f64 / MIB,
+    *limit as f64 / MIB
+)]
+pub struct TooLargeForDevice {
+    /// The buffer: a parameter's path and shape, or an activation's name.
+    pub what: String,
+    pub bytes: u64,
+    pub limit: u64,
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Checks that `buffers` (name, bytes) fit `device`'s binding limit ([`max_binding_bytes`]); the
+/// first that does not is the error. Check before the tensors exist: a kernel that binds one too
+/// large fails on the driver's thread, mid-launch.
+pub fn check_buffers(buffers: &[(String, u64)], device: &Device) -> Result<(), TooLargeForDevice> {
+    let Some(limit) = max_binding_bytes(device) else {
+        return Ok(());
+    };
+    match buffers.iter().find(|(_, b)| *b > limit) {
+        Some((what, bytes)) => Err(TooLargeForDevice {
+            what: what.clone(),
+            bytes: *bytes,
+            limit,
+        }),
+        None => Ok(()),
     }
 }
 

@@ -1827,12 +1827,21 @@ pub fn scaled_linear_cross_entropy(
     // grows by that much at a time): four chunks, or the power of two that keeps a chunk's
     // logits within 256 MiB (8 for GPT-2 in f32 at 8 × 1024 tokens: with the LayerNorm + LoRA
     // op, reserved 4,817 -> 4,378 MiB for LoRA c_attn, for ~0.5 ms of GPU time a step), of at
-    // least 2²⁵ logits each.
+    // least 2²⁵ logits each; and never above what the device binds in one buffer (llvmpipe:
+    // 128 MiB).
     let n = targets.dims()[0];
     let v = w.dims()[1].max(1);
-    let bytes = n * v * h.dtype().size();
-    let chunks = bytes.div_ceil(MAX_CHUNK_BYTES).next_power_of_two().max(4);
-    let rows = ((1usize << 25) / v).max(n.div_ceil(chunks));
+    let row_bytes = v * h.dtype().size();
+    let max_chunk = lora_core::max_binding_bytes(&h.device())
+        .map_or(MAX_CHUNK_BYTES, |limit| MAX_CHUNK_BYTES.min(limit as usize));
+    let chunks = (n * row_bytes)
+        .div_ceil(max_chunk)
+        .next_power_of_two()
+        .max(4);
+    let rows = ((1usize << 25) / v)
+        .max(n.div_ceil(chunks))
+        .min(max_chunk / row_bytes)
+        .max(1);
     linear_cross_entropy_in_chunks(h, w, targets, rows, scale)
 }
 

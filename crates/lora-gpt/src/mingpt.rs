@@ -211,6 +211,23 @@ impl GptConfig {
         Ok(Self::new(l, h, e, vocab_size, block_size))
     }
 
+    /// The largest buffers of a training step on `rows` tokens, (name, bytes): the token table
+    /// `[vocab, n_embd]` (f32) and the MLP's hidden activations `[rows, 4·n_embd]` of `elem`
+    /// bytes (what [`lora_core::check_buffers`] checks against a device's binding limit).
+    pub fn largest_buffers(&self, rows: usize, elem: usize) -> Vec<(String, u64)> {
+        let (v, e) = (self.vocab_size, self.n_embd);
+        vec![
+            (
+                format!("the token table `wte` [{v}, {e}] (f32)"),
+                (v * e * 4) as u64,
+            ),
+            (
+                format!("the MLP's hidden activations [{rows}, {}]", 4 * e),
+                (rows * 4 * e * elem) as u64,
+            ),
+        ]
+    }
+
     fn linear(
         &self,
         d_in: usize,

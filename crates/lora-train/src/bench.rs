@@ -212,6 +212,7 @@ pub fn infer(b: &InferBench, out: &Path) -> anyhow::Result<serde_json::Value> {
         .with_tie_word_embeddings(true)
         .with_lora_targets(LoraTargets::default());
     anyhow::ensure!((1..=1024).contains(&seq), "--seq must be in 1..=1024");
+    crate::finetune::check_fits(&cfg, seq, Precision::F32, backend, &device)?;
     let base = cfg.init(&device).valid();
     let ids: Tensor<2, Int> =
         Tensor::<2>::random([1, seq], Distribution::Uniform(0.0, 50257.0), &device).int();
@@ -351,11 +352,31 @@ fn child_row(suite: &str, name: &str, flags: &[(&str, String)]) -> anyhow::Resul
         }
     }
     let (stdout, err, ok, _) = run_measured(&mut cmd)?;
-    anyhow::ensure!(ok, "bench {suite} {name}: {}", err.trim());
+    anyhow::ensure!(ok, "bench {suite} {name}: {}", failure_line(&err));
     let mut row: Row = serde_json::from_str(stdout.lines().last().unwrap_or(""))
         .with_context(|| format!("bench {suite} {name}: no result"))?;
     row.name = name.into();
     Ok(row)
+}
+
+/// One line for a child's failure: its `error: …` line, else (a panic) the first line of the
+/// panic message and its location.
+fn failure_line(stderr: &str) -> String {
+    let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    if let Some(e) = lines()
+        .filter_map(|l| l.strip_prefix("error: "))
+        .next_back()
+    {
+        return e.to_string();
+    }
+    let mut panic = lines().skip_while(|l| !l.starts_with("thread '"));
+    match (panic.next(), panic.next()) {
+        (Some(at), Some(what)) => format!("{what} ({})", at.trim_end_matches(':')),
+        _ => lines()
+            .next()
+            .unwrap_or("failed with no message")
+            .to_string(),
+    }
 }
 
 /// Median wall time of `iters` calls of `f`, ms.
@@ -505,6 +526,8 @@ fn finetune_variant(
         .with_lora_targets(LoraTargets::default());
     cfg.n_layer = shape.n_layer;
     cfg.lora_rank = 0;
+    let rows = shape.batch * shape.seq;
+    crate::finetune::check_fits(&cfg, rows, shape.compute.precision, backend, &device)?;
     let mut model = cfg.init(&device);
     if let Some(t) = targets {
         let t: LoraTargets = t.parse().map_err(anyhow::Error::msg)?;

@@ -407,10 +407,18 @@ fn evaluate(
 }
 
 /// The model (base weights; adapters are added by the caller), its config and the tokenizer.
+/// The flags are checked against the model's config ([`validate`], [`check_fits`]) before its
+/// weights are read or made.
 fn base_model(
     cfg: &FinetuneConfig,
+    backend: Backend,
     device: &Device,
 ) -> anyhow::Result<(Gpt, GptConfig, Tokenizer)> {
+    let check = |gcfg: &GptConfig| {
+        validate(cfg, gcfg)?;
+        let rows = cfg.batch_size * cfg.data_options.seq_len();
+        check_fits(gcfg, rows, cfg.compute.precision, backend, device)
+    };
     match (&cfg.model, &cfg.model_type) {
         (Some(dir), _) => {
             let folder = Gpt2Folder::open(dir)?;
@@ -421,6 +429,7 @@ fn base_model(
             let tok = Tokenizer::from_file(&tok_path)?;
             let gcfg = folder.config.gpt_config();
             crate::lm::check_vocab(&tok, &tok_path, gcfg.vocab_size)?;
+            check(&gcfg)?;
             Ok((folder.load(|c| c, device)?, gcfg, tok))
         }
         (None, Some(name)) => {
@@ -437,6 +446,7 @@ fn base_model(
             }
             gcfg.lora_targets = LoraTargets::default();
             gcfg.lora_rank = 0;
+            check(&gcfg)?;
             device.seed(mix(cfg.seed, 0, 0));
             Ok((gcfg.init(device), gcfg, tok))
         }
@@ -577,6 +587,28 @@ fn tokenizer_files(cfg: &FinetuneConfig) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Run (or, with `resume`, continue) a fine-tuning run.
+/// Checks that a step of `gcfg`'s model on `rows` tokens fits the device's per-buffer binding
+/// limit ([`GptConfig::largest_buffers`]) before any tensor exists: a clear error where the
+/// driver would reject a launch mid-step (GPT-2's 147 MiB `wte` against llvmpipe's 128 MiB).
+pub fn check_fits(
+    gcfg: &GptConfig,
+    rows: usize,
+    precision: Precision,
+    backend: Backend,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let elem = match precision {
+        Precision::F32 => 4,
+        Precision::F16 => 2,
+    };
+    lora_core::check_buffers(&gcfg.largest_buffers(rows, elem), device).map_err(|e| {
+        anyhow::anyhow!(
+            "--backend {}: {e}; use a CPU backend (--backend flex), a smaller model or a smaller batch",
+            backend.name()
+        )
+    })
+}
+
 pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Result<RunReport> {
     let t_start = Instant::now();
     if cfg.out.exists() && !cfg.out.is_dir() {
@@ -584,8 +616,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
     }
     let scaling = parse_scaling(&cfg.scaling)?;
     let device = cfg.compute.device(backend)?;
-    let (model, gcfg, tok) = base_model(cfg, &device)?;
-    validate(cfg, &gcfg)?;
+    let (model, gcfg, tok) = base_model(cfg, backend, &device)?;
     let targets: LoraTargets = if cfg.full {
         LoraTargets::default()
     } else {

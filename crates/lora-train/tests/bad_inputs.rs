@@ -547,6 +547,12 @@ fn catalogue() -> Vec<Case> {
             &["unknown LoRA target 'q_proj'"],
         ),
         ft_case(
+            "a step too large for the GPU's buffers",
+            none(),
+            &[("--backend", "wgpu"), ("--batch-size", "1000000000")],
+            &["--backend wgpu", "the MLP's hidden activations", "binds per buffer"],
+        ),
+        ft_case(
             "an unknown --scaling",
             none(),
             &[("--scaling", "sqrt")],
@@ -620,6 +626,12 @@ fn catalogue() -> Vec<Case> {
 
 /// The error line as the table shows it: a diverging run's step and loss depend on the CPU.
 fn shown_error(what: &str, line: &str) -> String {
+    if what.starts_with("a step too large") {
+        // "… above the 128.0 MiB this device binds …": the limit is the driver's.
+        if let (Some(a), Some(b)) = (line.find("above the "), line.find(" MiB this device")) {
+            return format!("{}above the …{}", &line[..a], &line[b..]);
+        }
+    }
     if !what.starts_with("the loss becomes") {
         return line.to_string();
     }
