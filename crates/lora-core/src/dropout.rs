@@ -62,9 +62,77 @@ pub fn dropout_mask<const D: usize>(
 
 /// The seed of a dropout drawn inside a kernel from a hash of the seed and each element's position
 /// (ops that recompute their mask in the backward pass instead of keeping it): two uniforms in
-/// `[0, 1)` `[2]` (f32) from the device's generator, or `None` where `d` drops nothing.
+/// `[0, 1)` `[2]` (f32) from the device's generator, or `None` where `d` drops nothing. Inside
+/// [`with_seed_pool`] a row of the pool's draw (`[SEED_ROW]`, its first two read).
 pub fn dropout_seed(d: &Dropout, device: &Device) -> Option<Tensor<1>> {
-    active(d, device).then(|| Tensor::random([2], Distribution::Default, (device, DType::F32)))
+    active(d, device).then(|| {
+        pooled_seed(device)
+            .unwrap_or_else(|| Tensor::random([2], Distribution::Default, (device, DType::F32)))
+    })
+}
+
+/// Rows a seed pool draws at a time.
+const POOL_ROWS: usize = 64;
+/// Floats a pool's row: 256 bytes, so that a row is a view of the draw (cubecl slices a tensor
+/// without a copy where both ends fall on its binding alignment, 256 bytes at most in practice).
+pub const SEED_ROW: usize = 64;
+
+/// The seeds drawn ahead on one device: `rows` `[POOL_ROWS, SEED_ROW]`, `next` the first unused.
+struct SeedPool {
+    device: Device,
+    rows: Option<Tensor<2>>,
+    next: usize,
+}
+
+thread_local! {
+    static POOL: std::cell::RefCell<Option<SeedPool>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the [`dropout_seed`]s it draws on `device` taken from draws of [`POOL_ROWS`]
+/// seeds at a time: one random launch for a forward pass's ~50 dropouts instead of one each
+/// (~12 µs a launch on an H100). A function of `device.seed(..)` and the draws before it, as
+/// before; the seeds are others than outside a pool. CPU backends draw as before.
+pub fn with_seed_pool<T>(device: &Device, f: impl FnOnce() -> T) -> T {
+    /// Puts the pool that was active back, also when `f` panics.
+    struct Restore(Option<SeedPool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            POOL.set(self.0.take());
+        }
+    }
+    if !device.is_autodiff() || !on_cubecl(device) {
+        return f();
+    }
+    let pool = SeedPool {
+        device: device.clone(),
+        rows: None,
+        next: POOL_ROWS,
+    };
+    let _restore = Restore(POOL.replace(Some(pool)));
+    f()
+}
+
+/// The next row of the active pool for `device` (a new draw when it is used up), if any.
+fn pooled_seed(device: &Device) -> Option<Tensor<1>> {
+    POOL.with_borrow_mut(|pool| {
+        let pool = pool.as_mut().filter(|p| p.device == *device)?;
+        if pool.next == POOL_ROWS {
+            let shape = [POOL_ROWS, SEED_ROW];
+            pool.rows = Some(Tensor::random(
+                shape,
+                Distribution::Default,
+                (device, DType::F32),
+            ));
+            pool.next = 0;
+        }
+        let row = pool
+            .rows
+            .clone()?
+            .narrow(0, pool.next, 1)
+            .reshape([SEED_ROW]);
+        pool.next += 1;
+        Some(row)
+    })
 }
 
 /// A `{0, 1/keep}` f32 mask on a host backend: one draw from the device generator (48 bits: f32

@@ -431,7 +431,7 @@ fn loss_scaler_case(d: Device) {
     let want = vals(plain.get::<2>(lora_a).unwrap());
     let mut scaler = LossScaler::new(1024.0, 2);
     // One step at the scaler's scale (`poison`: a gradient made infinite); the loss read back.
-    let step = |scaler: &mut LossScaler, poison: bool| {
+    let step_clipped = |scaler: &mut LossScaler, poison: bool, max_norm: Option<f64>| {
         let scale = scaler.scale();
         let loss = m.loss(ids.clone());
         let mut grads = GradientsParams::from_grads(loss.clone().mul_scalar(scale).backward(), &m);
@@ -441,10 +441,11 @@ fn loss_scaler_case(d: Device) {
             grads.register::<2>(id, g.div_scalar(0.0));
         }
         let expect = vals(loss.clone().inner())[0] as f64;
-        let got = scaler.unscale(&m, &mut grads, loss.inner().reshape([1]));
+        let got = scaler.unscale(&m, &mut grads, loss.inner().reshape([1]), max_norm);
         assert!((got.loss - expect).abs() < 1e-6, "the loss read back");
         (grads, (got.take, got.late_overflow))
     };
+    let step = |scaler: &mut LossScaler, poison: bool| step_clipped(scaler, poison, None);
     // The first step at a scale is checked at once; its gradients unscaled.
     let (grads, got) = step(&mut scaler, false);
     assert_eq!(got, (true, None));
@@ -453,6 +454,25 @@ fn loss_scaler_case(d: Device) {
         assert!(
             (g - w).abs() <= 1e-5 * w.abs().max(1e-3),
             "unscaled {g} vs {w}"
+        );
+    }
+    // With a max norm (a tenth of the norm), clipped in the same pass: as clip_grad_norm clips
+    // the unscaled pass's gradients.
+    let mut clipped = GradientsParams::from_grads(m.loss(ids.clone()).backward(), &m);
+    let norm = clip_grad_norm(&m, &mut clipped, 1.0).unwrap();
+    let max_norm = vals(norm)[0] as f64 / 10.0;
+    let mut clipped = GradientsParams::from_grads(m.loss(ids.clone()).backward(), &m);
+    clip_grad_norm(&m, &mut clipped, max_norm);
+    let (grads, got) = step_clipped(&mut LossScaler::new(1024.0, 2), false, Some(max_norm));
+    assert_eq!(got, (true, None));
+    let (got, want) = (
+        grads.get::<2>(lora_a).unwrap(),
+        clipped.get::<2>(lora_a).unwrap(),
+    );
+    for (g, w) in vals(got).iter().zip(&vals(want)) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs().max(1e-4),
+            "clipped {g} vs {w}"
         );
     }
     // An overflow at a scale that passed: taken with zeroed gradients, found a step late.

@@ -274,13 +274,17 @@ impl LossScaler {
     }
 
     /// Divide `grads` (of `loss` `[1]` times [`LossScaler::scale`]) by the scale on the device,
-    /// or zero them where any is not finite, and read `loss` back (with the flag of the step before, if it is
-    /// pending; with this step's own, waiting for it, at a scale no step has passed yet).
+    /// or zero them where any is not finite, and read `loss` back (with the flag of the step
+    /// before, if it is pending; with this step's own, waiting for it, at a scale no step has
+    /// passed yet). With `max_norm`, the unscaled gradients' total L2 norm is clipped to it in
+    /// the same pass ([`clip_grad_norm`]'s coefficient; PyTorch's `unscale_` then
+    /// `clip_grad_norm_`).
     pub fn unscale<M: Module>(
         &mut self,
         model: &M,
         grads: &mut GradientsParams,
         loss: Tensor<1>,
+        max_norm: Option<f64>,
     ) -> Unscaled {
         // The scale this step's loss was multiplied by (reading the last step's flag may change it).
         let scale = self.scale;
@@ -295,9 +299,13 @@ impl LossScaler {
             out.loss = loss.into_scalar::<f32>() as f64;
             return out;
         };
-        let finite = total.is_finite();
+        let finite = total.clone().is_finite();
         let flag = finite.clone().float();
-        let coef = Tensor::<1>::from_floats([(1.0 / scale) as f32], &flag.device());
+        let coef = match max_norm {
+            // The scaled gradients' norm is `scale` times the unscaled one.
+            Some(max_norm) => clip_coef(total.sqrt().div_scalar(scale), max_norm).div_scalar(scale),
+            None => Tensor::<1>::from_floats([(1.0 / scale) as f32], &flag.device()),
+        };
         let zero = Some(finite.bool_not());
         model.visit(&mut Scale { grads, coef, zero });
         // Neither the loss nor the last step's flag waits for this backward pass.
@@ -357,18 +365,20 @@ pub fn clip_grad_norm<M: Module>(
     let mut sq = SquaredNorm { grads, total: None };
     model.visit(&mut sq);
     let norm = sq.total?.sqrt();
-    let coef = norm
-        .clone()
-        .add_scalar(1e-6)
-        .recip()
-        .mul_scalar(max_norm)
-        .clamp_max(1.0);
     model.visit(&mut Scale {
         grads,
-        coef,
+        coef: clip_coef(norm.clone(), max_norm),
         zero: None,
     });
     Some(norm)
+}
+
+/// `min(1, max_norm / (norm + 1e-6))` (`[1]`): PyTorch's `clip_grad_norm_` coefficient.
+fn clip_coef(norm: Tensor<1>, max_norm: f64) -> Tensor<1> {
+    norm.add_scalar(1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .clamp_max(1.0)
 }
 
 /// `t` in `dtype` (`t` itself when it already is): f32 weights meet half-precision activations

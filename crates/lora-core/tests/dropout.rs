@@ -69,3 +69,47 @@ fn folded_dropout_is_x_times_the_mask_on_both_host_backends() {
         assert_eq!(vals(dropout_folded(&drop, plain.clone())), vals(plain));
     }
 }
+
+/// Inside `with_seed_pool` on a GPU device the seeds are rows of one draw (`[SEED_ROW]`):
+/// distinct, a function of the device's seed, a new draw once the rows are used up; hashed
+/// dropout reads a row's first two values only (the same product as those two as a `[2]` seed).
+/// Outside a pool, and on CPU backends, a seed is its own `[2]` draw.
+#[test]
+fn pooled_seeds_are_rows_of_one_draw() {
+    let drop = burn::nn::DropoutConfig::new(0.1).init();
+    let flex = dev().autodiff();
+    let seed = dropout::with_seed_pool(&flex, || dropout::dropout_seed(&drop, &flex));
+    assert_eq!(seed.unwrap().dims(), [2]);
+    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    let draw = || {
+        d.seed(3);
+        dropout::with_seed_pool(&d, || {
+            (0..150)
+                .map(|_| dropout::dropout_seed(&drop, &d).unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let seeds = draw();
+    assert!(seeds.iter().all(|s| s.dims() == [dropout::SEED_ROW]));
+    let firsts: Vec<[f32; 2]> = seeds
+        .iter()
+        .map(|s| {
+            let v = vals(s.clone().narrow(0, 0, 2));
+            [v[0], v[1]]
+        })
+        .collect();
+    let distinct: std::collections::HashSet<[u32; 2]> =
+        firsts.iter().map(|p| p.map(f32::to_bits)).collect();
+    assert_eq!(distinct.len(), firsts.len(), "a seed repeats");
+    let again: Vec<Vec<f32>> = draw().into_iter().map(vals).collect();
+    assert_eq!(
+        again[149],
+        vals(seeds[149].clone()),
+        "not a function of the seed"
+    );
+    assert_eq!(dropout::dropout_seed(&drop, &d).unwrap().dims(), [2]);
+    let x = Tensor::<2>::random([4, 300], burn::tensor::Distribution::Default, &d);
+    let pooled = dropout::hashed(x.clone(), seeds[70].clone(), 0.9);
+    let plain = dropout::hashed(x, Tensor::from_floats(firsts[70], &d), 0.9);
+    assert_eq!(vals(pooled), vals(plain));
+}

@@ -557,16 +557,20 @@ impl Gpt {
             "Cannot forward sequence of length {t}, block size is only {}",
             self.block_size
         );
-        let pos = Tensor::<1, Int>::arange(0..t as i64, &idx.device()).unsqueeze::<2>();
-        let x = dropout_folded(&self.drop, self.wte.forward(idx) + self.wpe.forward(pos));
-        let x = if self.f16 { x.cast(DType::F16) } else { x };
-        // One causal bias for all layers (built per layer, it was ~0.1 ms of GPU time each).
-        let bias = causal_bias(t, &x.device(), x.dtype());
-        let x = self
-            .h
-            .iter()
-            .fold(x, |x, block| block.forward_biased(x, bias.clone()));
-        norm(&self.ln_f, self.layer_norm_eps, x)
+        let device = idx.device();
+        // The dropouts' seeds in one draw on GPUs.
+        lora_core::dropout::with_seed_pool(&device, || {
+            let pos = Tensor::<1, Int>::arange(0..t as i64, &device).unsqueeze::<2>();
+            let x = dropout_folded(&self.drop, self.wte.forward(idx) + self.wpe.forward(pos));
+            let x = if self.f16 { x.cast(DType::F16) } else { x };
+            // One causal bias for all layers (built per layer, it was ~0.1 ms of GPU time each).
+            let bias = causal_bias(t, &x.device(), x.dtype());
+            let x = self
+                .h
+                .iter()
+                .fold(x, |x, block| block.forward_biased(x, bias.clone()));
+            norm(&self.ln_f, self.layer_norm_eps, x)
+        })
     }
 
     /// `idx [batch, seq]` -> the last position's logits `[batch, vocab]`, the head run on that row

@@ -31,6 +31,9 @@ pub struct Row {
     /// GPU only: the peak of the bytes live tensors use (PyTorch's `max_memory_allocated`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_use_mib: Option<f64>,
+    /// `bench finetune --rounds N`: each round's `ms` (the row is the median round).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds_ms: Option<Vec<f64>>,
 }
 
 /// `reps` forward passes queued back to back, the last one read back so all the work is done
@@ -566,7 +569,8 @@ fn finetune_variant(
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
         let (loss, mut grads) =
             crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1, scale);
-        let settled = crate::finetune::settle_step(&model, loss, &mut grads, scaler.as_mut());
+        // Clipped to 1.0, as the PEFT side's step is.
+        let settled = crate::finetune::settle_step(&model, loss, &mut grads, scaler.as_mut(), 1.0);
         let loss = settled.loss;
         let model = match settled.take {
             true => optim.step(1e-4, model, grads),
@@ -600,6 +604,7 @@ fn finetune_variant(
         tokens_per_s: Some((shape.batch * shape.seq) as f64 / (ms / 1000.0)),
         peak_mib,
         in_use_mib,
+        rounds_ms: None,
     })
 }
 
@@ -703,6 +708,7 @@ fn peft_side(script: &Path, shape: FinetuneShape) -> anyhow::Result<(Vec<serde_j
 pub fn finetune(
     backend: Backend,
     shape: FinetuneShape,
+    rounds: usize,
     only: Option<&str>,
     peft: Option<&Path>,
     out: &Path,
@@ -741,20 +747,33 @@ pub fn finetune(
         ),
         false => ("peak RSS", "process peak RSS"),
     };
-    let mut rows = vec![];
-    for (name, _) in FINETUNE_VARIANTS {
-        let row = child_row("finetune", name, &flags)?;
-        let in_use = match row.in_use_mib {
-            Some(m) => format!(", {m:7.0} MiB in use"),
-            None => String::new(),
-        };
-        println!(
-            "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  {label} {:7.0} MiB{in_use}",
-            row.ms,
-            row.tokens_per_s.unwrap_or(0.0),
-            row.peak_mib.unwrap_or(0.0)
-        );
-        rows.push(row);
+    // Rounds of all the variants, each in a fresh process: the row is a variant's median round.
+    let mut runs: Vec<Vec<Row>> = vec![vec![]; FINETUNE_VARIANTS.len()];
+    for round in 0..rounds {
+        if rounds > 1 {
+            println!("round {}/{rounds}:", round + 1);
+        }
+        for ((name, _), runs) in FINETUNE_VARIANTS.iter().zip(runs.iter_mut()) {
+            let row = child_row("finetune", name, &flags)?;
+            let in_use = match row.in_use_mib {
+                Some(m) => format!(", {m:7.0} MiB in use"),
+                None => String::new(),
+            };
+            println!(
+                "{name:>18}: {:9.1} ms/step  {:8.0} tokens/s  {label} {:7.0} MiB{in_use}",
+                row.ms,
+                row.tokens_per_s.unwrap_or(0.0),
+                row.peak_mib.unwrap_or(0.0)
+            );
+            runs.push(row);
+        }
+    }
+    let rows: Vec<Row> = runs.into_iter().map(median_round).collect();
+    if rounds > 1 {
+        println!("medians of {rounds} rounds:");
+        for row in &rows {
+            println!("{:>18}: {:9.1} ms/step", row.name, row.ms);
+        }
     }
     let (lora, full) = (&rows[0], &rows[2]);
     let peft = match peft {
@@ -774,7 +793,7 @@ pub fn finetune(
         "suite": "finetune",
         "backend": backend.name(),
         "machine": machine(),
-        "shape": {"model": "gpt2 shapes (random weights)", "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "compute": shape.compute, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": peak_what},
+        "shape": {"model": "gpt2 shapes (random weights)", "rounds": rounds, "batch": shape.batch, "seq": shape.seq, "n_layer": shape.n_layer, "timed_steps": shape.steps, "compute": shape.compute, "lora": "r8, alpha 16, dropout 0.05", "peak_mib": peak_what},
         "rows": rows,
         "ratios": {"lora_over_full_time": time, "lora_over_full_memory": memory, "lora_over_full_memory_in_use": in_use},
     });
@@ -788,6 +807,18 @@ pub fn finetune(
         report["peft"] = serde_json::Value::Array(peft_rows);
     }
     write_report(out, report)
+}
+
+/// A variant's round with the median time (the upper one of an even count), its `rounds_ms`
+/// every round's time in order.
+fn median_round(mut runs: Vec<Row>) -> Row {
+    let ms: Vec<f64> = runs.iter().map(|r| r.ms).collect();
+    runs.sort_by(|a, b| a.ms.total_cmp(&b.ms));
+    let mut row = runs.swap_remove(runs.len() / 2);
+    if ms.len() > 1 {
+        row.rounds_ms = Some(ms);
+    }
+    row
 }
 
 /// Run `cmd` to the end, polling its peak RSS (`VmHWM`); returns stdout, stderr, success, peak MiB.

@@ -357,21 +357,29 @@ pub fn accumulate_grads(
 }
 
 /// The step's loss, read back, and `grads` (of the loss times the scaler's scale) ready for the
-/// optimizer: with a [`LossScaler`], unscaled on the device ([`LossScaler::unscale`]: whether to take the
-/// step, and any overflow of the step before found late).
+/// optimizer: their total norm clipped to `clip` (0: not clipped) and, with a [`LossScaler`],
+/// unscaled in the same pass on the device ([`LossScaler::unscale`]: whether to take the step,
+/// and any overflow of the step before found late).
 pub fn settle_step(
     model: &Gpt,
     loss: Tensor<1>,
     grads: &mut GradientsParams,
     scaler: Option<&mut LossScaler>,
+    clip: f64,
 ) -> Unscaled {
+    let max_norm = (clip > 0.0).then_some(clip);
     match scaler {
-        Some(s) => s.unscale(model, grads, loss),
-        None => Unscaled {
-            loss: loss.into_scalar::<f32>() as f64,
-            take: true,
-            late_overflow: None,
-        },
+        Some(s) => s.unscale(model, grads, loss, max_norm),
+        None => {
+            if let Some(max_norm) = max_norm {
+                clip_grad_norm(model, grads, max_norm);
+            }
+            Unscaled {
+                loss: loss.into_scalar::<f32>() as f64,
+                take: true,
+                late_overflow: None,
+            }
+        }
     }
 }
 
@@ -768,7 +776,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
         });
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
         let (loss, mut grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum, scale);
-        let settled = settle_step(&model, loss, &mut grads, scaler.as_mut());
+        let settled = settle_step(&model, loss, &mut grads, scaler.as_mut(), cfg.clip);
         let step_loss = settled.loss;
         let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
         tokens_since += step_tokens;
@@ -788,9 +796,6 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             );
         }
         if settled.take {
-            if cfg.clip > 0.0 {
-                clip_grad_norm(&model, &mut grads, cfg.clip);
-            }
             model = optim.step(lr, model, grads);
         } else {
             println!(

@@ -291,6 +291,10 @@ struct BenchFinetuneArgs {
     /// Timed steps per variant (after one warm-up step on the CPU, three on a GPU).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Rounds of all the variants, each variant a fresh process a round; each row is the
+    /// variant's median round (a GPU's first processes of a session can run a few % slow).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     #[command(flatten)]
     compute: Compute,
     /// Run one variant in this process (used by the suite itself).
@@ -407,7 +411,14 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 compute: a.compute,
             };
             let peft = (!a.no_peft).then_some(a.peft.as_path());
-            lora_train::bench::finetune(a.backend, shape, a.only.as_deref(), peft, &a.out)?;
+            lora_train::bench::finetune(
+                a.backend,
+                shape,
+                a.rounds.max(1),
+                a.only.as_deref(),
+                peft,
+                &a.out,
+            )?;
         }
         BenchCommand::LoraLayer(a) => {
             lora_train::bench::lora_layer(
