@@ -441,14 +441,15 @@ fn loss_scaler_case(d: Device) {
             grads.register::<2>(id, g.div_scalar(0.0));
         }
         let expect = vals(loss.clone().inner())[0] as f64;
-        let got = scaler.unscale(&m, &mut grads, loss.inner().reshape([1]), max_norm);
+        let now = scaler.unscale(&m, &mut grads, max_norm);
+        let got = scaler.settle(loss.inner().reshape([1]));
         assert!((got.loss - expect).abs() < 1e-6, "the loss read back");
-        (grads, (got.take, got.late_overflow))
+        (grads, (now, got.take, got.late_overflow))
     };
     let step = |scaler: &mut LossScaler, poison: bool| step_clipped(scaler, poison, None);
-    // The first step at a scale is checked at once; its gradients unscaled.
+    // The first step at a scale is checked before it is taken; its gradients unscaled.
     let (grads, got) = step(&mut scaler, false);
-    assert_eq!(got, (true, None));
+    assert_eq!(got, (false, true, None));
     let unscaled = vals(grads.get::<2>(lora_a).unwrap());
     for (g, w) in unscaled.iter().zip(&want) {
         assert!(
@@ -464,7 +465,7 @@ fn loss_scaler_case(d: Device) {
     let mut clipped = GradientsParams::from_grads(m.loss(ids.clone()).backward(), &m);
     clip_grad_norm(&m, &mut clipped, max_norm);
     let (grads, got) = step_clipped(&mut LossScaler::new(1024.0, 2), false, Some(max_norm));
-    assert_eq!(got, (true, None));
+    assert_eq!(got, (false, true, None));
     let (got, want) = (
         grads.get::<2>(lora_a).unwrap(),
         clipped.get::<2>(lora_a).unwrap(),
@@ -475,17 +476,18 @@ fn loss_scaler_case(d: Device) {
             "clipped {g} vs {w}"
         );
     }
-    // An overflow at a scale that passed: taken with zeroed gradients, found a step late.
+    // An overflow at a scale that passed: taken at once with zeroed gradients, found a step
+    // late.
     let (grads, got) = step(&mut scaler, true);
-    assert_eq!(got, (true, None));
+    assert_eq!(got, (true, true, None));
     for id in [lora_a, m.fc1.lora_b.as_ref().unwrap().id] {
         assert!(vals(grads.get::<2>(id).unwrap()).iter().all(|&v| v == 0.0));
     }
     assert_eq!(scaler.scale(), 1024.0);
-    assert_eq!(step(&mut scaler, false).1, (true, Some(1024.0)));
+    assert_eq!(step(&mut scaler, false).1, (true, true, Some(1024.0)));
     assert_eq!(scaler.scale(), 512.0);
     // An overflow at a new scale: skipped at once, the scale halved.
-    assert_eq!(step(&mut scaler, true).1, (false, None));
+    assert_eq!(step(&mut scaler, true).1, (false, false, None));
     assert_eq!(scaler.scale(), 256.0);
     // Two good steps in a row double it (the second is read with the third's loss).
     step(&mut scaler, false);

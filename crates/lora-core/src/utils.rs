@@ -225,9 +225,12 @@ impl ModuleVisitor for Scale<'_> {
 ///
 /// Reading a step's overflow flag waits for its backward pass (9 % of GPT-2's f16 step on an
 /// H100), so only the first step at a new scale is checked at once, and skipped where it
-/// overflowed, as PyTorch does. At a scale a step has passed, the flag is read with the next
-/// step's loss: an overflowed step's gradients are zeroed on the device, and the optimizer
-/// takes a zero-gradient step.
+/// overflowed, as PyTorch does. At a scale a step has passed, the step is taken at once and its
+/// flag read with the next step's loss: an overflowed step's gradients are zeroed on the device,
+/// and the optimizer takes a zero-gradient step.
+///
+/// A step: [`unscale`](Self::unscale) (on the device; says whether the step is taken whatever
+/// its flag), the optimizer step if so, then [`settle`](Self::settle) (reads the loss back).
 #[derive(Debug, Clone)]
 pub struct LossScaler {
     scale: f64,
@@ -237,14 +240,18 @@ pub struct LossScaler {
     trusted: Option<f64>,
     /// The last step's flag (`[1]`: 1 finite, 0 not) and its scale, not yet read.
     pending: Option<(Tensor<1>, f64)>,
+    /// This step's flag and scale, from [`unscale`](Self::unscale), and whether it was taken
+    /// unread.
+    current: Option<(Tensor<1>, f64, bool)>,
 }
 
-/// What [`LossScaler::unscale`] read back.
+/// What [`LossScaler::settle`] read back.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Unscaled {
     /// The step's loss.
     pub loss: f64,
-    /// Whether to take the step (false: it overflowed at a new scale; skip it).
+    /// Whether to take the step (false: it overflowed at a new scale; skip it). Always true for
+    /// a step [`LossScaler::unscale`] said to take at once.
     pub take: bool,
     /// The scale at which the step before, already taken, overflowed (it ran as a
     /// zero-gradient step).
@@ -260,6 +267,7 @@ impl LossScaler {
             interval: interval.max(1),
             trusted: None,
             pending: None,
+            current: None,
         }
     }
 
@@ -273,31 +281,24 @@ impl LossScaler {
         self.scale
     }
 
-    /// Divide `grads` (of `loss` `[1]` times [`LossScaler::scale`]) by the scale on the device,
-    /// or zero them where any is not finite, and read `loss` back (with the flag of the step
-    /// before, if it is pending; with this step's own, waiting for it, at a scale no step has
-    /// passed yet). With `max_norm`, the unscaled gradients' total L2 norm is clipped to it in
-    /// the same pass ([`clip_grad_norm`]'s coefficient; PyTorch's `unscale_` then
-    /// `clip_grad_norm_`).
+    /// Divide `grads` (of a loss times [`LossScaler::scale`]) by the scale on the device, or zero
+    /// them where any is not finite; with `max_norm`, the unscaled gradients' total L2 norm is
+    /// clipped to it in the same pass ([`clip_grad_norm`]'s coefficient; PyTorch's `unscale_`
+    /// then `clip_grad_norm_`). Reads nothing back. Returns whether to take the step now, before
+    /// [`settle`](Self::settle) reads its loss: true at a scale a step has passed (its flag is
+    /// read a step late), false where `settle` must read the flag first.
     pub fn unscale<M: Module>(
         &mut self,
         model: &M,
         grads: &mut GradientsParams,
-        loss: Tensor<1>,
         max_norm: Option<f64>,
-    ) -> Unscaled {
-        // The scale this step's loss was multiplied by (reading the last step's flag may change it).
+    ) -> bool {
         let scale = self.scale;
         let mut sq = SquaredNorm { grads, total: None };
         model.visit(&mut sq);
-        let mut out = Unscaled {
-            loss: 0.0,
-            take: true,
-            late_overflow: None,
-        };
         let Some(total) = sq.total else {
-            out.loss = loss.into_scalar::<f32>() as f64;
-            return out;
+            self.current = None;
+            return true;
         };
         let finite = total.clone().is_finite();
         let flag = finite.clone().float();
@@ -308,6 +309,20 @@ impl LossScaler {
         };
         let zero = Some(finite.bool_not());
         model.visit(&mut Scale { grads, coef, zero });
+        let now = self.trusted == Some(scale);
+        self.current = Some((flag, scale, now));
+        now
+    }
+
+    /// Read the step's `loss` `[1]` back (with the flag of the step before, if it is pending;
+    /// with this step's own, waiting for it, where [`unscale`](Self::unscale) did not take the
+    /// step at once) and update the scale.
+    pub fn settle(&mut self, loss: Tensor<1>) -> Unscaled {
+        let mut out = Unscaled {
+            loss: 0.0,
+            take: true,
+            late_overflow: None,
+        };
         // Neither the loss nor the last step's flag waits for this backward pass.
         out.loss = match self.pending.take() {
             Some((last, at)) => {
@@ -324,7 +339,10 @@ impl LossScaler {
             }
             None => loss.into_scalar::<f32>() as f64,
         };
-        if self.trusted == Some(scale) {
+        let Some((flag, scale, taken)) = self.current.take() else {
+            return out;
+        };
+        if taken {
             self.pending = Some((flag, scale));
             return out;
         }

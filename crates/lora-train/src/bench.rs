@@ -567,15 +567,14 @@ fn finetune_variant(
     let mut scaler = (shape.compute.precision == Precision::F16).then(LossScaler::f16);
     let mut step = |model: Gpt| -> anyhow::Result<Gpt> {
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
-        let (loss, mut grads) =
+        let (loss, grads) =
             crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1, scale);
         // Clipped to 1.0, as the PEFT side's step is.
-        let settled = crate::finetune::settle_step(&model, loss, &mut grads, scaler.as_mut(), 1.0);
+        let (model, settled) =
+            crate::finetune::settle_step(model, loss, grads, scaler.as_mut(), 1.0, |m, g| {
+                optim.step(1e-4, m, g)
+            });
         let loss = settled.loss;
-        let model = match settled.take {
-            true => optim.step(1e-4, model, grads),
-            false => model,
-        };
         // Read a weight back and wait for every queued kernel before the clock stops.
         let _ = model.ln_f.gamma.val().into_data();
         device.sync().context("device sync")?;

@@ -356,29 +356,46 @@ pub fn accumulate_grads(
     (total, accum.grads())
 }
 
-/// The step's loss, read back, and `grads` (of the loss times the scaler's scale) ready for the
-/// optimizer: their total norm clipped to `clip` (0: not clipped) and, with a [`LossScaler`],
-/// unscaled in the same pass on the device ([`LossScaler::unscale`]: whether to take the step,
-/// and any overflow of the step before found late).
+/// The optimizer step `take` on `grads` (of the loss times the scaler's scale) and the step's
+/// loss, read back: the gradients' total norm clipped to `clip` (0: not clipped) and, with a
+/// [`LossScaler`], unscaled in the same pass on the device ([`LossScaler::unscale`]). The step
+/// is queued before the loss is read, so the device runs it without waiting for the host, except
+/// at a scale no step has passed yet: then its overflow flag is read first, and an overflowed
+/// step is skipped (`take` false in the result). The result also says whether the step before
+/// overflowed, found late.
 pub fn settle_step(
-    model: &Gpt,
+    model: Gpt,
     loss: Tensor<1>,
-    grads: &mut GradientsParams,
+    mut grads: GradientsParams,
     scaler: Option<&mut LossScaler>,
     clip: f64,
-) -> Unscaled {
+    take: impl FnOnce(Gpt, GradientsParams) -> Gpt,
+) -> (Gpt, Unscaled) {
     let max_norm = (clip > 0.0).then_some(clip);
     match scaler {
-        Some(s) => s.unscale(model, grads, loss, max_norm),
+        Some(s) => {
+            if s.unscale(&model, &mut grads, max_norm) {
+                let model = take(model, grads);
+                return (model, s.settle(loss));
+            }
+            let settled = s.settle(loss);
+            match settled.take {
+                true => (take(model, grads), settled),
+                false => (model, settled),
+            }
+        }
         None => {
             if let Some(max_norm) = max_norm {
-                clip_grad_norm(model, grads, max_norm);
+                clip_grad_norm(&model, &mut grads, max_norm);
             }
-            Unscaled {
-                loss: loss.into_scalar::<f32>() as f64,
+            let model = take(model, grads);
+            let loss = loss.into_scalar::<f32>() as f64;
+            let settled = Unscaled {
+                loss,
                 take: true,
                 late_overflow: None,
-            }
+            };
+            (model, settled)
         }
     }
 }
@@ -775,8 +792,12 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             (x, y)
         });
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
-        let (loss, mut grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum, scale);
-        let settled = settle_step(&model, loss, &mut grads, scaler.as_mut(), cfg.clip);
+        let (loss, grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum, scale);
+        let (stepped, settled) =
+            settle_step(model, loss, grads, scaler.as_mut(), cfg.clip, |m, g| {
+                optim.step(lr, m, g)
+            });
+        model = stepped;
         let step_loss = settled.loss;
         let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
         tokens_since += step_tokens;
@@ -795,9 +816,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
                 "step {step}: f16 gradients overflowed at loss scale {at}: it ran as a zero-gradient step; scale now {now}"
             );
         }
-        if settled.take {
-            model = optim.step(lr, model, grads);
-        } else {
+        if !settled.take {
             println!(
                 "step {}: f16 gradients overflowed at loss scale {scale}: step skipped, scale now {now}",
                 step + 1
