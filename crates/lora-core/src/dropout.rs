@@ -77,7 +77,8 @@ const POOL_ROWS: usize = 64;
 /// without a copy where both ends fall on its binding alignment, 256 bytes at most in practice).
 pub const SEED_ROW: usize = 64;
 
-/// The seeds drawn ahead on one device: `rows` `[POOL_ROWS, SEED_ROW]`, `next` the first unused.
+/// The seeds drawn ahead on one device: `rows` `[POOL_ROWS, SEED_ROW]` (none drawn yet: `None`),
+/// `next` the first unused.
 struct SeedPool {
     device: Device,
     rows: Option<Tensor<2>>,
@@ -106,7 +107,7 @@ pub fn with_seed_pool<T>(device: &Device, f: impl FnOnce() -> T) -> T {
     let pool = SeedPool {
         device: device.clone(),
         rows: None,
-        next: POOL_ROWS,
+        next: 0,
     };
     let _restore = Restore(POOL.replace(Some(pool)));
     f()
@@ -116,22 +117,17 @@ pub fn with_seed_pool<T>(device: &Device, f: impl FnOnce() -> T) -> T {
 fn pooled_seed(device: &Device) -> Option<Tensor<1>> {
     POOL.with_borrow_mut(|pool| {
         let pool = pool.as_mut().filter(|p| p.device == *device)?;
-        if pool.next == POOL_ROWS {
-            let shape = [POOL_ROWS, SEED_ROW];
-            pool.rows = Some(Tensor::random(
-                shape,
-                Distribution::Default,
-                (device, DType::F32),
-            ));
-            pool.next = 0;
-        }
-        let row = pool
-            .rows
-            .clone()?
-            .narrow(0, pool.next, 1)
-            .reshape([SEED_ROW]);
+        let rows = match &pool.rows {
+            Some(rows) if pool.next < POOL_ROWS => rows.clone(),
+            _ => {
+                let shape = [POOL_ROWS, SEED_ROW];
+                let rows = Tensor::random(shape, Distribution::Default, (device, DType::F32));
+                (pool.rows, pool.next) = (Some(rows.clone()), 0);
+                rows
+            }
+        };
         pool.next += 1;
-        Some(row)
+        Some(rows.narrow(0, pool.next - 1, 1).reshape([SEED_ROW]))
     })
 }
 

@@ -323,7 +323,7 @@ impl LossScaler {
             take: true,
             late_overflow: None,
         };
-        // Neither the loss nor the last step's flag waits for this backward pass.
+        // One read: the loss, and the step before's flag with it.
         out.loss = match self.pending.take() {
             Some((last, at)) => {
                 let read = Tensor::cat(vec![loss, last], 0).into_data();

@@ -611,7 +611,6 @@ fn tokenizer_files(cfg: &FinetuneConfig) -> Vec<(String, Vec<u8>)> {
     }
 }
 
-/// Run (or, with `resume`, continue) a fine-tuning run.
 /// Checks that a step of `gcfg`'s model on `rows` tokens fits the device's per-buffer binding
 /// limit ([`GptConfig::largest_buffers`]) before any tensor exists: a clear error where the
 /// driver would reject a launch mid-step (GPT-2's 147 MiB `wte` against llvmpipe's 128 MiB).
@@ -634,6 +633,7 @@ pub fn check_fits(
     })
 }
 
+/// Run (or, with `resume`, continue) a fine-tuning run.
 pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Result<RunReport> {
     let t_start = Instant::now();
     if cfg.out.exists() && !cfg.out.is_dir() {
