@@ -25,9 +25,9 @@ pub use layers::{
     LoraEmbedding, LoraEmbeddingConfig, LoraLinear, LoraLinearConfig, LoraMerge, Scaling,
 };
 pub use utils::{
-    LossScaler, ParamReport, TooLargeForDevice, Unscaled, cast_to, check_buffers, clip_grad_norm,
-    load_params_by_path, mark_only_lora_as_trainable, max_binding_bytes, param_report,
-    params_by_path, path_param_ids,
+    LossScaler, ParamReport, SettleRead, StartedRead, TooLargeForDevice, Unscaled, cast_to,
+    check_buffers, clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable,
+    max_binding_bytes, param_report, params_by_path, path_param_ids,
 };
 
 #[cfg(test)]

@@ -476,25 +476,44 @@ fn loss_scaler_case(d: Device) {
             "clipped {g} vs {w}"
         );
     }
-    // An overflow at a scale that passed: taken at once with zeroed gradients, found a step
-    // late.
+    // An overflow at a scale that passed: taken at once with zeroed gradients, found when its
+    // flag is read with its loss; the scale halved.
     let (grads, got) = step(&mut scaler, true);
-    assert_eq!(got, (true, true, None));
+    assert_eq!(got, (true, true, Some(1024.0)));
     for id in [lora_a, m.fc1.lora_b.as_ref().unwrap().id] {
         assert!(vals(grads.get::<2>(id).unwrap()).iter().all(|&v| v == 0.0));
     }
-    assert_eq!(scaler.scale(), 1024.0);
-    assert_eq!(step(&mut scaler, false).1, (true, true, Some(1024.0)));
     assert_eq!(scaler.scale(), 512.0);
-    // An overflow at a new scale: skipped at once, the scale halved.
+    // An overflow at a new scale: checked first and skipped, the scale halved.
     assert_eq!(step(&mut scaler, true).1, (false, false, None));
     assert_eq!(scaler.scale(), 256.0);
-    // Two good steps in a row double it (the second is read with the third's loss).
-    step(&mut scaler, false);
-    step(&mut scaler, false);
+    // Two good steps in a row double it; the second is taken before its flag is read.
+    assert_eq!(step(&mut scaler, false).1, (false, true, None));
     assert_eq!(scaler.scale(), 256.0);
-    step(&mut scaler, false);
+    assert_eq!(step(&mut scaler, false).1, (true, true, None));
     assert_eq!(scaler.scale(), 512.0);
+    // Reads finished after the next step is queued (at a scale a step passed): the losses read
+    // back, the scale doubled when the second good step in a row is read.
+    assert_eq!(step(&mut scaler, false).1, (false, true, None));
+    let (scale, loss) = (scaler.scale(), m.loss(ids.clone()));
+    let mut grads = GradientsParams::from_grads(loss.clone().mul_scalar(scale).backward(), &m);
+    assert!(scaler.unscale(&m, &mut grads, None));
+    let first = scaler.settle_start(loss.clone().inner().reshape([1]));
+    let loss2 = m.loss(ids.clone()).mul_scalar(2.0);
+    let mut grads = GradientsParams::from_grads(loss2.clone().mul_scalar(scale).backward(), &m);
+    assert!(scaler.unscale(&m, &mut grads, None));
+    let second = scaler.settle_start(loss2.clone().inner().reshape([1]));
+    // Started reads are eager: under Burn's default runtime kind a GPU read's copy would wait
+    // for the bytes' first access, in `settle_finish`, behind the work queued since.
+    assert_eq!(burn_std::runtime_kind(), burn_std::RuntimeKind::Async);
+    let (a, b) = (scaler.settle_finish(first), scaler.settle_finish(second));
+    assert_eq!(a.loss, vals(loss.inner())[0] as f64);
+    assert_eq!(b.loss, vals(loss2.inner())[0] as f64);
+    assert_eq!(
+        (a.take, b.take, a.late_overflow, b.late_overflow),
+        (true, true, None, None)
+    );
+    assert_eq!(scaler.scale(), 1024.0);
 }
 
 #[test]

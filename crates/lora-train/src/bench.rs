@@ -2,7 +2,7 @@
 //! and `data` (dataset loading). Each prints a table and writes `target/bench/<suite>.json`.
 
 use crate::Backend;
-use crate::finetune::{Compute, Precision};
+use crate::finetune::{Compute, Precision, Settling};
 use crate::fsutil::write_json_atomic;
 use anyhow::Context;
 use burn::module::Module;
@@ -515,7 +515,8 @@ pub struct FinetuneShape {
     pub compute: Compute,
 }
 
-/// One variant in this process: mean ms per optimizer step (forward, backward, clipping, AdamW).
+/// One variant in this process: mean ms per optimizer step (forward, backward, clipping, AdamW)
+/// over the timed steps, run as `lora-train finetune` runs them.
 fn finetune_variant(
     backend: Backend,
     shape: FinetuneShape,
@@ -557,7 +558,6 @@ fn finetune_variant(
         &device,
     )
     .int();
-    let mut ms = vec![];
     // GPUs autotune kernels and settle their fused kernels over the first steps (on a fresh H100
     // the first variant's step 2 still autotuned: 623 ms timed vs 398 ms warm); the CPU has no
     // autotuning.
@@ -565,37 +565,47 @@ fn finetune_variant(
     // f16 steps pay the loss scaling that `lora-train finetune` does (the finiteness check and
     // the unscaling).
     let mut scaler = (shape.compute.precision == Precision::F16).then(LossScaler::f16);
-    let mut step = |model: Gpt| -> anyhow::Result<Gpt> {
-        let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
-        let (loss, grads) =
-            crate::finetune::accumulate_grads(&model, vec![(ids.clone(), ids.clone())], 1, scale);
-        // Clipped to 1.0, as the PEFT side's step is.
-        let (model, settled) =
-            crate::finetune::settle_step(model, loss, grads, scaler.as_mut(), 1.0, |m, g| {
-                optim.step(1e-4, m, g)
-            });
-        let loss = settled.loss;
-        // Wait for every queued kernel before the clock stops (the loss read usually did: the
-        // optimizer step was queued before it).
+    // `n` steps as `lora-train finetune` runs them: each step's loss read after the next step is
+    // queued (the last one's at the end), then a device sync.
+    let mut steps = |mut model: Gpt, n: usize| -> anyhow::Result<Gpt> {
+        let mut reading = None;
+        for _ in 0..n {
+            let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
+            let batch = vec![(ids.clone(), ids.clone())];
+            let (loss, grads) = crate::finetune::accumulate_grads(&model, batch, 1, scale);
+            // Clipped to 1.0, as the PEFT side's step is.
+            let (stepped, settling) =
+                crate::finetune::settle_step(model, loss, grads, scaler.as_mut(), 1.0, |m, g| {
+                    optim.step(1e-4, m, g)
+                });
+            model = stepped;
+            if let Some(before) = reading.replace(settling) {
+                let loss = Settling::wait(before, scaler.as_mut()).loss;
+                anyhow::ensure!(loss.is_finite(), "non-finite loss");
+            }
+        }
+        if let Some(last) = reading {
+            let loss = last.wait(scaler.as_mut()).loss;
+            anyhow::ensure!(loss.is_finite(), "non-finite loss");
+        }
         device.sync().context("device sync")?;
-        anyhow::ensure!(loss.is_finite(), "non-finite loss");
         Ok(model)
     };
-    for i in 0..shape.steps + warm_up {
-        let t0 = Instant::now();
-        model = step(model)?;
-        if i >= warm_up {
-            ms.push(1000.0 * t0.elapsed().as_secs_f64());
-        }
+    for _ in 0..warm_up {
+        model = steps(model, 1)?;
     }
-    // The mean, as the PEFT side times its steps (a slow step counts).
-    let ms = ms.iter().sum::<f64>() / ms.len() as f64;
+    // Then the steps as they follow each other (a read between them): their fused kernels are
+    // grouped differently, and on an H100 the first such window of 20 steps still ran 58-75 ms a
+    // step against 54.5 after it.
+    if backend.is_gpu() {
+        model = steps(model, 4)?;
+    }
+    // The mean over the timed steps, as the PEFT side times its steps.
+    let t0 = Instant::now();
+    model = steps(model, shape.steps)?;
+    let ms = 1000.0 * t0.elapsed().as_secs_f64() / shape.steps as f64;
     let (peak_mib, in_use_mib) = match backend.is_gpu() {
-        true => gpu_memory_peaks(&device, || {
-            let model = step(model)?;
-            step(model).map(drop)
-        })?
-        .unzip(),
+        true => gpu_memory_peaks(&device, || steps(model, 2).map(drop))?.unzip(),
         false => (peak_rss_mib(), None),
     };
     Ok(Row {

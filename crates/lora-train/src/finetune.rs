@@ -15,8 +15,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use lora_core::utils::{ValuesByPath, fnv1a};
 use lora_core::{
-    FusedAdamW, LossScaler, ParamReport, Scaling, Unscaled, clip_grad_norm, load_params_by_path,
-    mark_only_lora_as_trainable, param_report, params_by_path, path_param_ids,
+    FusedAdamW, LossScaler, ParamReport, Scaling, SettleRead, StartedRead, Unscaled,
+    clip_grad_norm, load_params_by_path, mark_only_lora_as_trainable, param_report, params_by_path,
+    path_param_ids,
 };
 use lora_data::{TokenSequences, Tokenizer};
 use lora_gpt::export::{self, AdapterSpec};
@@ -73,9 +74,15 @@ pub struct Compute {
 }
 
 impl Compute {
-    /// `backend`'s autodiff device, with gradient checkpointing if asked.
+    /// `backend`'s autodiff device, with gradient checkpointing if asked; an error where f16 is
+    /// asked of a device without it (Mesa's llvmpipe: its shaders would fail to compile mid-step).
     pub fn device(self, backend: Backend) -> anyhow::Result<Device> {
         let device = backend.device()?.autodiff();
+        ensure!(
+            self.precision == Precision::F32 || device.supports_dtype(burn::tensor::DType::F16),
+            "--precision f16: this machine's --backend {} device has no f16 (Mesa's llvmpipe has none); use --precision f32",
+            backend.name()
+        );
         Ok(if self.gradient_checkpointing {
             device.gradient_checkpointing()
         } else {
@@ -356,13 +363,39 @@ pub fn accumulate_grads(
     (total, accum.grads())
 }
 
-/// The optimizer step `take` on `grads` (of the loss times the scaler's scale) and the step's
-/// loss, read back: the gradients' total norm clipped to `clip` (0: not clipped) and, with a
+/// A step's loss on its way back ([`settle_step`]); [`Settling::wait`] gives it.
+pub enum Settling {
+    /// Read already (the step's flag had to be read before it was taken).
+    Done(Unscaled),
+    /// Without a loss scaler.
+    Plain(StartedRead),
+    /// With the scaler that started it.
+    Scaled(SettleRead),
+}
+
+impl Settling {
+    /// The step's loss (and, with `scaler`, the scaler updated from its flag), waiting for it.
+    pub fn wait(self, scaler: Option<&mut LossScaler>) -> Unscaled {
+        match (self, scaler) {
+            (Settling::Done(u), _) => u,
+            (Settling::Plain(read), _) => Unscaled {
+                loss: read.wait()[0] as f64,
+                take: true,
+                late_overflow: None,
+            },
+            (Settling::Scaled(read), Some(s)) => s.settle_finish(read),
+            (Settling::Scaled(_), None) => panic!("Settling::wait: a scaled step needs its scaler"),
+        }
+    }
+}
+
+/// The optimizer step `take` on `grads` (of `loss` times the scaler's scale), the loss's read
+/// started: the gradients' total norm clipped to `clip` (0: not clipped) and, with a
 /// [`LossScaler`], unscaled in the same pass on the device ([`LossScaler::unscale`]). The step
-/// is queued before the loss is read, so the device runs it without waiting for the host, except
-/// at a scale no step has passed yet: then its overflow flag is read first, and an overflowed
-/// step is skipped (`take` false in the result). The result also says whether the step before
-/// overflowed, found late.
+/// is queued before the loss is read, and the read is only started ([`Settling`]): wait for it
+/// after queueing the next step, and the device runs from one step into the next without waiting
+/// for the host. At a scale no step has passed yet the overflow flag is read first, and an
+/// overflowed step skipped (`take` false).
 pub fn settle_step(
     model: Gpt,
     loss: Tensor<1>,
@@ -370,18 +403,18 @@ pub fn settle_step(
     scaler: Option<&mut LossScaler>,
     clip: f64,
     take: impl FnOnce(Gpt, GradientsParams) -> Gpt,
-) -> (Gpt, Unscaled) {
+) -> (Gpt, Settling) {
     let max_norm = (clip > 0.0).then_some(clip);
     match scaler {
         Some(s) => {
             if s.unscale(&model, &mut grads, max_norm) {
                 let model = take(model, grads);
-                return (model, s.settle(loss));
+                return (model, Settling::Scaled(s.settle_start(loss)));
             }
             let settled = s.settle(loss);
             match settled.take {
-                true => (take(model, grads), settled),
-                false => (model, settled),
+                true => (take(model, grads), Settling::Done(settled)),
+                false => (model, Settling::Done(settled)),
             }
         }
         None => {
@@ -389,13 +422,7 @@ pub fn settle_step(
                 clip_grad_norm(&model, &mut grads, max_norm);
             }
             let model = take(model, grads);
-            let loss = loss.into_scalar::<f32>() as f64;
-            let settled = Unscaled {
-                loss,
-                take: true,
-                late_overflow: None,
-            };
-            (model, settled)
+            (model, Settling::Plain(StartedRead::start(loss)))
         }
     }
 }
@@ -779,6 +806,39 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
     // f16 gradients underflow without loss scaling (as with `torch.autocast(float16)`, which
     // needs PyTorch's `GradScaler`); a resumed run starts the scale afresh.
     let mut scaler = (cfg.compute.precision == Precision::F16).then(LossScaler::f16);
+    // The last step whose loss is still on its way back (0-based index).
+    let mut reading: Option<(usize, Settling)> = None;
+    // A step's loss, read back: stop on a non-finite one (no checkpoint has it: one is saved
+    // only after its step's loss is read), report overflows, add it to the running mean.
+    let record = |step: usize,
+                  settled: Unscaled,
+                  scaler: Option<&LossScaler>,
+                  (acc, n): (f64, usize)|
+     -> anyhow::Result<(f64, usize)> {
+        let loss = settled.loss;
+        if !loss.is_finite() {
+            let kept = if ckpt.join("state.json").is_file() {
+                format!("the last good checkpoint is in {}", ckpt.display())
+            } else {
+                "no checkpoint was written yet".to_string()
+            };
+            bail!("loss is {loss} at step {}: stopped; {kept}", step + 1);
+        }
+        let now = scaler.map_or(1.0, LossScaler::scale);
+        if let Some(at) = settled.late_overflow {
+            println!(
+                "step {}: f16 gradients overflowed at loss scale {at}: it ran as a zero-gradient step; scale now {now}",
+                step + 1
+            );
+        }
+        if !settled.take {
+            println!(
+                "step {}: f16 gradients overflowed at a new loss scale: step skipped, scale now {now}",
+                step + 1
+            );
+        }
+        Ok((acc + loss, n + 1))
+    };
     for step in start..total_steps {
         let lr = lr_at(cfg, step, total_steps);
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
@@ -793,38 +853,36 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
         });
         let scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
         let (loss, grads) = accumulate_grads(&model, micro.collect(), cfg.grad_accum, scale);
-        let (stepped, settled) =
+        let (stepped, settling) =
             settle_step(model, loss, grads, scaler.as_mut(), cfg.clip, |m, g| {
                 optim.step(lr, m, g)
             });
         model = stepped;
-        let step_loss = settled.loss;
         let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
         tokens_since += step_tokens;
         tokens_total += step_tokens;
-        if !step_loss.is_finite() {
-            let kept = if ckpt.join("state.json").is_file() {
-                format!("the last good checkpoint is in {}", ckpt.display())
-            } else {
-                "no checkpoint was written yet".to_string()
-            };
-            bail!("loss is {step_loss} at step {}: stopped; {kept}", step + 1);
+        // The step before's loss: back by now, or soon (its read was queued ahead of this
+        // step's work, which the device runs meanwhile).
+        if let Some((at, settling)) = reading.take() {
+            let settled = settling.wait(scaler.as_mut());
+            (loss_acc, loss_n) = record(at, settled, scaler.as_ref(), (loss_acc, loss_n))?;
         }
-        let now = scaler.as_ref().map_or(1.0, LossScaler::scale);
-        if let Some(at) = settled.late_overflow {
-            println!(
-                "step {step}: f16 gradients overflowed at loss scale {at}: it ran as a zero-gradient step; scale now {now}"
-            );
-        }
-        if !settled.take {
-            println!(
-                "step {}: f16 gradients overflowed at loss scale {scale}: step skipped, scale now {now}",
-                step + 1
-            );
-        }
-        loss_acc += step_loss;
-        loss_n += 1;
         let done = step + 1;
+        let boundary = done % cfg.log_every.max(1) == 0
+            || (cfg.eval_every > 0 && done % cfg.eval_every == 0)
+            || (cfg.save_every > 0 && done % cfg.save_every == 0)
+            || done == total_steps;
+        match boundary {
+            // Logs, evaluations and checkpoints need this step's loss first.
+            true => {
+                let settled = settling.wait(scaler.as_mut());
+                (loss_acc, loss_n) = record(step, settled, scaler.as_ref(), (loss_acc, loss_n))?;
+            }
+            false => {
+                reading = Some((step, settling));
+                continue;
+            }
+        }
         if done % cfg.log_every.max(1) == 0 || done == total_steps {
             let tps = tokens_since as f64 / t_log.elapsed().as_secs_f64().max(1e-9);
             let loss = loss_acc / loss_n as f64;

@@ -145,3 +145,31 @@ fn train_validation_split() {
     all.sort_unstable();
     assert_eq!((all, v1.len()), ((0..100).collect(), 10));
 }
+
+/// `--precision f16` on a device without f16 (the CI's llvmpipe) is a one-line error before any
+/// work, not a shader that fails to compile mid-step; where the device has f16 (a GPU), it runs.
+#[test]
+fn f16_needs_a_device_with_f16() {
+    use crate::finetune::{Compute, Precision};
+    let f16 = Compute {
+        precision: Precision::F16,
+        ..Compute::default()
+    };
+    let has_f16 = crate::Backend::Wgpu
+        .device()
+        .expect("wgpu device")
+        .supports_dtype(burn::tensor::DType::F16);
+    match (f16.device(crate::Backend::Wgpu), has_f16) {
+        (Err(e), false) => assert_eq!(
+            e.to_string(),
+            "--precision f16: this machine's --backend wgpu device has no f16 (Mesa's llvmpipe has none); use --precision f32"
+        ),
+        (Ok(_), true) => {}
+        (got, _) => panic!(
+            "f16 support {has_f16}, but device() gave {:?}",
+            got.map(|_| ())
+        ),
+    }
+    // The CPU backends compute in f16.
+    assert!(f16.device(crate::Backend::Flex).is_ok());
+}
