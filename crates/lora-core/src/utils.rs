@@ -259,28 +259,10 @@ impl StartedRead {
     pub fn wait(self) -> Vec<f32> {
         let data = match self.0 {
             Read::Ready(data) => data,
-            Read::Pending(read) => block_on(read),
+            Read::Pending(read) => burn::tensor::read_sync(read),
         };
         let data = data.unwrap_or_else(|e| panic!("reading a tensor back: {e:?}"));
         data.iter::<f32>().collect()
-    }
-}
-
-/// Runs `f` to its end on this thread, parking it while `f` is pending.
-fn block_on<T>(mut f: Pin<Box<dyn Future<Output = T> + Send>>) -> T {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: std::sync::Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    loop {
-        match f.as_mut().poll(&mut cx) {
-            Poll::Ready(v) => return v,
-            Poll::Pending => std::thread::park(),
-        }
     }
 }
 
