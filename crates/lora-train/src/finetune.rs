@@ -808,37 +808,6 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
     let mut scaler = (cfg.compute.precision == Precision::F16).then(LossScaler::f16);
     // The last step whose loss is still on its way back (0-based index).
     let mut reading: Option<(usize, Settling)> = None;
-    // A step's loss, read back: stop on a non-finite one (no checkpoint has it: one is saved
-    // only after its step's loss is read), report overflows, add it to the running mean.
-    let record = |step: usize,
-                  settled: Unscaled,
-                  scaler: Option<&LossScaler>,
-                  (acc, n): (f64, usize)|
-     -> anyhow::Result<(f64, usize)> {
-        let loss = settled.loss;
-        if !loss.is_finite() {
-            let kept = if ckpt.join("state.json").is_file() {
-                format!("the last good checkpoint is in {}", ckpt.display())
-            } else {
-                "no checkpoint was written yet".to_string()
-            };
-            bail!("loss is {loss} at step {}: stopped; {kept}", step + 1);
-        }
-        let now = scaler.map_or(1.0, LossScaler::scale);
-        if let Some(at) = settled.late_overflow {
-            println!(
-                "step {}: f16 gradients overflowed at loss scale {at}: it ran as a zero-gradient step; scale now {now}",
-                step + 1
-            );
-        }
-        if !settled.take {
-            println!(
-                "step {}: f16 gradients overflowed at a new loss scale: step skipped, scale now {now}",
-                step + 1
-            );
-        }
-        Ok((acc + loss, n + 1))
-    };
     for step in start..total_steps {
         let lr = lr_at(cfg, step, total_steps);
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
@@ -861,29 +830,47 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
         let step_tokens = cfg.grad_accum * cfg.batch_size * seqs.seq_len();
         tokens_since += step_tokens;
         tokens_total += step_tokens;
-        // The step before's loss: back by now, or soon (its read was queued ahead of this
-        // step's work, which the device runs meanwhile).
-        if let Some((at, settling)) = reading.take() {
-            let settled = settling.wait(scaler.as_mut());
-            (loss_acc, loss_n) = record(at, settled, scaler.as_ref(), (loss_acc, loss_n))?;
-        }
         let done = step + 1;
-        let boundary = done % cfg.log_every.max(1) == 0
-            || (cfg.eval_every > 0 && done % cfg.eval_every == 0)
-            || (cfg.save_every > 0 && done % cfg.save_every == 0)
-            || done == total_steps;
-        match boundary {
-            // Logs, evaluations and checkpoints need this step's loss first.
-            true => {
-                let settled = settling.wait(scaler.as_mut());
-                (loss_acc, loss_n) = record(step, settled, scaler.as_ref(), (loss_acc, loss_n))?;
+        let log_now = done % cfg.log_every.max(1) == 0 || done == total_steps;
+        let eval_now = (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total_steps;
+        let save_now = (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total_steps;
+        // The step before's loss is back by now, or soon (its read was queued ahead of this
+        // step's work, which the device runs meanwhile); logs, evaluations and checkpoints need
+        // this step's too.
+        let before = reading.replace((step, settling));
+        let now = (log_now || eval_now || save_now)
+            .then(|| reading.take())
+            .flatten();
+        for (at, settling) in before.into_iter().chain(now) {
+            let settled = settling.wait(scaler.as_mut());
+            // Stop on a non-finite loss (no checkpoint has it: one is saved only after its
+            // step's loss is read), report overflows, add it to the running mean.
+            let loss = settled.loss;
+            if !loss.is_finite() {
+                let kept = if ckpt.join("state.json").is_file() {
+                    format!("the last good checkpoint is in {}", ckpt.display())
+                } else {
+                    "no checkpoint was written yet".to_string()
+                };
+                bail!("loss is {loss} at step {}: stopped; {kept}", at + 1);
             }
-            false => {
-                reading = Some((step, settling));
-                continue;
+            let scale_now = scaler.as_ref().map_or(1.0, LossScaler::scale);
+            if let Some(scale) = settled.late_overflow {
+                println!(
+                    "step {}: f16 gradients overflowed at loss scale {scale}: it ran as a zero-gradient step; scale now {scale_now}",
+                    at + 1
+                );
             }
+            if !settled.take {
+                println!(
+                    "step {}: f16 gradients overflowed at a new loss scale: step skipped, scale now {scale_now}",
+                    at + 1
+                );
+            }
+            loss_acc += loss;
+            loss_n += 1;
         }
-        if done % cfg.log_every.max(1) == 0 || done == total_steps {
+        if log_now {
             let tps = tokens_since as f64 / t_log.elapsed().as_secs_f64().max(1e-9);
             let loss = loss_acc / loss_n as f64;
             let eta = t_train.elapsed().as_secs_f64() / (done - start) as f64
@@ -902,7 +889,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             last_train = Some(loss);
             (loss_acc, loss_n, tokens_since, t_log) = (0.0, 0, 0, Instant::now());
         }
-        if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total_steps)
+        if eval_now
             && let Some(v) = evaluate(&model, &seqs, &val_idx, cfg.batch_size, cfg.eval_batches)
         {
             println!("step {done}: val loss {v:.4}  ppl {:.2}", v.exp());
@@ -915,7 +902,7 @@ pub fn run(cfg: &FinetuneConfig, backend: Backend, resume: bool) -> anyhow::Resu
             })?;
             last_val = Some(v);
         }
-        if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total_steps {
+        if save_now {
             optim_bytes = Some(save_checkpoint(
                 &ckpt,
                 cfg,

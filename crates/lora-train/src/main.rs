@@ -288,7 +288,8 @@ struct BenchFinetuneArgs {
     /// Layers (GPT-2 small: 12).
     #[arg(long, default_value_t = 12)]
     n_layer: usize,
-    /// Timed steps per variant (after one warm-up step on the CPU, three on a GPU).
+    /// Timed steps per variant, one window between two syncs (after one warm-up step on the CPU;
+    /// on a GPU three, then an untimed window of four).
     #[arg(long, default_value_t = 3)]
     steps: usize,
     /// Rounds of all the variants, each variant a fresh process a round; each row is the
